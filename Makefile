@@ -1,0 +1,29 @@
+# mimbench: `make test` and `make report` are all a fresh machine needs.
+# Both run `make setup` first when .venv is missing or older than its recipe.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+SUITE  ?= ablation_masking
+PROFILE ?= cpu
+
+.PHONY: setup test test-fast report smoke bench clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): scripts/setup.sh requirements.txt pyproject.toml
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+# PYTEST_ARGS narrows the run (e.g. PYTEST_ARGS="-k masking"); an empty selection
+# (pytest exit code 5) is reported, not treated as a failure
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# the default suite on the shipped CIFAR-10 (finished runs are skipped), then the report
+report: $(STAMP)
+	$(PY) -m suites.run $(SUITE) --profile $(PROFILE); rc=$$?; \
+	$(PY) -m reports.build; exit $$rc
+
+smoke: $(STAMP)
+	$(PY) -m suites.run $(SUITE) --profile smoke

@@ -1,0 +1,1 @@
+"""Data, the one trainer, checkpoints and run records (everything around a method)."""

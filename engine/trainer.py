@@ -1,0 +1,275 @@
+"""The one pre-training loop every method uses.
+
+AdamW (timm's optimizer factory: no weight decay on norms, biases and tokens), timm's
+cosine schedule with linear warm-up stepped per iteration, gradient clipping, bf16
+autocast on CUDA and fp32 on CPU, optional `torch.compile`, the method's `after_step`
+hook, a tqdm bar with ETA, `metrics.jsonl`, atomic checkpoints and exact resume.
+
+Exact resume without saving RNG streams: every source of randomness in step `s` (data
+order of its epoch, augmentation, masks, drop-path) is drawn from generators seeded by
+(seed, s). A resumed run therefore sees the same batches as an uninterrupted one, and
+with the optimizer state restored it ends with bit-identical weights on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from engine.checkpoint import load_latest, save_checkpoint
+from engine.data import random_resized_crop_flip
+from methods.base import Batch, MIMMethod
+from methods.masking import make_masks
+from methods.registry import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 5.0             # passes over the training split
+    batch_size: int = 256
+    blr: float = 1.5e-4             # base lr per 256 images (MAE); lr = blr * batch_size / 256
+    weight_decay: float = 0.05      # MAE / BEiT
+    beta2: float = 0.95             # MAE; BEiT uses 0.999
+    warmup_frac: float = 0.05       # fraction of steps with linear warm-up (DESIGN calibration: 5%)
+    min_lr_frac: float = 0.0        # cosine floor as a fraction of the peak lr
+    clip_grad: float = 3.0          # BEiT clips at 3.0; MAE does not clip (0 = off)
+    crop_scale_min: float = 0.2     # RandomResizedCrop scale (MAE: 0.2; BEiT: 0.08)
+    checkpoint_every: int = 200     # steps between checkpoints (plus one at the end)
+    log_every: int = 20             # steps between metric flushes to metrics.jsonl
+    compile: bool = False           # torch.compile the method (pays on GPUs; CPU compile is slow)
+    max_bad_steps: int = 0          # non-finite losses to skip before stopping (0 = stop at the first)
+
+    def validate(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.blr <= 0:
+            raise ConfigError("epochs must be >= 0, batch_size >= 1 and blr > 0")
+        if not 0 <= self.warmup_frac < 1 or not 0 < self.crop_scale_min <= 1:
+            raise ConfigError("warmup_frac must be in [0, 1) and crop_scale_min in (0, 1]")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("checkpoint_every and log_every must be >= 1")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1)
+
+
+def device_autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    def __init__(self, method: MIMMethod, images: torch.Tensor, cfg: TrainConfig, run_dir: Path,
+                 seed: int, config_hash: str, device: str | torch.device = "cpu",
+                 progress: bool = True):
+        cfg.validate()
+        self.method, self.cfg, self.seed = method, cfg, seed
+        self.run_dir, self.config_hash = Path(run_dir), config_hash
+        self.device = torch.device(device)
+        self.images = images.to(self.device)                 # uint8 (N, 3, H, W), on device
+        self.progress = progress
+        self.steps_per_epoch = len(images) // cfg.batch_size
+        if method.trains and self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset "
+                              f"({len(images)} images); lower it")
+        self.total_steps = round(cfg.epochs * self.steps_per_epoch) if method.trains else 0
+        self.method.to(self.device)
+        if self.total_steps:
+            lr = cfg.blr * cfg.batch_size / 256
+            self.optimizer = create_optimizer_v2(method, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                                 betas=(0.9, cfg.beta2), foreach=True)
+            warmup = round(cfg.warmup_frac * self.total_steps)
+            self.scheduler = CosineLRScheduler(
+                self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=lr * cfg.min_lr_frac,
+                warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, warmup_prefix=True,
+                t_in_epochs=False)
+        self.step_fn = torch.compile(method) if cfg.compile else method
+        self._epoch_order: tuple[int, torch.Tensor] | None = None
+        self._stop_signal: int | None = None
+
+    # ---- data --------------------------------------------------------------------------
+    def batch_for_step(self, step: int) -> Batch:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
+            self._epoch_order = (epoch, torch.randperm(len(self.images), generator=gen))
+        index = self._epoch_order[1][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
+        enc = self.method.cfg.encoder
+        images = random_resized_crop_flip(self.images[index.to(self.device)], enc.img_size, gen,
+                                          scale=(self.cfg.crop_scale_min, 1.0))
+        mask = None
+        if self.method.mask_config is not None:
+            mask = make_masks(self.method.mask_config, len(index), enc.grid, gen).to(self.device)
+        return Batch(images=images, mask=mask)
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict:
+        return {"config_hash": self.config_hash, "step": step,
+                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def resume(self) -> int:
+        state, path = load_latest(self.run_dir / "checkpoints", self.config_hash)
+        if state is None:
+            return 0
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        self._truncate_metrics(step)
+        print(f"[train] resumed from {path.name} at step {step}/{self.total_steps}")
+        return step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] < step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    # ---- measurement ---------------------------------------------------------------------
+    def flops_per_step(self) -> int:
+        return train_flops(self.method, self.batch_for_step(0), self.device)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self) -> dict:
+        """Train to the end (resuming if checkpoints exist); returns stats for result.json."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.total_steps == 0:
+            return {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
+        start = self.resume()
+        flops = self.flops_per_step() if start < self.total_steps else None
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        pending: list[dict] = []
+        data_seconds = step_seconds = 0.0
+        timed_steps = 0
+        bad_steps = 0
+        bar = tqdm(total=self.total_steps, initial=start, desc=f"pre-train {self.method.name}",
+                   unit="step", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for step in range(start, self.total_steps):
+                t0 = time.perf_counter()
+                self.scheduler.step_update(step)
+                batch = self.batch_for_step(step)
+                t1 = time.perf_counter()
+                torch.manual_seed(step_seed(self.seed, step, stream=3))   # drop-path etc.
+                with device_autocast(self.device):
+                    loss, logs = self.step_fn(batch)
+                if not torch.isfinite(loss):
+                    bad_steps += 1
+                    if bad_steps > self.cfg.max_bad_steps:
+                        raise NonFiniteLoss(self._nan_message(step, loss))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                loss.backward()
+                if self.cfg.clip_grad > 0:
+                    logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(),
+                                                                       self.cfg.clip_grad, foreach=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.method.after_step(step, self.total_steps)
+                pending.append({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
+                t2 = time.perf_counter()
+                if step - start >= 2:  # skip warm-up steps (allocation, compile) in timings
+                    data_seconds += t1 - t0
+                    step_seconds += t2 - t0
+                    timed_steps += 1
+                bar.update(1)
+                done = step + 1
+                checkpoint_now = (done % self.cfg.checkpoint_every == 0 or done == self.total_steps
+                                  or self._stop_signal is not None)
+                if checkpoint_now or done % self.cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{self._flush(metrics_file, pending):.4f}")
+                if checkpoint_now:
+                    save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
+                    if self._stop_signal and done < self.total_steps:
+                        raise Preempted(f"stopped by signal {self._stop_signal} at step {done}; "
+                                        f"checkpoint saved - run the same command again to resume")
+        finally:
+            bar.close()
+            metrics_file.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        images_per_second = (timed_steps * self.cfg.batch_size / step_seconds) if step_seconds else None
+        return {
+            "steps": self.total_steps,
+            "images_seen": self.total_steps * self.cfg.batch_size,
+            "train_seconds_this_session": step_seconds,
+            "images_per_second": images_per_second,
+            "data_fraction": data_seconds / step_seconds if step_seconds else None,
+            "flops_per_step": flops,
+            "flops_total": flops * self.total_steps if flops else None,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "skipped_nonfinite_steps": bad_steps,
+        }
+
+    def _flush(self, metrics_file, pending: list[dict]) -> float:
+        """Write buffered step metrics (one host sync per flush, not per step); returns the
+        last loss for the progress bar."""
+        last = math.nan
+        for row in pending:
+            clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+            metrics_file.write(json.dumps(clean, sort_keys=True) + "\n")
+            last = clean.get("loss", last)
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())
+        pending.clear()
+        return last
+
+    def _nan_message(self, step: int, loss: torch.Tensor) -> str:
+        from engine.checkpoint import checkpoint_paths
+        last = checkpoint_paths(self.run_dir / "checkpoints")
+        where = last[0] if last else "none yet"
+        return (f"loss is {loss.item()} at step {step}; last good checkpoint: {where}. "
+                f"Lower blr or raise max_bad_steps to skip bad steps")
+
+
+def train_flops(method: MIMMethod, batch: Batch, device: torch.device) -> int:
+    """FLOPs of one forward + backward on `batch` (optimizer excluded). Attention runs
+    unfused while counting: FlopCounterMode has no formula for the CPU fused kernel, and
+    we want the FLOPs of the computation, not of a kernel."""
+    attns = [m for m in method.modules() if hasattr(m, "fused_attn")]
+    for m in attns:
+        m.fused_attn = False
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter, device_autocast(device):
+            loss, _ = method(batch)
+            loss.backward()
+        method.zero_grad(set_to_none=True)
+        return int(counter.get_total_flops())
+    finally:
+        for m in attns:
+            m.fused_attn = True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+

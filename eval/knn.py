@@ -1,0 +1,40 @@
+"""Weighted k-NN on frozen features (DINO / iBOT protocol): cosine similarity, the k
+nearest training features vote with weight exp(sim / T); top-1 on the test split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    k: int = 20                  # DINO / iBOT
+    temperature: float = 0.07    # DINO / iBOT
+    chunk_size: int = 2048       # test features per similarity matmul (bounds memory)
+
+
+@torch.inference_mode()
+def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+             test_labels: torch.Tensor, cfg: KNNConfig = KNNConfig()) -> float:
+    """Top-1 accuracy (%) of the temperature-weighted k-NN classifier."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(cfg.k, len(train_feats))
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    correct = 0
+    for start in range(0, len(test), cfg.chunk_size):
+        sims = test[start:start + cfg.chunk_size] @ train.T                 # (C, N_train)
+        top_sims, top_idx = sims.topk(k, dim=1)                             # (C, k)
+        weights = (top_sims / cfg.temperature).exp()
+        votes = torch.zeros(len(top_idx), num_classes).scatter_add_(1, train_labels[top_idx], weights)
+        correct += (votes.argmax(dim=1) == test_labels[start:start + cfg.chunk_size]).sum().item()
+    return 100.0 * correct / len(test)
+
+
+def run(train_features: dict, test_features: dict, cfg: KNNConfig = KNNConfig()) -> dict[str, float]:
+    """k-NN top-1 for every pooling present in both feature dicts: {'knn_top1_cls': ..., ...}."""
+    return {f"knn_top1_{p}": knn_top1(train_features[p], train_features["labels"],
+                                      test_features[p], test_features["labels"], cfg)
+            for p in ("cls", "mean") if p in train_features and p in test_features}

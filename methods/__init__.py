@@ -1,0 +1,16 @@
+"""Pre-training methods on one shared ViT, and the registry that names them.
+
+    from methods import registry, register_method, build_method
+    sorted(registry)                       # ['mae', 'none', 'pixel', ...]
+    method = build_method("mae", mask={"ratio": 0.9})
+
+Adding a method is one file: define a frozen config dataclass and a `MIMMethod`
+subclass decorated with `@register_method("name", Config)`, then import it below.
+"""
+from methods.registry import (ConfigError, UnknownNameError, build_method, method_config,
+                              register_method, registry)
+
+from methods import mae, none, pixel  # noqa: E402,F401  (registers the built-in methods)
+
+__all__ = ["registry", "register_method", "build_method", "method_config",
+           "ConfigError", "UnknownNameError"]

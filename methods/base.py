@@ -1,0 +1,62 @@
+"""What every method shares: the batch it receives and the small interface the trainer calls."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from methods.vit import ViT, patchify
+
+
+@dataclass
+class Batch:
+    images: Tensor                  # (B, 3, H, W) augmented, normalised
+    mask: Tensor | None = None      # (B, N) bool, True = masked; made by methods.masking
+
+
+class MIMMethod(nn.Module):
+    """Base class. Subclasses implement `forward(batch) -> (loss, metrics)`.
+
+    The trainer owns data, optimiser, devices and loops; a method only computes a loss.
+    `metrics` holds 0-d tensors (no host syncs in the step); the trainer logs them.
+    """
+
+    name: str = ""
+    trains: bool = True             # False for the `none` baseline: no pre-training steps
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ViT(cfg.encoder)
+
+    @property
+    def mask_config(self):
+        """The MaskConfig the trainer uses to draw masks, or None when the method takes none."""
+        return getattr(self.cfg, "mask", None)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer after each optimiser step (EMA teachers)."""
+
+    def export_encoder(self) -> ViT:
+        """The encoder that evaluations use."""
+        return self.encoder
+
+
+def patch_targets(images: Tensor, patch_size: int, normalize: bool) -> Tensor:
+    """Pixels per patch (B, N, p*p*C); optionally normalised per patch (MAE's norm_pix_loss)."""
+    target = patchify(images, patch_size)
+    if normalize:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return target
+
+
+def masked_mean(per_patch_loss: Tensor, mask: Tensor) -> Tensor:
+    """Mean of a (B, N) loss over masked patches only."""
+    weights = mask.to(per_patch_loss.dtype)
+    return (per_patch_loss * weights).sum() / weights.sum().clamp(min=1.0)

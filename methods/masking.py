@@ -1,0 +1,118 @@
+"""Mask generators, kept outside the methods: (batch, grid, ratio, generator) -> bool mask.
+
+A mask is a (B, N) bool tensor over the patch grid in raster order; True = masked.
+Every generator is seeded by a `torch.Generator`, so the same seed gives the same masks.
+
+    random   uniform over patches, exactly round(ratio * N) masked per image (MAE, SimMIM)
+    block    BEiT's blockwise masking (Algorithm 1): rectangles of >= min_block_patches
+             patches with aspect ratio in [0.3, 1/0.3], added until the target count
+    grid     a regular lattice keeps one patch in every s x s cell (MAE Fig. 6 "grid")
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from methods.registry import ConfigError
+
+STRATEGIES = ("random", "block", "grid")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    strategy: str = "random"        # one of STRATEGIES
+    ratio: float = 0.75             # fraction of patches masked
+    min_block_patches: int = 16     # BEiT's smallest block (at a 14x14 grid); clipped to the target count
+    min_aspect: float = 0.3         # BEiT's block aspect-ratio range [0.3, 1/0.3]
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown mask strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"mask ratio {self.ratio} must be in (0, 1), e.g. 0.75")
+        if self.strategy == "grid":
+            grid_stride(self.ratio)
+        if self.min_block_patches < 1 or not 0.0 < self.min_aspect <= 1.0:
+            raise ConfigError("min_block_patches must be >= 1 and min_aspect in (0, 1]")
+
+
+def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Generator) -> Tensor:
+    """(batch_size, grid*grid) bool masks drawn with `generator`."""
+    if cfg.strategy == "random":
+        return random_mask(batch_size, grid, cfg.ratio, generator)
+    if cfg.strategy == "block":
+        return block_mask(batch_size, grid, cfg.ratio, generator, cfg.min_block_patches, cfg.min_aspect)
+    return grid_mask(batch_size, grid, cfg.ratio, generator)
+
+
+def random_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generator) -> Tensor:
+    num_patches = grid * grid
+    num_masked = round(ratio * num_patches)
+    noise = torch.rand(batch_size, num_patches, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)       # rank of each patch's noise
+    return ranks < num_masked
+
+
+def block_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generator,
+               min_block_patches: int = 16, min_aspect: float = 0.3) -> Tensor:
+    """BEiT's blockwise masking. Each image gets between target - min_block and target masked
+    patches (a block is only placed if it adds no more than what is still missing)."""
+    target = round(ratio * grid * grid)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    rng = np.random.default_rng(seed)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    masks = np.zeros((batch_size, grid, grid), dtype=bool)
+    for mask in masks:
+        count = 0
+        while count < target:
+            missing = target - count
+            added = 0
+            for _attempt in range(10):
+                area = rng.uniform(min(min_block_patches, missing), missing)
+                aspect = math.exp(rng.uniform(*log_aspect))
+                h = int(round(math.sqrt(area * aspect)))
+                w = int(round(math.sqrt(area / aspect)))
+                if not (0 < h <= grid and 0 < w <= grid):
+                    continue
+                top = rng.integers(0, grid - h + 1)
+                left = rng.integers(0, grid - w + 1)
+                block = mask[top:top + h, left:left + w]
+                new = h * w - int(block.sum())
+                if 0 < new <= missing:
+                    block[:] = True
+                    added = new
+                    break
+            if added == 0:
+                break
+            count += added
+    return torch.from_numpy(masks.reshape(batch_size, grid * grid))
+
+
+def grid_stride(ratio: float) -> int:
+    stride = round(1 / math.sqrt(1 - ratio))
+    if stride < 2 or abs((1 - 1 / stride**2) - ratio) > 0.02:
+        valid = ", ".join(f"{1 - 1 / s**2:.4g}" for s in (2, 3, 4))
+        raise ConfigError(f"grid masking keeps one patch per s x s cell, so its ratio must be "
+                          f"1 - 1/s^2; got {ratio}, valid: {valid}")
+    return stride
+
+
+def grid_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generator) -> Tensor:
+    stride = grid_stride(ratio)
+    offsets = torch.randint(0, stride, (batch_size, 2), generator=generator)
+    rows = torch.arange(grid).view(1, grid, 1)
+    cols = torch.arange(grid).view(1, 1, grid)
+    keep = ((rows % stride) == offsets[:, 0, None, None]) & ((cols % stride) == offsets[:, 1, None, None])
+    return (~keep).reshape(batch_size, grid * grid)
+
+
+def visible_indices(mask: Tensor) -> Tensor:
+    """(B, N) mask with the same count per row -> (B, N_visible) indices of unmasked patches."""
+    num_visible = int((~mask[0]).sum())
+    # stable sort puts False (visible) first, in raster order
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, :num_visible]

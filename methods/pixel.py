@@ -1,0 +1,48 @@
+"""Masked pixel regression: SimMIM (Xie et al., 2022) and BEiT's "recover masked pixels"
+ablation. The encoder sees all patches with [M] on the masked ones; a linear head
+regresses the pixels of each masked patch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from methods.base import Batch, MIMMethod, masked_mean, patch_targets
+from methods.masking import MaskConfig
+from methods.registry import ConfigError, register_method
+from methods.vit import ViTConfig, init_weights
+
+LOSSES = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class PixelConfig:
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    mask: MaskConfig = field(default_factory=lambda: MaskConfig("random", 0.6))  # SimMIM's 0.6 random
+    loss: str = "l1"                # SimMIM: L1 on raw pixels
+    norm_pix_loss: bool = False     # True regresses per-patch normalised pixels (MAE-style target)
+
+    def validate(self) -> None:
+        self.encoder.validate()
+        self.mask.validate()
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown pixel loss {self.loss!r}; known: {', '.join(LOSSES)}")
+
+
+@register_method("pixel", PixelConfig)
+class PixelRegression(MIMMethod):
+    def __init__(self, cfg: PixelConfig):
+        super().__init__(cfg)
+        enc = cfg.encoder
+        self.head = nn.Linear(enc.embed_dim, enc.patch_size ** 2 * enc.in_chans)
+        init_weights(self.head)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        tokens = self.encoder(batch.images, mask=batch.mask)         # (B, 1+N, D)
+        pred = self.head(tokens[:, 1:]).float()                      # (B, N, p*p*3)
+        target = patch_targets(batch.images, self.cfg.encoder.patch_size, self.cfg.norm_pix_loss)
+        error = F.l1_loss if self.cfg.loss == "l1" else F.mse_loss
+        per_patch = error(pred, target, reduction="none").mean(dim=-1)   # (B, N)
+        loss = masked_mean(per_patch, batch.mask)
+        return loss, {"loss": loss.detach()}

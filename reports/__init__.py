@@ -1,0 +1,2 @@
+"""Reports: tables and plots built from run records on disk only (never imports methods,
+engine or eval)."""

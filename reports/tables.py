@@ -1,0 +1,57 @@
+"""Run records -> tables with mean and 95% confidence interval over seeds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval of the mean (0 for a single value)."""
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def load_index(index_file: Path) -> pd.DataFrame:
+    """One row per run of a suite: the index entries joined with each run's result.json."""
+    index = json.loads(Path(index_file).read_text())
+    rows = []
+    for entry in index["runs"]:
+        result_file = Path(index_file).parent / entry["run_dir"] / "result.json"
+        row = {"method": entry["method"], "setting": entry["setting"], "seed": entry["seed"],
+               "run": Path(entry["run_dir"]).name, "status": "missing"}
+        if result_file.exists():
+            result = json.loads(result_file.read_text())
+            row["status"] = result["status"]
+            row.update(result.get("metrics", {}))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean ± 95% CI per (method, setting); failed / missing runs counted, not dropped."""
+    out = []
+    for (method, setting), group in runs.groupby(["method", "setting"], sort=False):
+        done = group[group["status"] == "done"]
+        row = {"method": method, "setting": setting, "seeds done": len(done),
+               "failed": int((group["status"] == "failed").sum()),
+               "missing": int((group["status"] == "missing").sum())}
+        for metric in metrics:
+            mean, half = ci95(done[metric]) if metric in done else (float("nan"), float("nan"))
+            row[metric] = format_ci(mean, half)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_ci(mean: float, half: float) -> str:
+    if np.isnan(mean):
+        return "–"
+    return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"

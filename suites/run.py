@@ -1,0 +1,182 @@
+"""Run a suite: every (method, setting, seed) of its grid, skipping finished runs and
+resuming unfinished ones; then print and save the table (mean ± 95% CI over seeds).
+
+    python -m suites.run --list
+    python -m suites.run ablation_masking --profile smoke
+    python -m suites.run ablation_masking --profile cpu --seeds 2 --only mae,none
+    python -m suites.run ablation_masking --dry-run
+
+Exit codes: 0 all runs done; 1 some runs failed (each folder's result.json says why);
+2 bad input (unknown suite / profile / method, bad path or config).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.data import DataError
+from engine.records import write_json
+from methods.registry import ConfigError, UnknownNameError
+from reports.tables import load_index, summarize
+from suites.profiles import PROFILES, get_profile
+from suites.registry import SUITES, get_suite
+from suites.runner import RunSkipped, data_descriptor, execute, resolve, run_dir_for
+
+METRICS = ["knn_top1_cls", "knn_top1_mean"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m suites.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", nargs="?", help=f"one of: {', '.join(SUITES)}")
+    parser.add_argument("--profile", default="cpu", help=f"one of: {', '.join(PROFILES)} (default cpu)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per grid cell (default: the profile's)")
+    parser.add_argument("--only", default=None, help="comma-separated method names to keep from the grid")
+    parser.add_argument("--outputs", default="outputs", help="where run folders go (default outputs/)")
+    parser.add_argument("--data", default=None,
+                        help="ImageFolder with train/ and test/ (default: the shipped CIFAR-10); images "
+                             "of another size are resized (shorter side) and centre-cropped, grayscale "
+                             "converted to RGB")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave unreadable image files out (counted) instead of stopping at the first")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
+    parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
+         data: str | None) -> list[tuple]:
+    """[(spec, seed, config)] for every run of the suite, in grid order."""
+    suite = get_suite(suite_name)
+    profile = get_profile(profile_name)
+    specs = suite.grid(profile)
+    if only:
+        wanted = [m.strip() for m in only.split(",") if m.strip()]
+        known = sorted({s.method for s in specs})
+        bad = [m for m in wanted if m not in known]
+        if bad:
+            raise UnknownNameError(f"--only names {bad[0]!r}, not in suite {suite_name!r}; its methods: "
+                                   f"{', '.join(known)}")
+        specs = [s for s in specs if s.method in wanted]
+    seeds = profile.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    descriptor = data_descriptor(profile, data)
+    return [(spec, seed, resolve(spec, profile, seed, descriptor)) for spec in specs for seed in range(seeds)]
+
+
+def estimate_seconds(config: dict, profile) -> float:
+    """Pre-training cost from FLOPs counted on a 2-image batch, over the profile's assumed rate."""
+    from engine.trainer import TrainConfig, train_flops
+    from methods import build_method
+    from methods.base import Batch
+    from methods.masking import make_masks
+
+    if config["train"] is None:
+        return 0.0
+    method = build_method(config["method"], **config["method_config"])
+    enc = method.cfg.encoder
+    images = torch.randn(2, enc.in_chans, enc.img_size, enc.img_size)
+    mask = make_masks(method.mask_config, 2, enc.grid, torch.Generator().manual_seed(0)) \
+        if method.mask_config else None
+    flops_per_image = train_flops(method, Batch(images, mask), torch.device("cpu")) / 2
+    train = TrainConfig(**config["train"])
+    num_train = {"synthetic": 640, "cifar10": 50_000}.get(config["data"]["name"], 1_281_167)
+    images_seen = train.epochs * (num_train // train.batch_size) * train.batch_size
+    return flops_per_image * images_seen / profile.flops_per_second
+
+
+def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
+    profile = get_profile(profile_name)
+    total = 0.0
+    print(f"suite {suite_name}, profile {profile_name}: {len(runs)} runs")
+    cache: dict[str, float] = {}
+    for spec, seed, config in runs:
+        key = str(config["method_config"])
+        cache.setdefault(key, estimate_seconds(config, profile))
+        state = "done" if (run_dir_for(outputs, config) / "result.json").exists() else "to run"
+        total += cache[key]
+        print(f"  {spec.method:6s} {spec.setting:14s} seed {seed}  ~{cache[key] / 60:7.1f} min  "
+              f"{run_dir_for(outputs, config).name}  [{state}]")
+    print(f"estimated pre-training: {total / 3600:.2f} h at {profile.flops_per_second / 1e9:.0f} GFLOP/s "
+          f"(plus a minute or two of evaluation per run)")
+
+
+def list_suites() -> None:
+    for name in SUITES:
+        suite = get_suite(name)
+        print(f"{name}: {suite.DESCRIPTION}")
+        for profile_name, profile in PROFILES.items():
+            specs = suite.grid(profile)
+            print(f"  {profile_name:9s} {len(specs)} cells x {profile.seeds} seed(s) = "
+                  f"{len(specs) * profile.seeds} runs")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        list_suites()
+        return 0
+    if not args.suite:
+        raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
+    outputs = Path(args.outputs)
+    runs = plan(args.suite, args.profile, args.seeds, args.only, args.data)
+    if args.dry_run:
+        print_plan(args.suite, args.profile, runs, outputs)
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = get_profile(args.profile)
+    suite_dir = outputs / "suites" / args.suite / args.profile
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    index = {"suite": args.suite, "profile": args.profile,
+             "runs": [{"method": spec.method, "setting": spec.setting, "seed": seed,
+                       "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
+                      for spec, seed, c in runs]}
+    write_json(suite_dir / "runs.json", index)
+
+    failed, skipped, started = [], [], time.time()
+    for i, (spec, seed, config) in enumerate(runs, 1):
+        name = run_dir_for(outputs, config).name
+        print(f"[{i}/{len(runs)}] {spec.method} {spec.setting} seed {seed} -> {name}", flush=True)
+        try:
+            execute(config, spec, profile, outputs, device=device, progress=not args.no_progress,
+                    on_bad_image="skip" if args.skip_bad_images else "error")
+        except RunSkipped as err:
+            skipped.append(name)
+            print(f"  skipped: {err}")
+        except (DataError, UnknownNameError) as err:
+            raise err  # bad input: stop the whole suite, nothing else would work either
+        except Exception as err:  # one run's failure must not stop the others
+            failed.append(name)
+            print(f"  FAILED: {err.__class__.__name__}: {err} (traceback in {name}/result.json)")
+
+    table = summarize(load_index(suite_dir / "runs.json"), METRICS)
+    table.to_csv(suite_dir / "table.csv", index=False)
+    (suite_dir / "table.md").write_text(table.to_markdown(index=False) + "\n")
+    print()
+    print(table.to_string(index=False))
+    print(f"\n{len(runs)} runs in {time.time() - started:.0f} s; table: {suite_dir}/table.md")
+    if skipped:
+        print(f"{len(skipped)} run(s) were busy in another process: {', '.join(skipped)}")
+    if failed:
+        print(f"{len(failed)} run(s) FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli(argv=None) -> int:
+    try:
+        return main(argv)
+    except (UnknownNameError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,219 @@
+"""One run: resolve its config, pre-train (resuming), export the encoder, evaluate, record.
+
+A run is a folder `outputs/runs/<method>-<hash>` named by the hash of its resolved
+pre-training config, so two suites that need the same pre-training share it:
+
+    config.json          the resolved config (method, method config, train config, data, seed)
+    metrics.jsonl        per-step loss / lr / grad norm
+    checkpoints/         the last two checkpoints (atomic)
+    encoder.safetensors  the exported encoder, timm key names
+    features/            cached frozen features per split
+    result.json          status (done / failed), method, seed, flat `metrics`, train stats, provenance
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from engine.data import DEFAULT_CIFAR10, Splits, check_dataset_root, load_splits, synthetic_splits
+from engine.records import read_json, write_json
+from engine.trainer import Trainer
+from eval import knn
+from eval.features import cached_features
+from methods import build_method, method_config, registry
+from methods.registry import ConfigError, unknown
+from methods.vit import save_encoder
+from suites.profiles import Profile
+
+SCHEMA = 1
+EVALUATIONS = ("knn",)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of a suite's grid (seeds are added by the suite runner)."""
+    method: str
+    setting: str = "default"                        # label shown in tables, e.g. "random 0.75"
+    overrides: dict = field(default_factory=dict)   # method config overrides
+    evals: tuple[str, ...] = ("knn",)
+
+
+class RunSkipped(Exception):
+    """Another process holds this run's lock."""
+
+
+def deep_merge(base: dict, *updates: dict) -> dict:
+    out = dict(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = deep_merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def data_descriptor(profile: Profile, data: str | None) -> dict:
+    if data is None and profile.data == "user":
+        raise ConfigError(f"profile {profile.name!r} needs --data PATH (an ImageFolder with train/ and test/)")
+    if data is None and profile.data == "synthetic":
+        return {"name": "synthetic", "img_size": profile.encoder["img_size"]}
+    path = check_dataset_root(Path(data) if data else DEFAULT_CIFAR10)
+    return {"name": path.name, "path": str(path.resolve()), "img_size": profile.encoder["img_size"]}
+
+
+def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
+    """The full pre-training config of a run (what its hash covers)."""
+    if spec.method not in registry:
+        raise unknown("method", spec.method, registry)
+    bad = [e for e in spec.evals if e not in EVALUATIONS]
+    if bad:
+        raise unknown("evaluation", bad[0], EVALUATIONS)
+    overrides = deep_merge({"encoder": profile.encoder},
+                           profile.method_defaults.get(spec.method, {}), spec.overrides)
+    cfg = method_config(spec.method, **overrides)
+    trains = registry[spec.method][0].trains
+    return {
+        "schema": SCHEMA,
+        "method": spec.method,
+        "method_config": dataclasses.asdict(cfg),
+        # the untrained baseline does not depend on the training budget: share it across profiles
+        "train": dataclasses.asdict(profile.train) if trains else None,
+        "seed": seed,
+        "data": data,
+    }
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_dir_for(outputs: Path, config: dict) -> Path:
+    return Path(outputs) / "runs" / f"{config['method']}-{config_hash(config)}"
+
+
+@lru_cache(maxsize=4)
+def load_data(data_json: str, on_bad_image: str = "error") -> Splits:
+    data = json.loads(data_json)
+    if data["name"] == "synthetic":
+        return synthetic_splits(img_size=data["img_size"])
+    return load_splits(data["path"], data["img_size"], on_bad_image=on_bad_image)
+
+
+def provenance() -> dict:
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git_commit": commit, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "result.json"
+    if not path.exists():
+        return None
+    result = read_json(path)
+    if result.get("schema", 0) > SCHEMA:
+        raise ConfigError(f"{path} was written by a newer mimbench (schema {result['schema']} > {SCHEMA}); "
+                          f"upgrade mimbench or use another --outputs folder")
+    return result
+
+
+def is_done(run_dir: Path, evals: tuple[str, ...]) -> bool:
+    result = read_result(run_dir)
+    return bool(result) and result["status"] == "done" and set(evals) <= set(result.get("evals", {}))
+
+
+def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device: str = "cpu",
+            progress: bool = True, on_bad_image: str = "error") -> dict:
+    """Run (or resume, or skip) one run; returns its result record. A failure is recorded
+    in result.json (status, error, traceback) and re-raised."""
+    run_dir = run_dir_for(outputs, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
+    try:
+        if is_done(run_dir, spec.evals):
+            return read_result(run_dir)
+        if (run_dir / "config.json").exists():
+            if read_json(run_dir / "config.json") != json.loads(json.dumps(config)):
+                raise ConfigError(f"{run_dir}/config.json differs from this run's config; "
+                                  f"move the folder away or use another --outputs")
+        else:
+            write_json(run_dir / "config.json", config)
+        started = time.time()
+        try:
+            result = _train_and_evaluate(config, spec, profile, run_dir, device, progress, on_bad_image)
+        except Exception as err:
+            write_json(run_dir / "result.json", {
+                "schema": SCHEMA, "status": "failed", "method": config["method"], "seed": config["seed"],
+                "config_hash": config_hash(config), "error": f"{err.__class__.__name__}: {err}",
+                "traceback": traceback.format_exc(), "metrics": {}, "provenance": provenance()})
+            raise
+        result["wall_seconds"] = time.time() - started
+        write_json(run_dir / "result.json", result)
+        return result
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: Path, device: str,
+                        progress: bool, on_bad_image: str) -> dict:
+    splits = load_data(json.dumps(config["data"], sort_keys=True), on_bad_image)
+    torch.manual_seed(config["seed"])            # the encoder's initial weights
+    method = build_method(config["method"], **config["method_config"])
+    previous = read_result(run_dir) or {}
+    train_stats = previous.get("train") if previous.get("status") == "done" else None
+    if train_stats is None:
+        trainer = Trainer(method, splits.train.images, profile.train, run_dir, seed=config["seed"],
+                          config_hash=config_hash(config), device=device, progress=progress)
+        train_stats = trainer.fit()
+        save_encoder_atomic(method, run_dir / "encoder.safetensors")
+    else:  # pre-training finished earlier; only new evaluations run
+        from methods.vit import load_encoder
+        method.encoder = load_encoder(run_dir / "encoder.safetensors")
+
+    evals = dict(previous.get("evals", {}))
+    encoder = method.export_encoder()
+    if "knn" in spec.evals and "knn" not in evals:
+        kw = dict(batch_size=profile.feature_batch, device=device, progress=progress)
+        train_feats = cached_features(encoder, splits.train, run_dir / "features" / "train.safetensors",
+                                      desc="features train", **kw)
+        test_feats = cached_features(encoder, splits.test, run_dir / "features" / "test.safetensors",
+                                     desc="features test", **kw)
+        evals["knn"] = {"config": dataclasses.asdict(profile.knn),
+                        "metrics": knn.run(train_feats, test_feats, profile.knn)}
+    metrics = {name: value for e in evals.values() for name, value in e["metrics"].items()}
+    for key in ("images_per_second", "flops_total"):
+        if train_stats.get(key) is not None:
+            metrics[f"pretrain_{key}"] = train_stats[key]
+    return {"schema": SCHEMA, "status": "done", "method": config["method"], "seed": config["seed"],
+            "config_hash": config_hash(config), "metrics": metrics, "evals": evals,
+            "train": train_stats, "provenance": provenance()}
+
+
+def save_encoder_atomic(method, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_encoder(method.export_encoder(), tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""Every registered method: finite loss, the loss falls on a fixed batch, gradients reach the
+encoder. Parametrised over the registry, so a new method is tested when it is registered."""
+import pytest
+import torch
+
+from conftest import micro_overrides
+from methods import build_method, registry
+from methods.base import Batch
+from methods.masking import make_masks
+from methods.registry import ConfigError, UnknownNameError, register_method
+
+TRAINING_METHODS = sorted(name for name, (cls, _) in registry.items() if cls.trains)
+
+
+def fixed_batch(method, batch_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    enc = method.cfg.encoder
+    images = torch.randn(batch_size, 3, enc.img_size, enc.img_size, generator=gen)
+    mask = make_masks(method.mask_config, batch_size, enc.grid, gen) if method.mask_config else None
+    return Batch(images=images, mask=mask)
+
+
+def test_registry_lists_the_foundation_methods():
+    assert {"mae", "none", "pixel"} <= set(registry)
+
+
+@pytest.mark.parametrize("name", TRAINING_METHODS)
+def test_loss_is_finite_falls_on_a_fixed_batch_and_reaches_the_encoder(name):
+    torch.manual_seed(0)
+    method = build_method(name, **micro_overrides())
+    batch = fixed_batch(method)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        loss, metrics = method(batch)
+        assert torch.isfinite(loss) and "loss" in metrics
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = [p.grad for p in method.encoder.blocks.parameters() if p.grad is not None]
+            assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the encoder"
+        optimizer.step()
+        method.after_step(step, 12)
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_mae_loss_is_zero_for_a_perfect_prediction_and_counts_masked_patches_only():
+    method = build_method("mae", **micro_overrides())
+    batch = fixed_batch(method)
+    from methods.base import patch_targets
+    target = patch_targets(batch.images, 4, normalize=True)
+    assert method.forward_loss(batch.images, target, batch.mask).item() == pytest.approx(0, abs=1e-6)
+    wrong_where_visible = target.clone()
+    wrong_where_visible[~batch.mask] += 5.0
+    assert method.forward_loss(batch.images, wrong_where_visible, batch.mask).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_mae_encoder_sees_only_the_visible_patches():
+    method = build_method("mae", **micro_overrides(mask={"ratio": 0.75}))
+    batch = fixed_batch(method)
+    seen = {}
+
+    def record(module, inputs, output):
+        seen["shape"] = output.shape
+
+    method.encoder.blocks[0].register_forward_hook(record)
+    method(batch)
+    assert seen["shape"] == (16, 1 + 4, 32)   # [CLS] + 25% of a 4x4 grid
+
+
+def test_pixel_loss_ignores_the_pixels_of_visible_patches_in_its_target():
+    method = build_method("pixel", **micro_overrides()).eval()
+    batch = fixed_batch(method)
+    loss, _ = method(batch)
+    # changing the image only inside masked patches changes the target, so the loss
+    images = batch.images.clone()
+    from methods.vit import patchify, unpatchify
+    patches = patchify(images, 4)
+    patches[batch.mask] += 1.0
+    changed, _ = method(Batch(unpatchify(patches, 4), batch.mask))
+    assert changed.item() != pytest.approx(loss.item())
+
+
+def test_none_baseline_does_not_train():
+    method = build_method("none", **micro_overrides())
+    assert method.trains is False and method.mask_config is None
+
+
+def test_unknown_and_duplicate_names_raise_with_the_known_names():
+    with pytest.raises(UnknownNameError, match="unknown method 'maee'; known: .*mae.*none.*pixel"):
+        build_method("maee")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("mae", registry["mae"][1])(type("Again", (), {}))
+
+
+def test_config_overrides_are_type_and_range_checked():
+    with pytest.raises(ConfigError, match="mask ratio 1.5 must be in"):
+        build_method("mae", mask={"ratio": 1.5})
+    with pytest.raises(ConfigError, match="patch_size 5 must divide img_size 32"):
+        build_method("mae", encoder={"patch_size": 5})
+    with pytest.raises(ConfigError, match="decoder_depth"):
+        build_method("mae", decoder_depth=0)
+    with pytest.raises(ConfigError, match="must be int"):
+        build_method("mae", decoder_depth="two")
+    with pytest.raises(ConfigError, match="unknown config field 'ratio'"):
+        build_method("mae", ratio=0.5)

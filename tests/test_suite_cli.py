@@ -1,0 +1,62 @@
+"""The suite entry point, run as a user runs it (a subprocess), on the smoke profile."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_cli(*args, outputs, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "suites.run", *args, "--outputs", str(outputs),
+                           "--no-progress"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_smoke_suite_writes_one_record_per_run_and_a_rerun_runs_nothing(tmp_path):
+    first = run_cli("ablation_masking", "--profile", "smoke", outputs=tmp_path)
+    assert first.returncode == 0, first.stderr
+    results = sorted((tmp_path / "runs").glob("*/result.json"))
+    assert len(results) == 7
+    records = [json.loads(p.read_text()) for p in results]
+    assert {r["method"] for r in records} == {"mae", "pixel", "none"}
+    for record in records:
+        assert record["status"] == "done"
+        assert 0 <= record["metrics"]["knn_top1_cls"] <= 100
+        assert (results[0].parent.parent / Path(record["method"] + "-" + record["config_hash"])
+                / "encoder.safetensors").exists()
+    table = (tmp_path / "suites" / "ablation_masking" / "smoke" / "table.md").read_text()
+    assert "random 0.75" in table and "knn_top1_cls" in table
+
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    second = run_cli("ablation_masking", "--profile", "smoke", outputs=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert {p: p.stat().st_mtime_ns for p in results} == stamps, "a finished run ran again"
+    assert "pre-train" not in second.stderr
+
+
+def test_only_filters_the_grid_and_dry_run_prints_costs_without_running(tmp_path):
+    out = run_cli("ablation_masking", "--profile", "cpu", "--only", "mae,none", "--dry-run", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if " seed " in line]
+    assert len(lines) == 2 * 5                          # (4 MAE ratios + none) x 2 seeds
+    assert "estimated pre-training" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ablation_mask"], "unknown suite 'ablation_mask'; known: ablation_masking"),
+    (["ablation_masking", "--profile", "laptop"], "unknown profile 'laptop'; known: cpu, gpu, imagenet, smoke"),
+    (["ablation_masking", "--only", "maee"], "--only names 'maee', not in suite 'ablation_masking'"),
+    (["ablation_masking", "--profile", "cpu", "--data", "/no/such/folder"], "not found; pass --data PATH"),
+    (["ablation_masking", "--seeds", "0"], "--seeds must be >= 1"),
+])
+def test_bad_input_gives_a_one_line_error_and_exit_code_2(tmp_path, args, message):
+    out = run_cli(*args, outputs=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "runs").exists()

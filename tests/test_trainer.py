@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from conftest import micro_overrides
+from engine.checkpoint import checkpoint_paths
+from engine.data import synthetic_splits
+from engine.trainer import NonFiniteLoss, Trainer, TrainConfig
+from methods import build_method
+
+CFG = TrainConfig(epochs=2, batch_size=32, blr=1e-3, warmup_frac=0.2, checkpoint_every=5, log_every=2)
+
+
+def make_trainer(run_dir, name="mae", cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    method = build_method(name, **micro_overrides())
+    images = synthetic_splits(img_size=16, train_per_class=32).train.images     # 320 images
+    return Trainer(method, images, cfg, run_dir, seed=seed, config_hash="test", progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["mae", "pixel"])
+def test_resumed_run_ends_with_bit_identical_weights_and_metrics(tmp_path, name):
+    full = make_trainer(tmp_path / "full", name)
+    stats = full.fit()
+    assert stats["steps"] == 20 and stats["flops_per_step"] > 0
+
+    interrupted = make_trainer(tmp_path / "resumed", name)
+    original = interrupted.method.after_step
+
+    def crash_at_step_12(step, total):
+        original(step, total)
+        if step == 12:                     # checkpoint at 10, metrics flushed to 12: both must roll back
+            raise Interrupt
+
+    interrupted.method.after_step = crash_at_step_12
+    with pytest.raises(Interrupt):
+        interrupted.fit()
+    assert [p.name for p in checkpoint_paths(tmp_path / "resumed" / "checkpoints")] == \
+        ["ckpt-00000010.pt", "ckpt-00000005.pt"]
+
+    resumed = make_trainer(tmp_path / "resumed", name)
+    resumed.fit()
+    for (key, a), b in zip(full.method.state_dict().items(), resumed.method.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == \
+        (tmp_path / "resumed" / "metrics.jsonl").read_text()
+
+
+def test_metrics_log_every_step_and_the_lr_follows_warmup_then_cosine(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(20))
+    lrs = [r["lr"] for r in rows]
+    peak = 1e-3 * 32 / 256
+    assert max(lrs) == pytest.approx(peak, rel=1e-6)
+    assert lrs[0] < 0.1 * peak and lrs[-1] < 0.1 * peak
+    assert lrs.index(max(lrs)) == 4        # 20% of 20 steps of warm-up
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.fit()
+    newest = checkpoint_paths(tmp_path / "checkpoints")[0]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    again = make_trainer(tmp_path)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert again.resume() == 15
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
+    trainer = make_trainer(tmp_path, cfg=TrainConfig(epochs=1, batch_size=32, checkpoint_every=3))
+    forward = trainer.method.forward
+
+    def nan_after_4(batch, calls=[0]):
+        calls[0] += 1
+        loss, logs = forward(batch)
+        return (loss * float("nan") if calls[0] > 4 else loss), logs
+
+    trainer.step_fn = nan_after_4
+    with pytest.raises(NonFiniteLoss, match="at step 4; last good checkpoint: .*ckpt-00000003.pt"):
+        trainer.fit()
