@@ -31,7 +31,6 @@ from tqdm import tqdm
 from engine.checkpoint import load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip
 from methods.base import Batch, MIMMethod
-from methods.masking import make_masks
 from methods.registry import ConfigError
 
 
@@ -116,12 +115,13 @@ class Trainer:
         index = self._epoch_order[1][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
         enc = self.method.cfg.encoder
-        images = random_resized_crop_flip(self.images[index.to(self.device)], enc.img_size, gen,
-                                          scale=(self.cfg.crop_scale_min, 1.0))
-        mask = None
-        if self.method.mask_config is not None:
-            mask = make_masks(self.method.mask_config, len(index), enc.grid, gen).to(self.device)
-        return Batch(images=images, mask=mask)
+        uint8 = self.images[index.to(self.device)]
+        views = [random_resized_crop_flip(uint8, enc.img_size, gen, scale=(self.cfg.crop_scale_min, 1.0))
+                 for _ in range(self.method.num_views)]
+        mask = self.method.draw_masks(len(index), gen)
+        if mask is not None:
+            mask = mask.to(self.device)
+        return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from methods.masking import make_masks
 from methods.vit import ViT, patchify
 
 
 @dataclass
 class Batch:
-    images: Tensor                  # (B, 3, H, W) augmented, normalised
-    mask: Tensor | None = None      # (B, N) bool, True = masked; made by methods.masking
+    images: Tensor                  # (B, 3, H, W) augmented, normalised (the first view)
+    mask: Tensor | None = None      # (B, N) bool, True = masked (per view: (V, B, N)); from methods.masking
+    views: list[Tensor] | None = None   # all V augmented views when the method asks for num_views > 1
 
 
 class MIMMethod(nn.Module):
@@ -24,6 +26,7 @@ class MIMMethod(nn.Module):
 
     name: str = ""
     trains: bool = True             # False for the `none` baseline: no pre-training steps
+    num_views: int = 1              # augmented views per image the trainer makes (iBOT: 2 global crops)
 
     def __init__(self, cfg):
         super().__init__()
@@ -34,6 +37,14 @@ class MIMMethod(nn.Module):
     def mask_config(self):
         """The MaskConfig the trainer uses to draw masks, or None when the method takes none."""
         return getattr(self.cfg, "mask", None)
+
+    def draw_masks(self, batch_size: int, generator: torch.Generator) -> Tensor | None:
+        """Masks for one batch, drawn by a generator of `methods.masking` from the config.
+        A method whose masking needs more (iBOT: a ratio per image, one mask per view)
+        overrides this, still composing the generators of `methods.masking`."""
+        if self.mask_config is None:
+            return None
+        return make_masks(self.mask_config, batch_size, self.cfg.encoder.grid, generator)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

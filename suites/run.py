@@ -76,16 +76,15 @@ def estimate_seconds(config: dict, profile) -> float:
     from engine.trainer import TrainConfig, train_flops
     from methods import build_method
     from methods.base import Batch
-    from methods.masking import make_masks
 
     if config["train"] is None:
         return 0.0
     method = build_method(config["method"], **config["method_config"])
     enc = method.cfg.encoder
-    images = torch.randn(2, enc.in_chans, enc.img_size, enc.img_size)
-    mask = make_masks(method.mask_config, 2, enc.grid, torch.Generator().manual_seed(0)) \
-        if method.mask_config else None
-    flops_per_image = train_flops(method, Batch(images, mask), torch.device("cpu")) / 2
+    views = [torch.randn(2, enc.in_chans, enc.img_size, enc.img_size) for _ in range(method.num_views)]
+    mask = method.draw_masks(2, torch.Generator().manual_seed(0))
+    batch = Batch(views[0], mask, views if len(views) > 1 else None)
+    flops_per_image = train_flops(method, batch, torch.device("cpu")) / 2
     train = TrainConfig(**config["train"])
     num_train = {"synthetic": 640, "cifar10": 50_000}.get(config["data"]["name"], 1_281_167)
     images_seen = train.epochs * (num_train // train.batch_size) * train.batch_size

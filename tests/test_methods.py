@@ -6,7 +6,6 @@ import torch
 from conftest import micro_overrides
 from methods import build_method, registry
 from methods.base import Batch
-from methods.masking import make_masks
 from methods.registry import ConfigError, UnknownNameError, register_method
 
 TRAINING_METHODS = sorted(name for name, (cls, _) in registry.items() if cls.trains)
@@ -15,9 +14,10 @@ TRAINING_METHODS = sorted(name for name, (cls, _) in registry.items() if cls.tra
 def fixed_batch(method, batch_size=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     enc = method.cfg.encoder
-    images = torch.randn(batch_size, 3, enc.img_size, enc.img_size, generator=gen)
-    mask = make_masks(method.mask_config, batch_size, enc.grid, gen) if method.mask_config else None
-    return Batch(images=images, mask=mask)
+    views = [torch.randn(batch_size, 3, enc.img_size, enc.img_size, generator=gen)
+             for _ in range(method.num_views)]
+    return Batch(images=views[0], mask=method.draw_masks(batch_size, gen),
+                 views=views if len(views) > 1 else None)
 
 
 def test_registry_lists_the_foundation_methods():
