@@ -71,6 +71,17 @@ def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None
     return [(spec, seed, resolve(spec, profile, seed, descriptor)) for spec in specs for seed in range(seeds)]
 
 
+def flatten(overrides: dict, prefix: str = "") -> dict:
+    """{"mask": {"ratio": 0.75}} -> {"mask.ratio": 0.75}: the grid's settings as report columns."""
+    flat = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def estimate_seconds(config: dict, profile) -> float:
     """Pre-training cost from FLOPs counted on a 2-image batch, over the profile's assumed rate."""
     from engine.trainer import TrainConfig, train_flops
@@ -135,6 +146,7 @@ def main(argv=None) -> int:
     suite_dir.mkdir(parents=True, exist_ok=True)
     index = {"suite": args.suite, "profile": args.profile,
              "runs": [{"method": spec.method, "setting": spec.setting, "seed": seed,
+                       "params": flatten(spec.overrides),
                        "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
                       for spec, seed, c in runs]}
     write_json(suite_dir / "runs.json", index)

@@ -1,0 +1,205 @@
+"""Build the report of every suite found under outputs/suites (or the ones named):
+
+    python -m reports.build [suite ...] [--outputs outputs] [--out reports/out]
+
+Per suite and profile: table.md / table.csv / index.html (self-contained) with mean ± 95% CI
+over seeds, the paired difference to the `none` baseline per seed and whether its CI
+excludes zero, failed/missing runs shown as such, plots (metric vs mask ratio, metric vs
+pre-training FLOPs, loss curves), the run folders' figures, and the papers' numbers in
+separate, labelled columns. Reads only run records: never imports methods, engine or eval.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from reports import papers  # noqa: E402
+from reports.tables import ci95, format_ci, load_index, summarize  # noqa: E402
+
+BASELINE = "none"
+PROTOCOLS = ["knn_top1_cls", "knn_top1_mean", "linear_top1_cls", "linear_top1_mean",
+             "finetune_top1", "seg_miou"]
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    return [m for m in PROTOCOLS if m in runs.columns and runs[m].notna().any()]
+
+
+def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Per (method, setting): mean ± CI of (run - baseline of the same seed), and whether
+    the CI excludes zero."""
+    done = runs[runs["status"] == "done"]
+    base = done[done["method"] == BASELINE].set_index("seed")
+    rows = []
+    for (method, setting), group in done[done["method"] != BASELINE].groupby(["method", "setting"], sort=False):
+        row = {"method": method, "setting": setting}
+        for metric in metrics:
+            diffs = [r[metric] - base.loc[r["seed"], metric] for _, r in group.iterrows()
+                     if r["seed"] in base.index and pd.notna(r.get(metric))]
+            mean, half = ci95(diffs)
+            significant = bool(len(diffs) > 1 and not np.isnan(half) and abs(mean) > half)
+            row[f"Δ {metric}"] = format_ci(mean, half) + (" *" if significant else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def with_paper_columns(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.copy()
+    for i, column in enumerate(papers.COLUMNS):
+        table[column] = [(papers.REFERENCE.get(m, [None] * 5)[i] or "–") for m in table["method"]]
+    return table
+
+
+def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
+    if "mask.ratio" not in runs.columns or not metrics:
+        return False
+    data = runs[(runs["status"] == "done") & runs["mask.ratio"].notna()]
+    if data.empty:
+        return False
+    long = data.melt(id_vars=["method", "mask.ratio", "seed"], value_vars=metrics,
+                     var_name="protocol", value_name="top-1 / mIoU (%)")
+    grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", col="protocol",
+                       kind="line", marker="o", errorbar=("ci", 95), height=3.2, aspect=1.1,
+                       facet_kws={"sharey": False})
+    baseline = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
+    for ax, metric in zip(grid.axes.flat, metrics):
+        if not baseline.empty and metric in baseline:
+            ax.axhline(baseline[metric].mean(), color="gray", ls="--", lw=1, label="none (random init)")
+    grid.figure.suptitle("frozen-feature accuracy vs mask ratio (mean, 95% CI over seeds)", y=1.03)
+    grid.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(grid.figure)
+    return True
+
+
+def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
+    column = "pretrain_flops_total"
+    if column not in runs.columns or not metrics:
+        return False
+    data = runs[(runs["status"] == "done") & runs[column].notna()]
+    if data.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sns.scatterplot(data=data.assign(pflops=data[column] / 1e15), x="pflops", y=metrics[0],
+                    hue="method", style="setting", s=70, ax=ax)
+    ax.set_xlabel("pre-training compute (PFLOP, counted)")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_losses(runs: pd.DataFrame, run_root: Path, path: Path) -> bool:
+    curves = []
+    for _, run in runs[(runs["method"] != BASELINE) & (runs["seed"] == runs["seed"].min())].iterrows():
+        metrics_file = run_root / run["run"] / "metrics.jsonl"
+        if metrics_file.exists():
+            rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            curves += [{"step": r["step"], "loss": r["loss"], "run": f"{run['method']} {run['setting']}",
+                        "method": run["method"]} for r in rows if "loss" in r]
+    if not curves:
+        return False
+    data = pd.DataFrame(curves)
+    grid = sns.relplot(data=data, x="step", y="loss", hue="run", col="method", kind="line",
+                       height=3, aspect=1.2, facet_kws={"sharey": False, "sharex": False})
+    grid.figure.suptitle("pre-training loss (first seed)", y=1.03)
+    grid.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(grid.figure)
+    return True
+
+
+def img_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def build_suite(index_file: Path, out_dir: Path) -> Path:
+    runs = load_index(index_file)
+    index = json.loads(index_file.read_text())
+    params = pd.DataFrame([e.get("params", {}) for e in index["runs"]])
+    runs = pd.concat([runs, params], axis=1)
+    metrics = metric_columns(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    table = with_paper_columns(summarize(runs, metrics))
+    diffs = paired_differences(runs, metrics) if (runs["method"] == BASELINE).any() else pd.DataFrame()
+    table.to_csv(out_dir / "table.csv", index=False)
+    runs.to_csv(out_dir / "runs.csv", index=False)
+    md = [f"# {index['suite']} ({index['profile']} profile)", "",
+          "Mean ± 95% CI (t-interval) over seeds; `–` = no finished run.", "",
+          table.to_markdown(index=False), "", f"Paper columns: {papers.SOURCE}.", ""]
+    if not diffs.empty:
+        diffs.to_csv(out_dir / "paired_differences.csv", index=False)
+        md += ["## Difference to the `none` baseline (paired by seed; * = 95% CI excludes 0)", "",
+               diffs.to_markdown(index=False), ""]
+    (out_dir / "table.md").write_text("\n".join(md))
+
+    run_root = index_file.parent / "../../../runs"
+    plots = {"vs_mask_ratio.png": plot_vs_ratio(runs, metrics, out_dir / "vs_mask_ratio.png"),
+             "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
+             "loss_curves.png": plot_losses(runs, run_root, out_dir / "loss_curves.png")}
+    figures = sorted(p for run in runs["run"] for p in (run_root / run / "figures").glob("*.png"))
+
+    status = runs[runs["status"] != "done"][["method", "setting", "seed", "run", "status"]]
+    parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
+             "<p>Mean ± 95% CI (t-interval) over seeds. Paper columns: "
+             f"{html.escape(papers.SOURCE)}.</p>", table.to_html(index=False, na_rep="–")]
+    if not diffs.empty:
+        parts += ["<h2>Difference to the <code>none</code> baseline</h2>",
+                  "<p>Paired by seed; * = 95% CI excludes 0.</p>", diffs.to_html(index=False)]
+    if not status.empty:
+        parts += ["<h2>Failed or missing runs</h2>", status.to_html(index=False)]
+    parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
+    if figures:
+        parts += ["<h2>Reconstructions and attention maps</h2>"]
+        parts += [f"<figure>{img_tag(p)}<figcaption>{html.escape(p.parent.parent.name)}/{p.name}"
+                  "</figcaption></figure>" for p in figures]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>mimbench report</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+            "</style></head><body>" + "\n".join(parts) + "</body></html>")
+    (out_dir / "index.html").write_text(page)
+    return out_dir / "index.html"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", nargs="*", help="suite names (default: every suite with records)")
+    parser.add_argument("--outputs", default="outputs", help="the suites' --outputs folder")
+    parser.add_argument("--out", default="reports/out", help="where the report goes")
+    args = parser.parse_args(argv)
+    indexes = sorted(Path(args.outputs).glob("suites/*/*/runs.json"))
+    if args.suites:
+        known = sorted({p.parent.parent.name for p in indexes})
+        unknown = [s for s in args.suites if s not in known]
+        if unknown:
+            print(f"error: no records for suite {unknown[0]!r} in {args.outputs}/suites; "
+                  f"with records: {', '.join(known) or 'none'} (run python -m suites.run first)",
+                  file=sys.stderr)
+            return 2
+        indexes = [p for p in indexes if p.parent.parent.name in args.suites]
+    if not indexes:
+        print(f"error: no suite records under {args.outputs}/suites; run python -m suites.run SUITE first",
+              file=sys.stderr)
+        return 2
+    for index_file in indexes:
+        suite, profile = index_file.parent.parent.name, index_file.parent.name
+        page = build_suite(index_file, Path(args.out) / suite / profile)
+        print(f"[report] {suite} ({profile}): {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
