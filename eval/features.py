@@ -17,14 +17,18 @@ POOLINGS = ("cls", "mean")
 @torch.inference_mode()
 def extract_features(vit: ViT, data: ImageSet, batch_size: int = 1024,
                      device: str | torch.device = "cpu", desc: str = "features",
-                     progress: bool = True) -> dict[str, torch.Tensor]:
-    """{'cls': (N, D), 'mean': (N, D), 'labels': (N,)} from one pass of the frozen encoder."""
+                     progress: bool = True, block: int | None = None) -> dict[str, torch.Tensor]:
+    """{'cls': (N, D), 'mean': (N, D), 'labels': (N,)} from one pass of the frozen encoder:
+    its final (normed) tokens, or the raw output of block `block` (BEiT probes block 9)."""
     vit = vit.eval().to(device)
     out = {p: [] for p in POOLINGS}
     for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False,
                       disable=not progress):
         images = normalize(data.images[start:start + batch_size].to(device))
-        tokens = vit(images)                                   # (B, 1+N, D)
+        if block is None:
+            tokens = vit(images)                               # (B, 1+N, D)
+        else:
+            tokens = vit.block_outputs(images, [block])[0]     # (B, 1+N, D)
         for p in POOLINGS:
             out[p].append(pool(tokens, p).float().cpu())
     feats = {p: torch.cat(chunks) for p, chunks in out.items()}
@@ -45,3 +49,41 @@ def cached_features(vit: ViT, data: ImageSet, cache_file: Path, **kwargs) -> dic
     save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
     os.replace(tmp, cache_file)
     return feats
+
+
+def feature_file(feature_dir: Path, split: str, block: int | None = None) -> Path:
+    """Where the cached features of `split` live: final tokens, or those of one block."""
+    return Path(feature_dir) / (f"{split}.safetensors" if block is None else f"{split}-block{block}.safetensors")
+
+
+def subset_positions(parent: ImageSet, subset: ImageSet, chunk: int = 4096) -> torch.Tensor:
+    """For each image of `subset`, the index of a pixel-identical image in `parent`.
+
+    `Splits.fit` and `Splits.holdout` are copies of rows of `Splits.train`; finding them
+    lets the evaluations index the cached train features instead of running the encoder
+    again. Identical images have identical frozen features, so duplicates in `parent`
+    are harmless. Each image is hashed exactly (an integer dot product with fixed random
+    weights, no overflow: 255 * 2**40 * 3 * 224 * 224 < 2**63), then compared pixel by pixel.
+    """
+    if parent.images.shape[1:] != subset.images.shape[1:]:
+        raise ValueError(f"images of shape {tuple(subset.images.shape[1:])} cannot come from a set of "
+                         f"{tuple(parent.images.shape[1:])} images")
+    width = parent.images[0].numel()
+    weights = torch.randint(0, 2**40, (width,), generator=torch.Generator().manual_seed(0))
+
+    def hashes(images: torch.Tensor) -> torch.Tensor:
+        flat = images.reshape(len(images), -1)
+        return torch.cat([(flat[i:i + chunk].long() * weights).sum(1) for i in range(0, len(flat), chunk)])
+
+    parent_hash, order = hashes(parent.images).sort()
+    subset_hash = hashes(subset.images)
+    slot = torch.searchsorted(parent_hash, subset_hash).clamp(max=len(parent_hash) - 1)
+    positions = order[slot]
+    same = parent_hash[slot] == subset_hash
+    for i in range(0, len(subset), chunk):
+        rows = slice(i, i + chunk)
+        same[rows] &= (parent.images[positions[rows]] == subset.images[rows]).flatten(1).all(1)
+    if not bool(same.all()):
+        raise ValueError(f"{int((~same).sum())} image(s) of the subset are not in the parent set; "
+                         f"build the subset with ImageSet.subset of the parent")
+    return positions

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -205,6 +206,26 @@ class ViT(nn.Module):
         q, k, _ = qkv.permute(2, 0, 3, 1, 4)
         q, k = attn.q_norm(q), attn.k_norm(k)
         return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+
+    def with_config(self, **changes) -> "ViT":
+        """A copy with some config fields changed (fine-tuning's drop path) and the same weights."""
+        copy = ViT(replace(self.cfg, **changes))
+        copy.load_state_dict(self.state_dict())
+        return copy
+
+    def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict:
+        """Layer groups for layer-wise lr decay in timm's format (its optimizer factory reads
+        this), numbered as BEiT and MAE do: the stem (patch embedding, tokens) is layer 0,
+        block i is layer i+1, and everything unmatched (the final norm, a head) is the top
+        layer, so with decay d block i gets d**(depth - i) and the stem d**(depth + 1).
+        `prefix` is where a wrapping module keeps this ViT ("encoder.")."""
+        p = re.escape(prefix)
+        return {"stem": rf"^{p}(?:cls_token|mask_token|pos_embed|patch_embed)",
+                "blocks": rf"^{p}blocks\.(\d+)"}
+
+    def no_weight_decay(self, prefix: str = "") -> set[str]:
+        """Parameters AdamW must not decay besides norms and biases: the tokens (BEiT, MAE)."""
+        return {f"{prefix}{name}" for name in ("cls_token", "mask_token", "pos_embed")}
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """Weights under timm VisionTransformer names (the [M] token is pre-training only)."""
