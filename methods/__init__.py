@@ -11,6 +11,7 @@ from methods.registry import (ConfigError, UnknownNameError, build_method, metho
                               register_method, registry)
 
 from methods import mae, none, pixel  # noqa: E402,F401  (registers the built-in methods)
+from methods import ibot  # noqa: E402,F401
 
 __all__ = ["registry", "register_method", "build_method", "method_config",
            "ConfigError", "UnknownNameError"]

@@ -7,6 +7,8 @@ Every generator is seeded by a `torch.Generator`, so the same seed gives the sam
     block    BEiT's blockwise masking (Algorithm 1): rectangles of >= min_block_patches
              patches with aspect ratio in [0.3, 1/0.3], added until the target count
     grid     a regular lattice keeps one patch in every s x s cell (MAE Fig. 6 "grid")
+    block_mask_per_image   blockwise with a ratio drawn per image from a range, on a
+             fraction of the images (iBOT); a method composes it in its `draw_masks`
 """
 from __future__ import annotations
 
@@ -90,6 +92,21 @@ def block_mask(batch_size: int, grid: int, ratio: float, generator: torch.Genera
                 break
             count += added
     return torch.from_numpy(masks.reshape(batch_size, grid * grid))
+
+
+def block_mask_per_image(batch_size: int, grid: int, ratio_range: tuple[float, float], fraction: float,
+                         generator: torch.Generator, min_block_patches: int = 16,
+                         min_aspect: float = 0.3) -> Tensor:
+    """iBOT's masking: round(fraction * batch_size) images, chosen at random, get a blockwise
+    mask whose ratio is drawn per image uniformly from `ratio_range`; the others stay unmasked."""
+    low, high = ratio_range
+    masks = torch.zeros(batch_size, grid * grid, dtype=torch.bool)
+    num_masked_images = round(fraction * batch_size)
+    chosen = torch.randperm(batch_size, generator=generator)[:num_masked_images]
+    ratios = low + (high - low) * torch.rand(num_masked_images, generator=generator, dtype=torch.float64)
+    for image, ratio in zip(chosen.tolist(), ratios.tolist()):
+        masks[image] = block_mask(1, grid, ratio, generator, min_block_patches, min_aspect)[0]
+    return masks
 
 
 def grid_stride(ratio: float) -> int:

@@ -1,0 +1,269 @@
+"""iBOT (Zhou et al., 2022): masked image modeling with an online tokenizer.
+
+The tokenizer is the teacher, an exponential moving average of the student. Both see two
+augmented global crops; the student's are masked blockwise. Two losses, each a
+cross-entropy to the teacher's centred, sharpened distribution over K prototypes:
+  [CLS]  the student's [CLS] of one view against the teacher's [CLS] of the other (DINO)
+  MIM    the student's patch tokens against the teacher's at the masked positions only.
+The teacher moves in `after_step` (momentum 0.996 -> 1, cosine) and never gets gradients;
+the centres move there too, so a forward pass changes no state. Evaluations use the teacher
+encoder by default, as the paper does. Multi-crop (local crops) is not implemented: the
+trainer makes views of one size only.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+from methods.base import Batch, MIMMethod
+from methods.masking import block_mask_per_image
+from methods.registry import ConfigError, register_method
+from methods.vit import ViT, ViTConfig
+
+EXPORTS = ("teacher", "student")
+
+
+@dataclass(frozen=True)
+class IBOTConfig:
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    # Masking (iBOT README recipe `--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`): half of the
+    # images get a blockwise mask with a ratio drawn uniformly from [0.1, 0.5]; the rest none.
+    mask_ratio_range: tuple[float, float] = (0.1, 0.5)
+    mask_fraction: float = 0.5
+    # Projection head (DINO/iBOT: 3 layers, 2048 hidden, 256 bottleneck, K = 8192 at ImageNet
+    # scale). Smaller here so that the head costs less than the nano encoder on a CPU.
+    out_dim: int = 1024             # K, the number of prototypes ("visual words" of the tokenizer)
+    head_hidden_dim: int = 512
+    head_bottleneck_dim: int = 128
+    head_layers: int = 3
+    shared_head: bool = True        # one head for [CLS] and patches (iBOT README); False: a second head
+    norm_last_layer: bool = True    # fix the last layer's weight-norm scale to 1 (iBOT code default)
+    # Temperatures and centring (iBOT code defaults; the README's ViT-S recipe ends at 0.07).
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07          # [CLS], after the warm-up
+    teacher_patch_temp: float = 0.07    # patches, after the warm-up
+    warmup_teacher_temp: float = 0.04   # both start here and rise linearly
+    teacher_temp_warmup_frac: float = 0.3   # 30 warm-up epochs of iBOT's default 100
+    center_momentum: float = 0.9        # EMA of the teacher's mean output, [CLS] and patches
+    teacher_momentum: float = 0.996     # EMA of the teacher, raised to 1 on a cosine schedule
+    cls_loss_weight: float = 1.0        # lambda1 in the iBOT code
+    mim_loss_weight: float = 1.0        # lambda2
+    export: str = "teacher"         # which encoder the evaluations get; the paper reports the teacher
+
+    def validate(self) -> None:
+        self.encoder.validate()
+        low, high = self.mask_ratio_range
+        if not 0.0 < low <= high < 1.0:
+            raise ConfigError(f"mask_ratio_range {self.mask_ratio_range} must satisfy 0 < low <= high < 1, "
+                              f"e.g. (0.1, 0.5)")
+        if not 0.0 <= self.mask_fraction <= 1.0:
+            raise ConfigError(f"mask_fraction {self.mask_fraction} must be in [0, 1], e.g. 0.5")
+        if min(self.out_dim, self.head_hidden_dim, self.head_bottleneck_dim, self.head_layers) < 1:
+            raise ConfigError("out_dim, head_hidden_dim, head_bottleneck_dim and head_layers must be >= 1")
+        temps = (self.student_temp, self.teacher_temp, self.teacher_patch_temp, self.warmup_teacher_temp)
+        if min(temps) <= 0:
+            raise ConfigError("temperatures must be > 0; iBOT uses student 0.1, teacher 0.04 -> 0.07")
+        if not 0.0 <= self.teacher_temp_warmup_frac <= 1.0:
+            raise ConfigError(f"teacher_temp_warmup_frac {self.teacher_temp_warmup_frac} must be in [0, 1]")
+        if not 0.0 <= self.center_momentum < 1.0 or not 0.0 <= self.teacher_momentum <= 1.0:
+            raise ConfigError("center_momentum must be in [0, 1) and teacher_momentum in [0, 1], "
+                              "e.g. 0.9 and 0.996")
+        if min(self.cls_loss_weight, self.mim_loss_weight) < 0 or \
+                self.cls_loss_weight + self.mim_loss_weight == 0:
+            raise ConfigError("cls_loss_weight and mim_loss_weight must be >= 0 and not both 0")
+        if self.export not in EXPORTS:
+            raise ConfigError(f"unknown export {self.export!r}; known: {', '.join(EXPORTS)}")
+
+
+class ProjectionHead(nn.Module):
+    """DINO's head: an MLP with GELUs down to a bottleneck, L2-normalised, then a
+    weight-normalised linear layer (no bias) to K logits."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int,
+                 num_layers: int, norm_last_layer: bool):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers += [nn.Linear(d_in, d_out)] + ([nn.GELU()] if i < num_layers - 1 else [])
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        scale = self.last_layer.parametrizations.weight.original0     # weight-norm's g, (K, 1)
+        nn.init.ones_(scale)
+        scale.requires_grad = not norm_last_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def centred_softmax(logits: Tensor, centre: Tensor, temperature: Tensor | float) -> Tensor:
+    """The teacher's targets: softmax((logits - centre) / temperature) over the last dim."""
+    return F.softmax((logits.float() - centre) / temperature, dim=-1)
+
+
+def soft_cross_entropy(teacher_probs: Tensor, student_logits: Tensor) -> Tensor:
+    """Cross-entropy of student logits to teacher distributions, (..., K) -> (...)."""
+    return -(teacher_probs * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Entropy in nats over the last dim, (..., K) -> (...): ln K = uniform, 0 = one-hot."""
+    return torch.special.entr(probs).sum(-1)
+
+
+def cross_view_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, num_views: int) -> Tensor:
+    """DINO's [CLS] loss: mean cross-entropy of each student view against every *other*
+    teacher view. Both (V*B, K), views stacked along the batch."""
+    teacher = teacher_probs.view(num_views, -1, teacher_probs.shape[-1])           # (V, B, K)
+    student = F.log_softmax(student_logits.float(), dim=-1).view_as(teacher)      # (V, B, K)
+    cross = -torch.einsum("qbk,vbk->qv", teacher, student) / teacher.shape[1]     # (V, V)
+    return (cross.sum() - cross.diagonal().sum()) / (num_views * (num_views - 1))
+
+
+def masked_image_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
+    """iBOT's MIM reduction of a per-patch loss (M,) given at the M masked positions of `mask`
+    (B, N), in `mask.nonzero()` order: the mean over each image's masked patches, then the
+    mean over all B images, so an image without a mask adds 0 (the iBOT code; `masked_mean`
+    of methods.base would weigh every masked patch equally instead)."""
+    image_of_patch = mask.nonzero(as_tuple=True)[0]
+    per_image = torch.zeros(mask.shape[0], device=per_patch.device).index_add_(0, image_of_patch, per_patch)
+    return (per_image / mask.sum(dim=1).clamp(min=1)).mean()
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """DINO's teacher momentum: base at step 0, rising to 1 at the end on a half cosine."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
+
+
+def min_block_patches(grid: int) -> int:
+    """iBOT's smallest mask block, (grid // 3)^2: BEiT's 16 at 14x14, 4 at 8x8, 1 at 4x4."""
+    return max(1, (grid // 3) ** 2)
+
+
+@register_method("ibot", IBOTConfig)
+class IBOT(MIMMethod):
+    num_views = 2                   # two global crops
+
+    def __init__(self, cfg: IBOTConfig):
+        super().__init__(cfg)
+        head = dict(in_dim=cfg.encoder.embed_dim, out_dim=cfg.out_dim, hidden_dim=cfg.head_hidden_dim,
+                    bottleneck_dim=cfg.head_bottleneck_dim, num_layers=cfg.head_layers,
+                    norm_last_layer=cfg.norm_last_layer)
+        self.heads = nn.ModuleDict({"cls": ProjectionHead(**head)})
+        if not cfg.shared_head:
+            self.heads["patch"] = ProjectionHead(**head)
+        # The teacher starts as a copy of the student; only `after_step` changes it.
+        self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
+                                      "heads": copy.deepcopy(self.heads)})
+        self.teacher.requires_grad_(False)
+        self.register_buffer("center_cls", torch.zeros(cfg.out_dim))
+        self.register_buffer("center_patch", torch.zeros(cfg.out_dim))
+        # ([CLS], patch) teacher temperatures for the next step, set by `after_step`
+        self.register_buffer("teacher_temps", torch.tensor(self.teacher_temperatures(0, 1)))
+        self._batch_centres: tuple[Tensor, Tensor] | None = None
+
+    def train(self, mode: bool = True) -> "IBOT":
+        super().train(mode)
+        self.teacher.eval()         # no drop path in the teacher (iBOT builds it with rate 0)
+        return self
+
+    # ---- masks ---------------------------------------------------------------------------
+    def draw_masks(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """(2, B, N): each global crop masked independently, as in iBOT's data loader."""
+        grid = self.cfg.encoder.grid
+        return torch.stack([
+            block_mask_per_image(batch_size, grid, self.cfg.mask_ratio_range, self.cfg.mask_fraction,
+                                 generator, min_block_patches(grid))
+            for _ in range(self.num_views)
+        ])
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        images = torch.cat(batch.views)                                   # (2B, 3, H, W)
+        mask = batch.mask.flatten(0, 1)                                   # (2B, N)
+        with torch.no_grad():
+            teacher_cls, teacher_patch = self.forward_teacher(images)     # (2B, K), (2B, N, K)
+        student_cls, student_patch = self.forward_student(images, mask)   # (2B, K), (M, K)
+        return self.forward_loss(teacher_cls, teacher_patch, student_cls, student_patch, mask)
+
+    def forward_teacher(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = self.teacher.encoder(images)                             # (2B, 1+N, D), unmasked
+        cls_head, patch_head = self._heads(self.teacher.heads)
+        return cls_head(tokens[:, 0]).float(), patch_head(tokens[:, 1:]).float()
+
+    def forward_student(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = self.encoder(images, mask=mask)                          # (2B, 1+N, D), [M] where masked
+        cls_head, patch_head = self._heads(self.heads)
+        # only masked patches enter the MIM loss, so only they go through the head
+        return cls_head(tokens[:, 0]), patch_head(tokens[:, 1:][mask])
+
+    def forward_loss(self, teacher_cls: Tensor, teacher_patch: Tensor, student_cls: Tensor,
+                     student_patch: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """iBOT's cross-entropies, returned minus the targets' entropy, i.e. as KL divergences.
+        The gradient is the same (the targets are constants), but the value does not rise when
+        centring and the temperature warm-up flatten the targets, so it shows what the student
+        still has to learn (0 = it matches the teacher). `loss_ce` is the iBOT code's value."""
+        cfg = self.cfg
+        cls_targets = centred_softmax(teacher_cls, self.center_cls, self.teacher_temps[0])       # (2B, K)
+        patch_targets = centred_softmax(teacher_patch, self.center_patch, self.teacher_temps[1])  # (2B, N, K)
+        masked_targets = patch_targets[mask]                                                     # (M, K)
+        ce_cls = cross_view_cross_entropy(cls_targets, student_cls / cfg.student_temp, self.num_views)
+        ce_mim = masked_image_mean(soft_cross_entropy(masked_targets, student_patch / cfg.student_temp), mask)
+        entropy_cls = entropy(cls_targets).mean()
+        loss_cls = ce_cls - entropy_cls
+        loss_mim = ce_mim - masked_image_mean(entropy(masked_targets), mask)
+        loss = cfg.cls_loss_weight * loss_cls + cfg.mim_loss_weight * loss_mim
+        # applied in after_step, so that a forward pass (FLOP counting, a skipped step) changes nothing
+        self._batch_centres = (teacher_cls.mean(dim=0), teacher_patch.mean(dim=(0, 1)))
+        return loss, {
+            "loss": loss.detach(), "loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach(),
+            "loss_ce": (cfg.cls_loss_weight * ce_cls + cfg.mim_loss_weight * ce_mim).detach(),
+            "teacher_entropy_cls": entropy_cls, "teacher_entropy_patch": entropy(patch_targets).mean(),
+            "center_norm_cls": self.center_cls.norm(), "center_norm_patch": self.center_patch.norm(),
+        }
+
+    def _heads(self, heads: nn.ModuleDict) -> tuple[nn.Module, nn.Module]:
+        return heads["cls"], heads["patch"] if "patch" in heads else heads["cls"]
+
+    # ---- hooks ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA of the teacher towards the student, EMA of the centres towards the teacher's
+        mean outputs of this step, and the teacher temperatures of the next step."""
+        momentum = cosine_momentum(step, total_steps, self.cfg.teacher_momentum)
+        teacher = [*self.teacher.encoder.parameters(), *self.teacher.heads.parameters()]
+        student = [*self.encoder.parameters(), *self.heads.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        if self._batch_centres is not None:
+            for centre, batch_centre in zip((self.center_cls, self.center_patch), self._batch_centres):
+                if dist.is_available() and dist.is_initialized():   # the same centre on every rank
+                    dist.all_reduce(batch_centre)
+                    batch_centre /= dist.get_world_size()
+                centre.mul_(self.cfg.center_momentum).add_(batch_centre, alpha=1.0 - self.cfg.center_momentum)
+            self._batch_centres = None
+        self.teacher_temps.copy_(torch.tensor(self.teacher_temperatures(step + 1, total_steps)))
+
+    def teacher_temperatures(self, step: int, total_steps: int) -> tuple[float, float]:
+        """([CLS], patch) temperatures: linear from the warm-up value over the first
+        `teacher_temp_warmup_frac` of training, then constant."""
+        cfg = self.cfg
+        warmup_steps = cfg.teacher_temp_warmup_frac * total_steps
+        progress = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        start = cfg.warmup_teacher_temp
+        return (start + (cfg.teacher_temp - start) * progress,
+                start + (cfg.teacher_patch_temp - start) * progress)
+
+    def export_encoder(self) -> ViT:
+        return self.teacher.encoder if self.cfg.export == "teacher" else self.encoder
