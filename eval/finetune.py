@@ -1,0 +1,216 @@
+"""End-to-end fine-tuning (BEiT / MAE protocol) on the project's trainer.
+
+A copy of the encoder (with drop path) gets a linear head on its pooled tokens and is
+trained on the whole training split with AdamW + warm-up/cosine (timm's scheduler),
+layer-wise lr decay (timm's optimizer factory reading `ViT.group_matcher`), label
+smoothing, mixup / cutmix (timm `Mixup`, on the batch) and RandAugment (timm, per image:
+its ops are PIL ops). The test split is read once, after the last step.
+
+`FinetuneTrainer` is `engine.trainer.Trainer` with labelled batches and a layer-decayed
+optimizer, so fine-tuning inherits its checkpoints, exact resume (every random draw of
+step s comes from generators seeded by (seed, s)), metrics.jsonl and progress bar: a
+killed fine-tune picks up from its last checkpoint when run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import Mixup, rand_augment_transform
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from engine.data import ImageSet, Splits, normalize, random_resized_crop_flip
+from engine.trainer import Trainer, TrainConfig, step_seed
+from eval.features import POOLINGS
+from methods.base import Batch
+from methods.registry import ConfigError
+from methods.vit import ViT, pool
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Defaults: BEiT / MAE fine-tuning of ViT-B on ImageNet-1k."""
+    epochs: float = 100.0
+    batch_size: int = 1024
+    blr: float = 5e-4                   # MAE ViT-B; lr = blr * batch_size / 256
+    layer_decay: float = 0.65           # BEiT and MAE ViT-B (MAE ViT-L: 0.75); 1.0 = off
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    warmup_frac: float = 0.05           # 5 of 100 epochs
+    min_lr_frac: float = 0.0
+    clip_grad: float = 0.0              # MAE does not clip when fine-tuning (0 = off)
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8                  # Beta(alpha) of mixup; 0 = off
+    cutmix: float = 1.0                 # Beta(alpha) of cutmix; 0 = off
+    mixup_switch_prob: float = 0.5      # chance of cutmix instead of mixup when both are on
+    # timm RandAugment spec; "" = off. MAE / BEiT use rand-m9-mstd0.5-inc1; the magnitude is
+    # capped at 9 (mmax9) because at 10 timm posterizes to 0 bits, which Pillow 13 refuses.
+    randaug: str = "rand-m9-mstd0.5-inc1-mmax9"
+    crop_scale_min: float = 0.08        # RandomResizedCrop scale (Inception / MAE fine-tuning)
+    pooling: str = "mean"               # MAE and BEiT fine-tune on mean-pooled tokens
+    checkpoint_every: int = 500
+    log_every: int = 20
+    compile: bool = False
+
+    def validate(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"fine-tune pooling {self.pooling!r} unknown; known: {', '.join(POOLINGS)}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1] (1 = no decay)")
+        if not 0 <= self.label_smoothing < 1 or self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("label_smoothing must be in [0, 1), mixup and cutmix >= 0")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
+        if self.randaug:
+            try:
+                rand_augment_transform(self.randaug, {})
+            except Exception:
+                raise ConfigError(f"randaug {self.randaug!r} is not a timm RandAugment spec; "
+                                  f"use e.g. 'rand-m9-mstd0.5-inc1-mmax9' or '' for none") from None
+        self.train_config().validate()
+
+    def train_config(self) -> TrainConfig:
+        """The fields the project's trainer reads, with this recipe's values."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, blr=self.blr,
+                           weight_decay=self.weight_decay, beta2=self.beta2, warmup_frac=self.warmup_frac,
+                           min_lr_frac=self.min_lr_frac, clip_grad=self.clip_grad,
+                           crop_scale_min=self.crop_scale_min, checkpoint_every=self.checkpoint_every,
+                           log_every=self.log_every, compile=self.compile)
+
+    def config_hash(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class LabelledBatch(Batch):
+    targets: Tensor | None = None       # (B, C) soft targets (mixup / smoothing) or (B,) class ids
+
+
+class Classifier(nn.Module):
+    """The encoder with a linear head on its pooled tokens; the interface the trainer calls."""
+
+    name = "finetune"
+    trains = True
+    num_views = 1
+
+    def __init__(self, encoder: ViT, num_classes: int, pooling: str, label_smoothing: float = 0.0):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)       # MAE's head init
+        nn.init.zeros_(self.head.bias)
+        self.label_smoothing = label_smoothing
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.head(pool(self.encoder(images), self.pooling))      # (B, C)
+
+    def forward(self, batch: LabelledBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.logits(batch.images)
+        if batch.targets.ndim == 2:   # soft targets: mixup / cutmix, smoothing already inside
+            loss = SoftTargetCrossEntropy()(logits, batch.targets)
+        else:
+            loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.label_smoothing)
+        return loss, {"loss": loss.detach()}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return self.encoder.group_matcher(coarse, prefix="encoder.")
+
+    def no_weight_decay(self) -> set[str]:
+        return self.encoder.no_weight_decay(prefix="encoder.")
+
+
+class FinetuneTrainer(Trainer):
+    """The project's trainer on labelled images, with layer-wise lr decay."""
+
+    def __init__(self, model: Classifier, data: ImageSet, cfg: FinetuneConfig, run_dir: Path, seed: int,
+                 config_hash: str, device: str | torch.device = "cpu", progress: bool = True):
+        cfg.validate()
+        super().__init__(model, data.images, cfg.train_config(), run_dir, seed, config_hash, device, progress)
+        self.ft_cfg = cfg
+        self.labels = data.labels.to(self.device)
+        self.img_size = model.encoder.cfg.img_size
+        # The base trainer built a plain AdamW; rebuild it with per-layer lr scales (which
+        # timm's scheduler multiplies into every update) and a schedule bound to it.
+        lr = cfg.blr * cfg.batch_size / 256
+        self.optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                             betas=(0.9, cfg.beta2), layer_decay=cfg.layer_decay,
+                                             foreach=True)
+        warmup = round(cfg.warmup_frac * self.total_steps)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=lr * cfg.min_lr_frac,
+            warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, warmup_prefix=True,
+            t_in_epochs=False)
+        num_classes = model.head.out_features
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                           label_smoothing=cfg.label_smoothing, num_classes=num_classes) \
+            if cfg.mixup or cfg.cutmix else None
+        self.randaug = rand_augment_transform(cfg.randaug, {
+            "translate_const": int(self.img_size * 0.45),        # timm's default: 45% of the image
+            "img_mean": (124, 116, 104)}) if cfg.randaug else None
+
+    def batch_for_step(self, step: int) -> LabelledBatch:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
+            self._epoch_order = (epoch, torch.randperm(len(self.images), generator=gen))
+        index = self._epoch_order[1][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
+        index = index.to(self.device)
+        # timm's RandAugment and Mixup draw from Python's and NumPy's global generators:
+        # seed them per step so that a resumed fine-tune sees the same batches.
+        random.seed(step_seed(self.seed, step, stream=4))
+        np.random.seed(step_seed(self.seed, step, stream=5) % 2**32)
+        uint8 = self.images[index]
+        if self.randaug is not None:
+            uint8 = self.rand_augment(uint8)
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
+        images = random_resized_crop_flip(uint8, self.img_size, gen, scale=(self.cfg.crop_scale_min, 1.0))
+        targets = self.labels[index]
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)         # targets: (B, C) soft
+        return LabelledBatch(images=images, targets=targets)
+
+    def rand_augment(self, uint8: Tensor) -> Tensor:
+        """timm's RandAugment, image by image (its ops are PIL ops): uint8 (B, 3, H, W)."""
+        pixels = uint8.permute(0, 2, 3, 1).cpu().numpy()
+        out = np.stack([np.asarray(self.randaug(Image.fromarray(p))) for p in pixels])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).to(uint8.device)
+
+
+@torch.inference_mode()
+def top1(model: Classifier, data: ImageSet, batch_size: int = 1024, device: str | torch.device = "cpu") -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        images = normalize(data.images[start:start + batch_size].to(device))
+        predictions = model.logits(images).argmax(-1).cpu()
+        correct += (predictions == data.labels[start:start + batch_size]).sum().item()
+    return 100.0 * correct / len(data)
+
+
+def run(vit: ViT, splits: Splits, cfg: FinetuneConfig, work_dir: Path, seed: int = 0,
+        device: str | torch.device = "cpu", progress: bool = True, eval_batch: int = 1024) -> dict:
+    """Fine-tune a copy of `vit` on the training split (resuming from `work_dir`'s
+    checkpoints), then read the test split once: {"metrics": {"finetune_top1": ...}, ...}."""
+    cfg.validate()
+    torch.manual_seed(seed)                                   # the head's initial weights
+    model = Classifier(vit.with_config(drop_path=cfg.drop_path), len(splits.train.classes),
+                       cfg.pooling, cfg.label_smoothing).train()
+    trainer = FinetuneTrainer(model, splits.train, cfg, Path(work_dir), seed,
+                              config_hash=f"{cfg.config_hash()}-seed{seed}", device=device, progress=progress)
+    stats = trainer.fit()
+    return {"metrics": {"finetune_top1": top1(model, splits.test, eval_batch, trainer.device)},
+            "details": {"train": stats}}

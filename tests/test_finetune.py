@@ -1,0 +1,92 @@
+"""Fine-tuning: BEiT/MAE layer decay, exact resume of a killed fine-tune, recipe checks."""
+import pytest
+import torch
+
+from engine.checkpoint import checkpoint_paths
+from engine.data import synthetic_splits
+from eval import finetune
+from eval.finetune import Classifier, FinetuneConfig, FinetuneTrainer
+from methods.registry import ConfigError
+from methods.vit import ViT, ViTConfig
+
+SMALL = dict(epochs=1, batch_size=64, blr=1e-3, checkpoint_every=3, warmup_frac=0.2)
+
+
+def test_layer_decay_gives_block_i_decay_to_the_power_depth_minus_i(tmp_path):
+    decay = 0.75
+    vit = ViT(ViTConfig(size="nano", img_size=16, patch_size=4))          # depth 6
+    depth = vit.cfg.depth
+    model = Classifier(vit, num_classes=10, pooling="mean")
+    splits = synthetic_splits(img_size=16)
+    cfg = FinetuneConfig(layer_decay=decay, **SMALL)
+    trainer = FinetuneTrainer(model, splits.train, cfg, tmp_path, seed=0, config_hash="t", progress=False)
+
+    expected = {"encoder.cls_token": decay ** (depth + 1), "encoder.patch_embed.proj.weight": decay ** (depth + 1),
+                "encoder.norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
+    expected.update({f"encoder.blocks.{i}.attn.qkv.weight": decay ** (depth - i) for i in range(depth)})
+    expected.update({f"encoder.blocks.{i}.mlp.fc2.bias": decay ** (depth - i) for i in range(depth)})
+    scale_of = {id(p): group["lr_scale"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    decay_of = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    params = dict(model.named_parameters())
+    for name, scale in expected.items():
+        assert scale_of[id(params[name])] == pytest.approx(scale), name
+    assert decay_of[id(params["encoder.cls_token"])] == 0.0               # tokens, norms, biases: no decay
+    assert decay_of[id(params["encoder.blocks.0.norm1.weight"])] == 0.0
+    assert decay_of[id(params["encoder.blocks.0.attn.qkv.weight"])] == cfg.weight_decay
+
+    # the schedule multiplies each group's scale into its learning rate
+    step = trainer.total_steps - 1
+    trainer.scheduler.step_update(step)
+    peak = [g["lr"] / g["lr_scale"] for g in trainer.optimizer.param_groups]
+    assert max(peak) == pytest.approx(min(peak))
+    assert scale_of[id(params["encoder.patch_embed.proj.weight"])] < scale_of[id(params["encoder.blocks.0.attn.qkv.weight"])]
+
+
+def test_a_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
+    splits = synthetic_splits(img_size=16)
+    cfg = FinetuneConfig(**SMALL)                     # 10 steps, checkpoints at 3, 6, 9, 10
+    straight = finetune.run(vit, splits, cfg, tmp_path / "straight", seed=1, progress=False)
+
+    real_batch = FinetuneTrainer.batch_for_step
+
+    def crash_at_step_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt("killed")         # no checkpoint at the kill: 6 is the last one
+        return real_batch(self, step)
+
+    monkeypatch.setattr(FinetuneTrainer, "batch_for_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(vit, splits, cfg, tmp_path / "killed", seed=1, progress=False)
+    assert checkpoint_paths(tmp_path / "killed" / "checkpoints")[0].name == "ckpt-00000006.pt"
+    monkeypatch.setattr(FinetuneTrainer, "batch_for_step", real_batch)
+    resumed = finetune.run(vit, splits, cfg, tmp_path / "killed", seed=1, progress=False)
+
+    final = [torch.load(checkpoint_paths(tmp_path / d / "checkpoints")[0], weights_only=True)["model"]
+             for d in ("straight", "killed")]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), name
+    assert resumed["metrics"] == straight["metrics"]
+
+
+def test_finetuning_leaves_the_given_encoder_untouched_and_uses_drop_path(tmp_path):
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    result = finetune.run(vit, synthetic_splits(img_size=16), FinetuneConfig(**SMALL), tmp_path, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+    assert vit.cfg.drop_path == 0.0
+    assert 0 <= result["metrics"]["finetune_top1"] <= 100
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(randaug="augmix-m5"), "is not a timm RandAugment spec"),
+    (dict(layer_decay=0.0), "layer_decay 0.0 must be in (0, 1]"),
+    (dict(batch_size=33), "mixup/cutmix need an even batch_size"),
+    (dict(pooling="max"), "fine-tune pooling 'max' unknown; known: cls, mean"),
+])
+def test_bad_recipes_are_refused_with_the_fix(changes, message):
+    with pytest.raises(ConfigError) as err:
+        FinetuneConfig(**changes).validate()
+    assert message in str(err.value) and "\n" not in str(err.value)
