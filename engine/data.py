@@ -57,11 +57,11 @@ def cache_dir() -> Path:
 
 
 def load_splits(root: str | Path, img_size: int, holdout: int = 5000,
-                on_bad_image: str = "error") -> Splits:
+                on_bad_image: str = "error", progress: bool = True) -> Splits:
     """train/ and test/ of an ImageFolder dataset, plus a fixed held-out part of train."""
     root = check_dataset_root(root)
-    train = load_imagefolder(root / "train", img_size, on_bad_image)
-    test = load_imagefolder(root / "test", img_size, on_bad_image)
+    train = load_imagefolder(root / "train", img_size, on_bad_image, progress)
+    test = load_imagefolder(root / "test", img_size, on_bad_image, progress)
     if train.classes != test.classes:
         raise DataError(f"train/ and test/ of {root} have different class folders; make them the same")
     return split_holdout(train, test, holdout)
@@ -100,7 +100,8 @@ def list_images(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
-def load_imagefolder(split_dir: str | Path, img_size: int, on_bad_image: str = "error") -> ImageSet:
+def load_imagefolder(split_dir: str | Path, img_size: int, on_bad_image: str = "error",
+                     progress: bool = True) -> ImageSet:
     """Decode `split_dir/<class>/*` to (N, 3, img_size, img_size) uint8, cached.
 
     on_bad_image: "error" stops at the first unreadable file, naming it; "skip" leaves
@@ -121,7 +122,8 @@ def load_imagefolder(split_dir: str | Path, img_size: int, on_bad_image: str = "
     images = np.empty((len(files), img_size, img_size, 3), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
     kept = 0
-    for rel, label in tqdm(files, desc=f"decoding {split_dir.name}/ (once)", unit="img", leave=False):
+    for rel, label in tqdm(files, desc=f"decoding {split_dir.name}/ (once)", unit="img", leave=False,
+                           disable=not progress, mininterval=1.0):
         try:
             with Image.open(split_dir / rel) as img:
                 images[kept] = _to_square_rgb(img, img_size)

@@ -64,7 +64,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    pass
+    """SIGTERM / SIGINT arrived: a checkpoint was written; the same command resumes."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
@@ -131,6 +135,7 @@ class Trainer:
     def resume(self) -> int:
         state, path = load_latest(self.run_dir / "checkpoints", self.config_hash)
         if state is None:
+            self._truncate_metrics(0)
             return 0
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -140,12 +145,18 @@ class Trainer:
         return step
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resume from."""
+        """Drop metric lines written after the checkpoint we resume from (and a line cut
+        short by a kill)."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue
         path.write_text("".join(line + "\n" for line in kept))
 
     # ---- measurement ---------------------------------------------------------------------
@@ -208,8 +219,9 @@ class Trainer:
                 if checkpoint_now:
                     save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
                     if self._stop_signal and done < self.total_steps:
-                        raise Preempted(f"stopped by signal {self._stop_signal} at step {done}; "
-                                        f"checkpoint saved - run the same command again to resume")
+                        raise Preempted(f"stopped by {signal.Signals(self._stop_signal).name} at step {done}; "
+                                        f"checkpoint saved - run the same command again to resume",
+                                        self._stop_signal)
         finally:
             bar.close()
             metrics_file.close()

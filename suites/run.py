@@ -20,6 +20,7 @@ import torch
 
 from engine.data import DataError
 from engine.records import write_json
+from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import load_index, summarize
 from suites.profiles import PROFILES, get_profile
@@ -161,8 +162,11 @@ def main(argv=None) -> int:
         except RunSkipped as err:
             skipped.append(name)
             print(f"  skipped: {err}")
-        except (DataError, UnknownNameError) as err:
-            raise err  # bad input: stop the whole suite, nothing else would work either
+        except (DataError, UnknownNameError, ConfigError):
+            raise  # bad input: stop the whole suite (exit 2), nothing else would work either
+        except Preempted as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            return 128 + (err.signum or 0)
         except Exception as err:  # one run's failure must not stop the others
             failed.append(name)
             print(f"  FAILED: {err.__class__.__name__}: {err} (traceback in {name}/result.json)")

@@ -1,0 +1,63 @@
+"""A pre-training run in its own process, for the kill / pre-emption tests.
+
+    python tests/pretrain_driver.py RUN_DIR [--slow-checkpoint-at STEP]
+
+Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
+"saving N" while a checkpoint's temp file is written; with --slow-checkpoint-at it pauses
+there, so a test can kill it in the middle of a checkpoint write.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import engine.checkpoint as checkpoint  # noqa: E402
+from engine.data import synthetic_splits  # noqa: E402
+from engine.trainer import Preempted, Trainer, TrainConfig  # noqa: E402
+from methods import build_method  # noqa: E402
+
+CFG = TrainConfig(epochs=3, batch_size=32, blr=1e-3, warmup_frac=0.1, checkpoint_every=4, log_every=2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--slow-checkpoint-at", type=int, default=-1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    method = build_method("mae", encoder={"size": "micro", "img_size": 16, "patch_size": 4})
+    images = synthetic_splits(img_size=16, train_per_class=32).train.images
+    trainer = Trainer(method, images, CFG, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
+
+    after_step = method.after_step
+
+    def report_step(step, total):
+        after_step(step, total)
+        print(f"step {step}", flush=True)
+
+    method.after_step = report_step
+    save = checkpoint.torch.save
+
+    def slow_save(state, f):
+        save(state, f)
+        print(f"saving {state['step']}", flush=True)
+        if state["step"] == args.slow_checkpoint_at:
+            time.sleep(60)
+
+    checkpoint.torch.save = slow_save
+    try:
+        trainer.fit()
+    except Preempted as err:
+        print(f"preempted: {err}", flush=True)
+        return 143
+    print("finished", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""What survives what: kill -9 at any step (also mid-checkpoint), SIGTERM, a failing run in a
+suite, two suite processes at once, bad records; safe loading and determinism."""
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from filelock import FileLock
+
+from conftest import ROOT
+from test_suite_cli import run_cli
+
+DRIVER = [sys.executable, str(ROOT / "tests" / "pretrain_driver.py")]
+TOTAL_STEPS = 30      # 3 epochs x 10 steps of the driver's config
+
+
+def start(run_dir, *extra):
+    return subprocess.Popen([*DRIVER, str(run_dir), *extra], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def run_until(run_dir, line_pattern, *extra, sig=signal.SIGKILL):
+    """Start the driver, send `sig` when it prints a line matching `line_pattern`."""
+    proc = start(run_dir, *extra)
+    for line in proc.stdout:
+        if re.fullmatch(line_pattern, line.strip()):
+            proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)
+    return proc.returncode, rest
+
+
+def final_state(run_dir):
+    newest = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert newest.name == f"ckpt-{TOTAL_STEPS:08d}.pt"
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def test_kill_9_at_several_steps_and_mid_checkpoint_then_resume_gives_identical_weights(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    assert subprocess.run([*DRIVER, str(reference)], capture_output=True, cwd=ROOT).returncode == 0
+
+    resumed = tmp_path / "killed"
+    kill_points = [("step 2", ()), ("step 9", ()),                       # between checkpoints
+                   ("saving 16", ("--slow-checkpoint-at", "16")),        # temp file written, not renamed
+                   ("step 23", ())]
+    for pattern, extra in kill_points:
+        code, _ = run_until(resumed, pattern, *extra)
+        assert code == -signal.SIGKILL
+    assert list((resumed / "checkpoints").glob(".ckpt-00000016.pt.tmp*")), "the kill left a partial write"
+    assert subprocess.run([*DRIVER, str(resumed)], capture_output=True, cwd=ROOT).returncode == 0
+
+    expected, got = final_state(reference), final_state(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert (reference / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
+    code, rest = run_until(tmp_path, "step 5", sig=signal.SIGTERM)
+    assert code == 143
+    assert "checkpoint saved - run the same command again to resume" in rest
+    steps = [int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("ckpt-*.pt")]
+    assert max(steps) >= 6      # the step in flight finished and was saved
+
+
+def test_a_failing_run_is_recorded_and_the_rest_of_the_suite_still_runs(tmp_path):
+    # plant a checkpoint from another config in one run's folder: that run must fail alone
+    plan = run_cli("ablation_masking", "--profile", "smoke", "--only", "pixel", "--dry-run", outputs=tmp_path)
+    victim = re.search(r"(pixel-[0-9a-f]{12})", plan.stdout).group(1)
+    (tmp_path / "runs" / victim / "checkpoints").mkdir(parents=True)
+    torch.save({"config_hash": "someone-else", "step": 1}, tmp_path / "runs" / victim / "checkpoints" / "ckpt-00000001.pt")
+
+    out = run_cli("ablation_masking", "--profile", "smoke", "--only", "pixel,none", outputs=tmp_path)
+    assert out.returncode == 1
+    assert f"1 run(s) FAILED: {victim}" in out.stderr
+    failed = json.loads((tmp_path / "runs" / victim / "result.json").read_text())
+    assert failed["status"] == "failed" and "another config" in failed["error"]
+    assert "Traceback" in failed["traceback"]
+    others = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
+    assert sorted(r["status"] for r in others) == ["done", "done", "failed"]
+    table = (tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv").read_text()
+    assert re.search(r"pixel,random 0.6,0,1,0", table) or re.search(r"pixel,block 0.6,0,1,0", table)
+
+
+def test_a_run_held_by_another_process_is_skipped_not_run_twice(tmp_path):
+    plan = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", "--dry-run", outputs=tmp_path)
+    busy = re.search(r"(none-[0-9a-f]{12})", plan.stdout).group(1)
+    (tmp_path / "runs" / busy).mkdir(parents=True)
+    with FileLock(str(tmp_path / "runs" / busy / ".lock")):
+        out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=tmp_path)
+    assert out.returncode == 0
+    assert f"{busy} is running in another process; skipped here" in out.stdout
+    assert not (tmp_path / "runs" / busy / "result.json").exists()
+
+
+def test_a_record_from_a_newer_schema_stops_with_exit_2_and_is_left_untouched(tmp_path):
+    plan = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", "--dry-run", outputs=tmp_path)
+    run = tmp_path / "runs" / re.search(r"(none-[0-9a-f]{12})", plan.stdout).group(1)
+    run.mkdir(parents=True)
+    record = json.dumps({"schema": 99, "status": "done", "metrics": {}})
+    (run / "result.json").write_text(record)
+    out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=tmp_path)
+    assert out.returncode == 2 and "newer mimbench (schema 99" in out.stderr
+    assert (run / "result.json").read_text() == record
+
+
+def test_same_config_and_seed_give_the_same_results_across_invocations(tmp_path):
+    metrics = []
+    for name in ("a", "b"):
+        assert run_cli("ablation_masking", "--profile", "smoke", "--only", "mae", outputs=tmp_path / name).returncode == 0
+        records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / name / "runs").glob("*/result.json")}
+        metrics.append({run: {k: v for k, v in r["metrics"].items() if k.startswith("knn")}
+                        for run, r in records.items()})
+        for r in records.values():
+            assert r["provenance"]["torch"] == torch.__version__ and "git_commit" in r["provenance"]
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 4
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    calls = []
+    for path in ROOT.rglob("*.py"):
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load" and getattr(node.func.value, "id", None) == "torch"):
+                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                           for k in node.keywords)
+                calls.append((path.name, node.lineno, safe))
+    assert any(name == "checkpoint.py" for name, _, _ in calls), "expected at least the checkpoint loader"
+    unsafe = [c for c in calls if not c[2]]
+    assert not unsafe, unsafe
