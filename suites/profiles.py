@@ -11,8 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.trainer import TrainConfig
+from eval.finetune import FinetuneConfig
 from eval.knn import KNNConfig
+from eval.linear import LinearConfig
+from eval.segmentation import SegmentationConfig
 from methods.registry import unknown
+
+
+@dataclass(frozen=True)
+class EvalBudget:
+    """What the linear probe, fine-tuning and segmentation cost at a profile's scale
+    (defaults: the papers' ViT-B / ImageNet / ADE20K protocols)."""
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,7 @@ class Profile:
     train: TrainConfig
     seeds: int                      # default number of seeds
     knn: KNNConfig = field(default_factory=KNNConfig)
+    eval_budget: EvalBudget = field(default_factory=EvalBudget)
     feature_batch: int = 1024
     method_defaults: dict = field(default_factory=dict)   # per-method overrides at this scale
     # Sustained training FLOP/s assumed by the cost estimate of `--dry-run`. The CPU figure
@@ -39,6 +52,13 @@ PROFILES = {
                           log_every=4),
         seeds=1, feature_batch=256,
         method_defaults={"mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)},
+        # every code path once, in seconds; CamVid (real) at a toy size
+        eval_budget=EvalBudget(
+            linear=LinearConfig(epochs=5, batch_size=128),
+            finetune=FinetuneConfig(epochs=1, batch_size=64, blr=1e-3, checkpoint_every=8, log_every=4),
+            segmentation=SegmentationConfig(dataset="camvid", scale=(64, 48), crop_size=32, iterations=2,
+                                            batch_size=2, channels=16, aux_channels=16, warmup_iters=0,
+                                            eval_images=4, checkpoint_every=2)),
         flops_per_second=20e9,
     ),
     "cpu": Profile(
@@ -50,6 +70,17 @@ PROFILES = {
                           checkpoint_every=100),
         seeds=2,
         method_defaults={"mae": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)},
+        eval_budget=EvalBudget(
+            linear=LinearConfig(),      # 30 epochs on cached features: seconds
+            # A short schedule on a small model underfits: no mixup/cutmix (they pay off over
+            # long schedules), a higher lr than ViT-B's, milder layer decay for 6 blocks.
+            finetune=FinetuneConfig(epochs=3, batch_size=128, blr=1e-3, layer_decay=0.75, mixup=0.0,
+                                    cutmix=0.0, checkpoint_every=100),
+            # CamVid at half resolution, 128-px crops (32x32 tokens at patch 4), a narrow head
+            segmentation=SegmentationConfig(dataset="camvid", scale=(240, 180), crop_size=128,
+                                            iterations=200, batch_size=4, lr=5e-4, layer_decay=0.75,
+                                            warmup_iters=20, channels=128, aux_channels=64,
+                                            checkpoint_every=50)),
     ),
     "gpu": Profile(
         name="gpu", data="cifar10",
@@ -58,6 +89,14 @@ PROFILES = {
                           checkpoint_every=500),
         seeds=3, feature_batch=4096,
         method_defaults={"mae": dict(decoder_dim=192, decoder_depth=4, decoder_heads=6)},
+        eval_budget=EvalBudget(
+            linear=LinearConfig(batch_size=4096, epochs=90),
+            # the BEiT/MAE recipe on CIFAR-10: 100 epochs, mixup/cutmix, RandAugment, layer decay
+            finetune=FinetuneConfig(epochs=100, batch_size=512, blr=5e-4, layer_decay=0.65,
+                                    checkpoint_every=1000),
+            segmentation=SegmentationConfig(dataset="camvid", scale=(480, 360), crop_size=256,
+                                            iterations=4000, batch_size=16, lr=2e-4, warmup_iters=300,
+                                            channels=256, aux_channels=128, checkpoint_every=500)),
         flops_per_second=150e12,
     ),
     "imagenet": Profile(
@@ -69,6 +108,9 @@ PROFILES = {
         seeds=1, feature_batch=512,
         method_defaults={"mae": dict(decoder_dim=512, decoder_depth=8, decoder_heads=16,
                                      encoder=dict(drop_path=0.0))},
+        # the papers' protocols: MAE's linear probe (90 epochs, batch 16384), BEiT/MAE
+        # fine-tuning and UperNet on ADE20K (the EvalBudget defaults)
+        eval_budget=EvalBudget(linear=LinearConfig(epochs=90, batch_size=16384)),
         flops_per_second=8 * 300e12,
     ),
 }

@@ -35,10 +35,11 @@ from eval.features import cached_features
 from methods import build_method, method_config, registry
 from methods.registry import ConfigError, unknown
 from methods.vit import save_encoder
+from suites import evaluations
 from suites.profiles import Profile
 
 SCHEMA = 1
-EVALUATIONS = ("knn",)
+EVALUATIONS = ("knn", *evaluations.ENCODER_EVALUATIONS)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class RunSpec:
     method: str
     setting: str = "default"                        # label shown in tables, e.g. "random 0.75"
     overrides: dict = field(default_factory=dict)   # method config overrides
-    evals: tuple[str, ...] = ("knn",)
+    evals: tuple[str, ...] = ("knn",)               # any of EVALUATIONS
 
 
 class RunSkipped(Exception):
@@ -81,6 +82,7 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
     bad = [e for e in spec.evals if e not in EVALUATIONS]
     if bad:
         raise unknown("evaluation", bad[0], EVALUATIONS)
+    evaluations.check_inputs(spec.evals, profile)
     overrides = deep_merge({"encoder": profile.encoder},
                            profile.method_defaults.get(spec.method, {}), spec.overrides)
     cfg = method_config(spec.method, **overrides)
@@ -137,9 +139,13 @@ def read_result(run_dir: Path) -> dict | None:
     return result
 
 
-def is_done(run_dir: Path, evals: tuple[str, ...]) -> bool:
+def is_done(run_dir: Path, evals: tuple[str, ...], profile: Profile | None = None) -> bool:
+    """Finished with every evaluation in `evals` (and, given a profile, each at its budget)."""
     result = read_result(run_dir)
-    return bool(result) and result["status"] == "done" and set(evals) <= set(result.get("evals", {}))
+    if not (result and result["status"] == "done" and set(evals) <= set(result.get("evals", {}))):
+        return False
+    return profile is None or all(evaluations.is_current(result["evals"][name], name, profile)
+                                  for name in evals if name in evaluations.ENCODER_EVALUATIONS)
 
 
 def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device: str = "cpu",
@@ -154,7 +160,7 @@ def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device
     except Timeout:
         raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
     try:
-        if is_done(run_dir, spec.evals):
+        if is_done(run_dir, spec.evals, profile):
             return read_result(run_dir)
         if (run_dir / "config.json").exists():
             if read_json(run_dir / "config.json") != json.loads(json.dumps(config)):
@@ -204,6 +210,10 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
                                      desc="features test", **kw)
         evals["knn"] = {"config": dataclasses.asdict(profile.knn),
                         "metrics": knn.run(train_feats, test_feats, profile.knn)}
+    for name in spec.evals:
+        if name in evaluations.ENCODER_EVALUATIONS and not evaluations.is_current(evals.get(name), name, profile):
+            evals[name] = evaluations.run_evaluation(name, encoder, splits, profile, run_dir, config["seed"],
+                                                     device, progress)
     metrics = {name: value for e in evals.values() for name, value in e["metrics"].items()}
     for key in ("images_per_second", "flops_total"):
         if train_stats.get(key) is not None:

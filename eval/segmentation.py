@@ -1,0 +1,298 @@
+"""Semantic segmentation through mmsegmentation's own classes (BEiT / MAE protocol).
+
+An mmseg `EncoderDecoder` with a `UPerHead` and an auxiliary `FCNHead` (weight 0.4) on
+four feature maps of the ViT (`eval.mmseg_vit.MimbenchViT`, registered in mmseg's
+`MODELS`), built from config dicts through mmseg's registry; mmseg datasets and
+transforms (RandomResize 0.5-2.0, RandomCrop with cat_max_ratio 0.75, flip,
+PhotoMetricDistortion); AdamW with layer-wise lr decay and linear warm-up + poly decay
+(timm's optimizer groups and scheduler, as the rest of the project); mIoU from mmseg's
+`IoUMetric`. The loop is a plain one around mmengine's `train_step` / `test_step`,
+checkpointed through `engine.checkpoint`, so a killed run resumes.
+
+Datasets: CamVid (the SegNet 11-class release kept at ../shared/datasets/camvid, read in
+place; label 11 is void and ignored) is the default; ADE20K goes through mmseg's
+`ADE20KDataset` (150 classes, reduce_zero_label) for users with `ADEChallengeData2016/`.
+
+mmseg is imported only when a segmentation runs: profiles and suites stay importable
+(and fast) without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import PolyLRScheduler
+from tqdm import tqdm
+
+from engine.checkpoint import load_latest, save_checkpoint
+from engine.data import DataError
+from engine.trainer import step_seed
+from methods.registry import ConfigError
+from methods.vit import ViT
+
+DEFAULT_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist")
+
+
+@dataclass(frozen=True)
+class SegDataset:
+    """Where a dataset's splits live and how mmseg reads them."""
+    mmseg_type: str
+    classes: int
+    ignore_index: int
+    splits: dict                # split name -> (image folder, annotation folder), relative to the root
+    extra: dict                 # further dataset arguments for mmseg
+
+
+DATASETS = {
+    # SegNet's CamVid: 11 classes, 11 = void. Layout images/<split>, annotations/<split>.
+    "camvid": SegDataset("BaseSegDataset", 11, 11,
+                         {s: (f"images/{s}", f"annotations/{s}") for s in ("train", "val", "test")},
+                         {"metainfo": {"classes": CAMVID_CLASSES}, "img_suffix": ".jpg",
+                          "seg_map_suffix": ".png", "reduce_zero_label": False, "ignore_index": 11}),
+    # ADE20K: 150 classes; 0 ("other") becomes 255 through reduce_zero_label.
+    "ade20k": SegDataset("ADE20KDataset", 150, 255,
+                         {"train": ("images/training", "annotations/training"),
+                          "val": ("images/validation", "annotations/validation"),
+                          "test": ("images/validation", "annotations/validation")},
+                         {}),
+}
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Defaults: MAE's UperNet on ADE20K (512 crops, batch 16, lr 1e-4, layer decay 0.65,
+    1500 warm-up iterations, poly decay, drop path 0.1, UPerHead width 768)."""
+    dataset: str = "ade20k"             # one of DATASETS
+    data_root: str | None = None        # default: ../shared/datasets/camvid; ade20k: $MIMBENCH_ADE20K
+    train_split: str = "train"
+    eval_split: str = "test"            # ADE20K's "test" is its validation set, as in the papers
+    scale: tuple[int, int] = (2048, 512)    # (long, short) resize bound (mmseg's ADE20K)
+    crop_size: int = 512
+    iterations: int = 16000             # MAE: 100 epochs of ADE20K at batch 16 (mmseg runs 160k at 2x8)
+    batch_size: int = 16
+    lr: float = 1e-4
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    warmup_iters: int = 1500
+    drop_path: float = 0.1
+    channels: int = 768                 # UPerHead width (MAE / BEiT)
+    aux_channels: int = 256             # FCNHead width (mmseg)
+    aux_weight: float = 0.4             # auxiliary loss weight (mmseg, BEiT, MAE)
+    eval_images: int | None = None      # evaluate on the first N images only (None: all)
+    checkpoint_every: int = 1000
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown segmentation dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        for split in (self.train_split, self.eval_split):
+            if split not in DATASETS[self.dataset].splits:
+                raise ConfigError(f"{self.dataset} has no split {split!r}; known: "
+                                  f"{', '.join(DATASETS[self.dataset].splits)}")
+        if self.iterations < 1 or self.batch_size < 1 or self.crop_size < 1 or self.lr <= 0:
+            raise ConfigError("segmentation iterations, batch_size and crop_size must be >= 1 and lr > 0")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1] (1 = no decay)")
+
+    def config_hash(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def dataset_root(cfg: SegmentationConfig) -> Path:
+    """The dataset folder, checked for the layout mmseg will read (fails before any work)."""
+    spec = DATASETS[cfg.dataset]
+    if cfg.data_root:
+        root = Path(cfg.data_root).expanduser()
+    elif cfg.dataset == "camvid":
+        root = DEFAULT_CAMVID
+    elif os.environ.get("MIMBENCH_ADE20K"):
+        root = Path(os.environ["MIMBENCH_ADE20K"]).expanduser()
+    else:
+        raise DataError("segmentation on ade20k needs the ADEChallengeData2016/ folder; set MIMBENCH_ADE20K="
+                        "/path/to/ADEChallengeData2016 or the config's data_root")
+    missing = [folder for split in {cfg.train_split, cfg.eval_split} for folder in spec.splits[split]
+               if not (root / folder).is_dir()]
+    if missing:
+        raise DataError(f"{cfg.dataset} folder {root} has no {missing[0]}/; expected "
+                        f"{' and '.join(spec.splits[cfg.train_split])} (and those of the eval split) under it")
+    return root
+
+
+def pipelines(cfg: SegmentationConfig) -> tuple[list[dict], list[dict]]:
+    """mmseg's train and test pipelines (those of its ADE20K config, at this config's sizes)."""
+    ignore = DATASETS[cfg.dataset].ignore_index
+    crop = (cfg.crop_size, cfg.crop_size)
+    train = [dict(type="LoadImageFromFile"),
+             dict(type="LoadAnnotations"),
+             dict(type="RandomResize", scale=cfg.scale, ratio_range=(0.5, 2.0), keep_ratio=True),
+             dict(type="RandomCrop", crop_size=crop, cat_max_ratio=0.75, ignore_index=ignore),
+             dict(type="RandomFlip", prob=0.5),
+             dict(type="PhotoMetricDistortion"),
+             dict(type="PackSegInputs")]
+    # annotations load after the resize: the metric compares at the original resolution
+    test = [dict(type="LoadImageFromFile"),
+            dict(type="Resize", scale=cfg.scale, keep_ratio=True),
+            dict(type="LoadAnnotations"),
+            dict(type="PackSegInputs")]
+    return train, test
+
+
+def build_dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict], indices: int | None = None):
+    from mmseg.registry import DATASETS as MMSEG_DATASETS
+
+    spec = DATASETS[cfg.dataset]
+    images, annotations = spec.splits[split]
+    return MMSEG_DATASETS.build(dict(
+        type=spec.mmseg_type, data_root=str(dataset_root(cfg)),
+        data_prefix=dict(img_path=images, seg_map_path=annotations),
+        pipeline=pipeline, indices=indices, serialize_data=False, **spec.extra))
+
+
+def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore_index: int) -> dict:
+    """The mmseg config of the segmentor: EncoderDecoder + UPerHead + auxiliary FCNHead."""
+    dim = encoder.embed_dim
+    norm_cfg = dict(type="BN", requires_grad=True)     # mmseg's configs: SyncBN under DDP
+    head = dict(num_classes=num_classes, ignore_index=ignore_index, norm_cfg=norm_cfg,
+                align_corners=False, dropout_ratio=0.1)
+    return dict(
+        type="EncoderDecoder",
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
+                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
+                               seg_pad_val=ignore_index, size=(cfg.crop_size, cfg.crop_size),
+                               test_cfg=dict(size_divisor=32)),
+        backbone=dict(type="MimbenchViT", encoder=encoder, drop_path=cfg.drop_path, norm_cfg=norm_cfg),
+        decode_head=dict(type="UPerHead", in_channels=[dim] * 4, in_index=[0, 1, 2, 3],
+                         pool_scales=(1, 2, 3, 6), channels=cfg.channels,
+                         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+                         **head),
+        auxiliary_head=dict(type="FCNHead", in_channels=dim, in_index=2, channels=cfg.aux_channels,
+                            num_convs=1, concat_input=False,
+                            loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False,
+                                             loss_weight=cfg.aux_weight), **head),
+        train_cfg=dict(),
+        test_cfg=dict(mode="whole"))
+
+
+def build_segmentor(encoder: ViT, cfg: SegmentationConfig):
+    """The mmseg EncoderDecoder, built through mmseg's MODELS registry."""
+    from eval import mmseg_vit  # noqa: F401  (registers MimbenchViT)
+    from mmseg.registry import MODELS
+
+    spec = DATASETS[cfg.dataset]
+    model = MODELS.build(model_config(encoder, cfg, spec.classes, spec.ignore_index))
+    model.init_weights()
+    return model
+
+
+def layer_decay_param_groups(model, cfg: SegmentationConfig) -> list[dict]:
+    """Backbone: BEiT/MAE layer decay (stem lowest, adapters at the top); heads: scale 1.
+    No weight decay on norms, biases and the ViT's tokens."""
+    groups = param_groups_layer_decay(model.backbone, weight_decay=cfg.weight_decay,
+                                      no_weight_decay_list=model.backbone.no_weight_decay(),
+                                      layer_decay=cfg.layer_decay)
+    heads = torch.nn.ModuleList([model.decode_head, model.auxiliary_head])
+    return groups + param_groups_weight_decay(heads, weight_decay=cfg.weight_decay)
+
+
+def seed_everything_for(seed: int, iteration: int) -> None:
+    """mmseg's transforms draw from Python's and NumPy's global generators: seed them per
+    iteration, so a resumed run sees the same crops."""
+    random.seed(step_seed(seed, iteration, stream=6))
+    np.random.seed(step_seed(seed, iteration, stream=7) % 2**32)
+    torch.manual_seed(step_seed(seed, iteration, stream=8))
+
+
+@lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, size: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(step_seed(seed, epoch, stream=9)))
+
+
+def sample_indices(seed: int, first: int, count: int, size: int) -> list[int]:
+    """Samples first .. first+count-1 of an endless stream of per-epoch random orders of
+    `size` items: every batch is full, every epoch sees each item once."""
+    return [int(epoch_permutation(seed, k // size, size)[k % size]) for k in range(first, first + count)]
+
+
+def train(model, dataset, cfg: SegmentationConfig, work_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+    """Iterations of mmengine's `train_step`, checkpointed; resumes from `work_dir`."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.optim import OptimWrapper
+
+    optimizer = torch.optim.AdamW(layer_decay_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+    warmup = min(cfg.warmup_iters, cfg.iterations // 2)
+    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, cfg.iterations - warmup), power=1.0,
+                                warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-6, warmup_prefix=True,
+                                t_in_epochs=False)
+    optim_wrapper = OptimWrapper(optimizer)
+    config_hash = f"{cfg.config_hash()}-seed{seed}"
+    state, _ = load_latest(work_dir / "checkpoints", config_hash)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    model.train()
+    losses = []
+    for iteration in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
+                          desc="segmentation", unit="it", disable=not progress, leave=False):
+        scheduler.step_update(iteration)
+        seed_everything_for(seed, iteration)
+        index = sample_indices(seed, iteration * cfg.batch_size, cfg.batch_size, len(dataset))
+        batch = pseudo_collate([dataset[i] for i in index])
+        log_vars = model.train_step(batch, optim_wrapper)
+        losses.append(float(log_vars["loss"]))
+        done = iteration + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            save_checkpoint(work_dir / "checkpoints", done, {
+                "config_hash": config_hash, "step": done,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    return {"iterations": cfg.iterations, "resumed_at": start, "final_loss": losses[-1] if losses else None}
+
+
+@torch.inference_mode()
+def evaluate(model, dataset, ignore_index: int, progress: bool = True) -> dict[str, float]:
+    """mIoU, mAcc, aAcc (%) from mmseg's IoUMetric through mmengine's Evaluator."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.evaluator import Evaluator
+    from mmengine.logging import MMLogger
+    from mmseg.evaluation import IoUMetric
+
+    MMLogger.get_instance("mimbench-segmentation", log_level="WARNING")   # no per-class table on stdout
+    evaluator = Evaluator([IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index)])
+    evaluator.dataset_meta = dataset.metainfo
+    model.eval()
+    for i in tqdm(range(len(dataset)), desc="segmentation eval", unit="img", disable=not progress, leave=False):
+        batch = pseudo_collate([dataset[i]])
+        evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
+    return {k: float(v) for k, v in evaluator.evaluate(len(dataset)).items()}
+
+
+def run(vit: ViT, cfg: SegmentationConfig, work_dir: Path, seed: int = 0, device: str | torch.device = "cpu",
+        progress: bool = True) -> dict:
+    """Train the segmentor on a copy of `vit` and evaluate it once:
+    {"metrics": {"seg_miou": ..., "seg_macc": ..., "seg_aacc": ...}, "details": {...}}."""
+    cfg.validate()
+    dataset_root(cfg)
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmseg")
+    device = torch.device(device)
+    torch.manual_seed(seed)                              # the heads' initial weights
+    model = build_segmentor(vit.with_config(), cfg).to(device)
+    train_pipeline, test_pipeline = pipelines(cfg)
+    train_set = build_dataset(cfg, cfg.train_split, train_pipeline)
+    eval_set = build_dataset(cfg, cfg.eval_split, test_pipeline, indices=cfg.eval_images)
+    stats = train(model, train_set, cfg, Path(work_dir), seed, progress)
+    scores = evaluate(model, eval_set, DATASETS[cfg.dataset].ignore_index, progress)
+    return {"metrics": {"seg_miou": scores["mIoU"], "seg_macc": scores["mAcc"], "seg_aacc": scores["aAcc"]},
+            "details": {"dataset": cfg.dataset, "train": stats, "eval_images": len(eval_set),
+                        "train_images": len(train_set)}}
