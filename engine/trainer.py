@@ -28,6 +28,9 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from torch.nn.parallel import DistributedDataParallel
+
+from engine import distributed
 from engine.checkpoint import load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip
 from methods.base import Batch, MIMMethod
@@ -96,6 +99,10 @@ class Trainer:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset "
                               f"({len(images)} images); lower it")
         self.total_steps = round(cfg.epochs * self.steps_per_epoch) if method.trains else 0
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} "
+                              f"processes; pick a multiple of {self.world}")
         self.method.to(self.device)
         if self.total_steps:
             lr = cfg.blr * cfg.batch_size / 256
@@ -106,7 +113,12 @@ class Trainer:
                 self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=lr * cfg.min_lr_frac,
                 warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, warmup_prefix=True,
                 t_in_epochs=False)
-        self.step_fn = torch.compile(method) if cfg.compile else method
+        model = method
+        if self.world > 1 and self.total_steps:
+            # DDP averages gradients over ranks; each rank holds an equal slice of the batch
+            model = DistributedDataParallel(method, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None)
+        self.step_fn = torch.compile(model) if cfg.compile else model
         self._epoch_order: tuple[int, torch.Tensor] | None = None
         self._stop_signal: int | None = None
 
@@ -123,6 +135,10 @@ class Trainer:
         views = [random_resized_crop_flip(uint8, enc.img_size, gen, scale=(self.cfg.crop_scale_min, 1.0))
                  for _ in range(self.method.num_views)]
         mask = self.method.draw_masks(len(index), gen)
+        if self.world > 1:  # every rank drew the global batch; keep this rank's slice
+            shard = slice(self.rank * len(index) // self.world, (self.rank + 1) * len(index) // self.world)
+            views = [v[shard] for v in views]
+            mask = None if mask is None else mask[..., shard, :]
         if mask is not None:
             mask = mask.to(self.device)
         return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
@@ -135,12 +151,14 @@ class Trainer:
     def resume(self) -> int:
         state, path = load_latest(self.run_dir / "checkpoints", self.config_hash)
         if state is None:
-            self._truncate_metrics(0)
+            if self.rank == 0:
+                self._truncate_metrics(0)
             return 0
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        self._truncate_metrics(step)
+        if self.rank == 0:
+            self._truncate_metrics(step)
         print(f"[train] resumed from {path.name} at step {step}/{self.total_steps}")
         return step
 
@@ -173,15 +191,17 @@ class Trainer:
         if self.total_steps == 0:
             return {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
         start = self.resume()
+        distributed.barrier()  # no rank starts before every rank has read the checkpoint
         flops = self.flops_per_step() if start < self.total_steps else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        # rank 0 writes metrics (the loss of its own slice of the batch)
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         pending: list[dict] = []
         data_seconds = step_seconds = 0.0
         timed_steps = 0
         bad_steps = 0
         bar = tqdm(total=self.total_steps, initial=start, desc=f"pre-train {self.method.name}",
-                   unit="step", disable=not self.progress, dynamic_ncols=True)
+                   unit="step", disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         try:
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
@@ -216,7 +236,7 @@ class Trainer:
                                   or self._stop_signal is not None)
                 if checkpoint_now or done % self.cfg.log_every == 0:
                     bar.set_postfix(loss=f"{self._flush(metrics_file, pending):.4f}")
-                if checkpoint_now:
+                if checkpoint_now and self.rank == 0:
                     save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
                     if self._stop_signal and done < self.total_steps:
                         raise Preempted(f"stopped by {signal.Signals(self._stop_signal).name} at step {done}; "
@@ -224,9 +244,11 @@ class Trainer:
                                         self._stop_signal)
         finally:
             bar.close()
-            metrics_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        distributed.barrier()  # the last checkpoint is on disk before any rank moves on
         images_per_second = (timed_steps * self.cfg.batch_size / step_seconds) if step_seconds else None
         return {
             "steps": self.total_steps,
@@ -244,6 +266,9 @@ class Trainer:
         """Write buffered step metrics (one host sync per flush, not per step); returns the
         last loss for the progress bar."""
         last = math.nan
+        if metrics_file is None:  # not rank 0
+            pending.clear()
+            return last
         for row in pending:
             clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
             metrics_file.write(json.dumps(clean, sort_keys=True) + "\n")

@@ -35,6 +35,7 @@ class MAEConfig:
 class MAE(MIMMethod):
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)
+        self.encoder.mask_token.requires_grad_(False)   # MAE's encoder never sees [M]
         enc = cfg.encoder
         self.decoder_embed = nn.Linear(enc.embed_dim, cfg.decoder_dim)
         self.decoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))

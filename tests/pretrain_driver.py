@@ -1,6 +1,7 @@
 """A pre-training run in its own process, for the kill / pre-emption tests.
 
-    python tests/pretrain_driver.py RUN_DIR [--slow-checkpoint-at STEP]
+    python tests/pretrain_driver.py RUN_DIR [--slow-checkpoint-at STEP] [--dump-state PREFIX]
+    torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --dump-state PREFIX
 
 Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
 "saving N" while a checkpoint's temp file is written; with --slow-checkpoint-at it pauses
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import engine.checkpoint as checkpoint  # noqa: E402
+from engine import distributed  # noqa: E402
 from engine.data import synthetic_splits  # noqa: E402
 from engine.trainer import Preempted, Trainer, TrainConfig  # noqa: E402
 from methods import build_method  # noqa: E402
@@ -27,7 +29,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--slow-checkpoint-at", type=int, default=-1)
+    parser.add_argument("--dump-state", default=None, help="save the final weights to PREFIX-rank<r>.pt")
     args = parser.parse_args()
+    distributed.init_from_env()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     method = build_method("mae", encoder={"size": "micro", "img_size": 16, "patch_size": 4})
@@ -55,6 +59,9 @@ def main() -> int:
     except Preempted as err:
         print(f"preempted: {err}", flush=True)
         return 143
+    checkpoint.torch.save = save   # (the patch above is on the torch module itself)
+    if args.dump_state:
+        torch.save(method.state_dict(), f"{args.dump_state}-rank{distributed.rank()}.pt")
     print("finished", flush=True)
     return 0
 

@@ -138,3 +138,23 @@ def test_every_torch_load_in_the_project_is_weights_only():
     assert any(name == "checkpoint.py" for name, _, _ in calls), "expected at least the checkpoint loader"
     unsafe = [c for c in calls if not c[2]]
     assert not unsafe, unsafe
+
+
+def test_torchrun_with_two_gloo_processes_matches_a_single_process_run(tmp_path):
+    single = subprocess.run([*DRIVER, str(tmp_path / "single"), "--dump-state", str(tmp_path / "single")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29533", str(ROOT / "tests" / "pretrain_driver.py")]
+    ddp = subprocess.run([*torchrun, str(tmp_path / "ddp"), "--dump-state", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp-rank1.pt", weights_only=True)
+    reference = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
+    for key in reference:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+        assert torch.allclose(rank0[key], reference[key], rtol=1e-3, atol=1e-4), key
+    # only rank 0 wrote the run folder
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == TOTAL_STEPS
