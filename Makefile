@@ -25,5 +25,10 @@ report: $(STAMP)
 	$(PY) -m suites.run $(SUITE) --profile $(PROFILE); rc=$$?; \
 	$(PY) -m reports.build; exit $$rc
 
+# throughput of every method vs lightly's MAE and a plain timm ViT, in one process
+bench: $(STAMP)
+	$(PY) -c "import lightly" 2>/dev/null || $(PY) -m pip install --quiet lightly
+	$(PY) -m bench $(BENCH_ARGS)
+
 smoke: $(STAMP)
 	$(PY) -m suites.run $(SUITE) --profile smoke
