@@ -12,6 +12,7 @@ from methods.registry import (ConfigError, UnknownNameError, build_method, metho
 
 from methods import mae, none, pixel  # noqa: E402,F401  (registers the built-in methods)
 from methods import ibot  # noqa: E402,F401
+from methods import beit, dvae  # noqa: E402,F401  (BEiT and its stage-1 tokenizer)
 
 __all__ = ["registry", "register_method", "build_method", "method_config",
            "ConfigError", "UnknownNameError"]

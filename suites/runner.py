@@ -9,6 +9,15 @@ pre-training config, so two suites that need the same pre-training share it:
     encoder.safetensors  the exported encoder, timm key names
     features/            cached frozen features per split
     result.json          status (done / failed), method, seed, flat `metrics`, train stats, provenance
+
+Prerequisites (BEiT's stage-1 tokenizer): a method class may define
+`prerequisites(cfg) -> {role: {"method", "overrides", "train", "seed", "evals"}}`, runs it
+needs finished first ("train" overrides the profile's TrainConfig). `resolve` puts their
+resolved configs under the run's "requires" key (only such methods get the key, so other
+runs keep their hashes); before training, the runner executes them like any run -
+content-addressed, so every run asking for the same one shares a single folder - and
+passes their folders to `method.use_prerequisites({role: run_dir})`. A method whose product
+is not an encoder (the tokenizer) writes it with `save_artifacts(run_dir)` instead.
 """
 from __future__ import annotations
 
@@ -29,17 +38,18 @@ from filelock import FileLock, Timeout
 
 from engine.data import DEFAULT_CIFAR10, Splits, check_dataset_root, load_splits, synthetic_splits
 from engine.records import read_json, write_json
-from engine.trainer import Trainer
+from engine.trainer import Trainer, TrainConfig
 from eval import knn
+from eval import tokenizer as tokenizer_eval
 from eval.features import cached_features
 from methods import build_method, method_config, registry
-from methods.registry import ConfigError, unknown
+from methods.registry import ConfigError, build_config, unknown
 from methods.vit import save_encoder
 from suites import evaluations
 from suites.profiles import Profile
 
 SCHEMA = 1
-EVALUATIONS = ("knn", *evaluations.ENCODER_EVALUATIONS)
+EVALUATIONS = ("knn", "tokenizer", *evaluations.ENCODER_EVALUATIONS)
 
 
 @dataclass(frozen=True)
@@ -83,11 +93,16 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
     if bad:
         raise unknown("evaluation", bad[0], EVALUATIONS)
     evaluations.check_inputs(spec.evals, profile)
+    method_cls = registry[spec.method][0]
+    wrong = [e for e in spec.evals if (e == "tokenizer") != hasattr(method_cls, "tokenize")]
+    if wrong:
+        raise ConfigError(f"method {spec.method!r} cannot take the {wrong[0]!r} evaluation: 'tokenizer' is "
+                          f"for tokenizer runs (dvae), the others for encoders; fix the RunSpec's evals")
     overrides = deep_merge({"encoder": profile.encoder},
                            profile.method_defaults.get(spec.method, {}), spec.overrides)
     cfg = method_config(spec.method, **overrides)
-    trains = registry[spec.method][0].trains
-    return {
+    trains = method_cls.trains
+    config = {
         "schema": SCHEMA,
         "method": spec.method,
         "method_config": dataclasses.asdict(cfg),
@@ -96,6 +111,21 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
         "seed": seed,
         "data": data,
     }
+    needs = method_cls.prerequisites(cfg) if hasattr(method_cls, "prerequisites") else {}
+    if needs:
+        config["requires"] = {role: resolve_prerequisite(need, profile, data) for role, need in needs.items()}
+    return config
+
+
+def resolve_prerequisite(need: dict, profile: Profile, data: dict) -> dict:
+    """{"config": resolved config, "evals": [...]} of a run another run requires. Its config
+    comes from the method's hook alone (plus data and the profile's training recipe with
+    the hook's "train" overrides), not from the profile's encoder or method defaults."""
+    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **need["train"]},
+                         where=f"train config of the {need['method']!r} prerequisite")
+    budget = dataclasses.replace(profile, encoder={}, method_defaults={}, train=train)
+    spec = RunSpec(need["method"], overrides=need["overrides"], evals=tuple(need["evals"]))
+    return {"config": resolve(spec, budget, need["seed"], data), "evals": list(spec.evals)}
 
 
 def config_hash(config: dict) -> str:
@@ -191,11 +221,18 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
     method = build_method(config["method"], **config["method_config"])
     previous = read_result(run_dir) or {}
     train_stats = previous.get("train") if previous.get("status") == "done" else None
+    outputs = run_dir.parent.parent
     if train_stats is None:
+        if "requires" in config:
+            method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress,
+                                                       on_bad_image))
         trainer = Trainer(method, splits.train.images, profile.train, run_dir, seed=config["seed"],
                           config_hash=config_hash(config), device=device, progress=progress)
         train_stats = trainer.fit()
-        save_encoder_atomic(method, run_dir / "encoder.safetensors")
+        if hasattr(method, "save_artifacts"):
+            method.save_artifacts(run_dir)
+        else:
+            save_encoder_atomic(method, run_dir / "encoder.safetensors")
     else:  # pre-training finished earlier; only new evaluations run
         from methods.vit import load_encoder
         method.encoder = load_encoder(run_dir / "encoder.safetensors")
@@ -210,6 +247,9 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
                                      desc="features test", **kw)
         evals["knn"] = {"config": dataclasses.asdict(profile.knn),
                         "metrics": knn.run(train_feats, test_feats, profile.knn)}
+    if "tokenizer" in spec.evals and "tokenizer" not in evals:
+        evals["tokenizer"] = {"config": {"split": "test"}, "metrics": tokenizer_eval.run(
+            method, splits.test, batch_size=profile.feature_batch, device=device, progress=progress)}
     for name in spec.evals:
         if name in evaluations.ENCODER_EVALUATIONS and not evaluations.is_current(evals.get(name), name, profile):
             evals[name] = evaluations.run_evaluation(name, encoder, splits, profile, run_dir, config["seed"],
@@ -218,9 +258,27 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
     for key in ("images_per_second", "flops_total"):
         if train_stats.get(key) is not None:
             metrics[f"pretrain_{key}"] = train_stats[key]
-    return {"schema": SCHEMA, "status": "done", "method": config["method"], "seed": config["seed"],
-            "config_hash": config_hash(config), "metrics": metrics, "evals": evals,
-            "train": train_stats, "provenance": provenance()}
+    result = {"schema": SCHEMA, "status": "done", "method": config["method"], "seed": config["seed"],
+              "config_hash": config_hash(config), "metrics": metrics, "evals": evals,
+              "train": train_stats, "provenance": provenance()}
+    if "requires" in config:
+        result["prerequisites"] = {role: run_dir_for(outputs, need["config"]).name
+                                   for role, need in config["requires"].items()}
+    return result
+
+
+def run_prerequisites(config: dict, profile: Profile, outputs: Path, device: str, progress: bool,
+                      on_bad_image: str) -> dict[str, Path]:
+    """Finish the runs `config` requires (or find them finished); their folders by role."""
+    run_dirs = {}
+    for role, need in config["requires"].items():
+        spec = RunSpec(need["config"]["method"], role, evals=tuple(need["evals"]))
+        run_dirs[role] = run_dir_for(outputs, need["config"])
+        state = "done, reused" if is_done(run_dirs[role], spec.evals) else "running it first"
+        print(f"  {role}: {run_dirs[role].name} ({state})", flush=True)
+        budget = dataclasses.replace(profile, train=TrainConfig(**need["config"]["train"]))
+        execute(need["config"], spec, budget, outputs, device, progress, on_bad_image)
+    return run_dirs
 
 
 def save_encoder_atomic(method, path: Path) -> None:

@@ -1,0 +1,123 @@
+"""BEiT (Bao et al., 2022): masked image modeling with discrete visual tokens.
+
+Stage 1 trains a dVAE tokenizer (`methods.dvae`); stage 2 (this file) freezes it and
+trains the ViT: the encoder sees all patches with the masked ones replaced by [M], and a
+linear head over the vocabulary predicts the tokenizer's code of every masked patch
+(cross-entropy on masked positions only). Blockwise masking at ~40% by default.
+
+The tokenizer is a run of its own: `prerequisites` names it, the suite runner trains it
+once (content-addressed like every run) and hands its folder to `use_prerequisites`.
+Without that call, the method holds a randomly initialised dVAE - a valid, deterministic
+tokenizer - so it can be built and tested alone. BEiT's relative position bias is not
+implemented (absolute sin-cos positions, shared with every method); layer-scale is the
+backbone's `encoder.layer_scale` (BEiT: 0.1), off by default like in every method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from methods.base import Batch, MIMMethod
+from methods.dvae import DVAE, TOKENIZER_FILE, DVAEConfig, TokenizerConfig, load_tokenizer
+from methods.masking import MaskConfig
+from methods.pixel import PixelConfig, PixelRegression
+from methods.registry import ConfigError, register_method
+from methods.vit import ViTConfig, init_weights
+
+TARGETS = ("tokens", "pixels")
+
+
+@dataclass(frozen=True)
+class BEiTConfig:
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    mask: MaskConfig = field(default_factory=lambda: MaskConfig("block", 0.4))  # BEiT: blockwise, 40%
+    target: str = "tokens"          # or "pixels": BEiT Table 4, "recover masked pixels" (the `pixel` loss)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)   # the stage-1 dVAE to train
+    tokenizer_epochs: float = 5.0   # stage-1 passes over the training split; suites set it per profile
+    tokenizer_blr: float = 1e-3     # stage-1 lr per 256 images; the rest of its schedule is the profile's
+    tokenizer_seed: int = 0         # fixed, so every seed of stage 2 shares one tokenizer
+    tokenizer_path: str = ""        # your own tokenizer.safetensors (methods.dvae format), not trained here
+
+    def validate(self) -> None:
+        self.encoder.validate()
+        self.mask.validate()
+        self.tokenizer.validate()
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown BEiT target {self.target!r}; known: {', '.join(TARGETS)}")
+        if self.tokenizer_epochs <= 0 or self.tokenizer_blr <= 0:
+            raise ConfigError(f"tokenizer_epochs ({self.tokenizer_epochs}) and tokenizer_blr "
+                              f"({self.tokenizer_blr}) must be > 0")
+
+    def tokenizer_geometry(self) -> ViTConfig:
+        """The tokenizer only needs the image geometry; leaving the ViT's size out of its config
+        lets BEiT runs on different ViT sizes share one tokenizer."""
+        enc = self.encoder
+        return ViTConfig(img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans)
+
+
+@register_method("beit", BEiTConfig)
+class BEiT(MIMMethod):
+    def __init__(self, cfg: BEiTConfig):
+        super().__init__(cfg)
+        self.pixel_regression = None
+        if cfg.target == "pixels":
+            self.pixel_regression = PixelRegression(PixelConfig(encoder=cfg.encoder, mask=cfg.mask))
+            self.pixel_regression.encoder = self.encoder        # one encoder, the one that is exported
+            return
+        if cfg.tokenizer_path:
+            self.set_tokenizer(load_tokenizer(cfg.tokenizer_path))
+        else:
+            self.set_tokenizer(DVAE(DVAEConfig(cfg.tokenizer_geometry(), cfg.tokenizer)))
+        self.head = nn.Linear(cfg.encoder.embed_dim, self.tokenizer.vocab_size)
+        init_weights(self.head)
+
+    @staticmethod
+    def prerequisites(cfg: BEiTConfig) -> dict[str, dict]:
+        """Runs to finish before this one (read by suites.runner): the stage-1 tokenizer, a `dvae`
+        run with BEiT's image geometry and the stage-1 budget; none when the user brings a
+        tokenizer or pixels are the target."""
+        if cfg.target == "pixels" or cfg.tokenizer_path:
+            return {}
+        return {"tokenizer": {
+            "method": DVAE.name,
+            "overrides": {"encoder": dataclasses.asdict(cfg.tokenizer_geometry()),
+                          "tokenizer": dataclasses.asdict(cfg.tokenizer)},
+            "train": {"epochs": cfg.tokenizer_epochs, "blr": cfg.tokenizer_blr},
+            "seed": cfg.tokenizer_seed,
+            "evals": ["tokenizer"],
+        }}
+
+    def use_prerequisites(self, run_dirs: dict[str, Path]) -> None:
+        """Take the trained tokenizer from its run folder (called by the runner before training)."""
+        self.set_tokenizer(load_tokenizer(Path(run_dirs["tokenizer"]) / TOKENIZER_FILE))
+
+    def set_tokenizer(self, tokenizer: DVAE) -> None:
+        enc = self.cfg.encoder
+        geometry = (tokenizer.cfg.encoder.patch_size, tokenizer.cfg.encoder.in_chans)
+        if geometry != (enc.patch_size, enc.in_chans):
+            raise ConfigError(f"tokenizer makes one token per {geometry[0]}px patch of {geometry[1]}-channel "
+                              f"images, but the ViT uses {enc.patch_size}px patches of {enc.in_chans} "
+                              f"channels; use a tokenizer trained for this patch size")
+        if hasattr(self, "head") and self.head.out_features != tokenizer.vocab_size:
+            raise ConfigError(f"tokenizer has {tokenizer.vocab_size} codes but this BEiT was built for "
+                              f"{self.head.out_features}; set tokenizer.vocab_size to match")
+        self.tokenizer = tokenizer.requires_grad_(False).eval()   # frozen: never in the optimizer
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.pixel_regression is not None:
+            return self.pixel_regression(batch)
+        targets = self.tokenizer.tokenize(batch.images)                 # (B, N) visual tokens
+        tokens = self.encoder(batch.images, mask=batch.mask)            # (B, 1+N, D)
+        logits = self.head(tokens[:, 1:][batch.mask])                   # (M, V): masked positions only
+        return self.forward_loss(logits, targets, batch.mask)
+
+    def forward_loss(self, logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Cross-entropy of the masked positions' logits (M, V) against their tokens."""
+        masked_targets = targets[mask]                                  # (M,)
+        loss = F.cross_entropy(logits.float(), masked_targets)
+        accuracy = (logits.argmax(dim=-1) == masked_targets).float().mean()
+        return loss, {"loss": loss.detach(), "token_accuracy": accuracy.detach()}
