@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.masking import make_masks
-from methods.vit import ViT, patchify
+from methods.vit import ViT, patchify, unpatchify
 
 
 @dataclass
@@ -49,6 +49,11 @@ class MIMMethod(nn.Module):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def reconstruct(self, batch: Batch) -> Tensor | None:
+        """Predicted images (B, 3, H, W) in normalised pixel space, for the run's figures;
+        None for methods that do not predict pixels."""
+        return None
+
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after each optimiser step (EMA teachers)."""
 
@@ -65,6 +70,17 @@ def patch_targets(images: Tensor, patch_size: int, normalize: bool) -> Tensor:
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     return target
+
+
+def prediction_to_images(pred: Tensor, images: Tensor, patch_size: int, normalized: bool) -> Tensor:
+    """Predicted patches (B, N, p*p*C) -> images; a per-patch-normalised prediction gets the
+    true patches' mean and std back (as MAE's visualisation does)."""
+    if normalized:
+        target = patchify(images, patch_size)
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        pred = pred * std + mean
+    return unpatchify(pred, patch_size, images.shape[1])
 
 
 def masked_mean(per_patch_loss: Tensor, mask: Tensor) -> Tensor:

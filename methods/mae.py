@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from methods.base import Batch, MIMMethod, masked_mean, patch_targets
+from methods.base import Batch, MIMMethod, masked_mean, patch_targets, prediction_to_images
 from methods.masking import MaskConfig, visible_indices
 from methods.registry import ConfigError, register_method
 from methods.vit import ViTConfig, gather_tokens, init_weights, sincos_pos_embed
@@ -52,11 +52,18 @@ class MAE(MIMMethod):
         nn.init.normal_(self.decoder_mask_token, std=0.02)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        idx_keep = visible_indices(batch.mask)                      # (B, N_vis)
-        latent = self.encoder(batch.images, idx_keep=idx_keep)      # (B, 1+N_vis, D)
-        pred = self.forward_decoder(latent, idx_keep)               # (B, N, p*p*3)
+        pred = self.predict_patches(batch)                          # (B, N, p*p*3)
         loss = self.forward_loss(batch.images, pred, batch.mask)
         return loss, {"loss": loss.detach()}
+
+    def predict_patches(self, batch: Batch) -> Tensor:
+        idx_keep = visible_indices(batch.mask)                      # (B, N_vis)
+        latent = self.encoder(batch.images, idx_keep=idx_keep)      # (B, 1+N_vis, D)
+        return self.forward_decoder(latent, idx_keep)               # (B, N, p*p*3)
+
+    def reconstruct(self, batch: Batch) -> Tensor:
+        return prediction_to_images(self.predict_patches(batch), batch.images,
+                                    self.cfg.encoder.patch_size, self.cfg.norm_pix_loss)
 
     def forward_decoder(self, latent: Tensor, idx_keep: Tensor) -> Tensor:
         x = self.decoder_embed(latent)                              # (B, 1+N_vis, Dd)

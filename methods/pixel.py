@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.base import Batch, MIMMethod, masked_mean, patch_targets
+from methods.base import Batch, MIMMethod, masked_mean, patch_targets, prediction_to_images
 from methods.masking import MaskConfig
 from methods.registry import ConfigError, register_method
 from methods.vit import ViTConfig, init_weights
@@ -39,10 +39,17 @@ class PixelRegression(MIMMethod):
         init_weights(self.head)
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        tokens = self.encoder(batch.images, mask=batch.mask)         # (B, 1+N, D)
-        pred = self.head(tokens[:, 1:]).float()                      # (B, N, p*p*3)
+        pred = self.predict_patches(batch)                           # (B, N, p*p*3)
         target = patch_targets(batch.images, self.cfg.encoder.patch_size, self.cfg.norm_pix_loss)
         error = F.l1_loss if self.cfg.loss == "l1" else F.mse_loss
         per_patch = error(pred, target, reduction="none").mean(dim=-1)   # (B, N)
         loss = masked_mean(per_patch, batch.mask)
         return loss, {"loss": loss.detach()}
+
+    def predict_patches(self, batch: Batch) -> Tensor:
+        tokens = self.encoder(batch.images, mask=batch.mask)         # (B, 1+N, D)
+        return self.head(tokens[:, 1:]).float()                      # (B, N, p*p*3)
+
+    def reconstruct(self, batch: Batch) -> Tensor:
+        return prediction_to_images(self.predict_patches(batch), batch.images,
+                                    self.cfg.encoder.patch_size, self.cfg.norm_pix_loss)
