@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 
 from engine.data import DEFAULT_CIFAR10, Splits, check_dataset_root, load_splits, synthetic_splits
 from engine.records import read_json, write_json
-from engine.trainer import Trainer, TrainConfig
+from engine.trainer import Preempted, Trainer, TrainConfig
 from eval import knn
 from eval import tokenizer as tokenizer_eval
 from eval.features import cached_features
@@ -46,6 +46,7 @@ from methods import build_method, method_config, registry
 from methods.registry import ConfigError, build_config, unknown
 from methods.vit import save_encoder
 from suites import evaluations
+from suites.figures import write_figures
 from suites.profiles import Profile
 
 SCHEMA = 1
@@ -137,11 +138,11 @@ def run_dir_for(outputs: Path, config: dict) -> Path:
 
 
 @lru_cache(maxsize=4)
-def load_data(data_json: str, on_bad_image: str = "error") -> Splits:
+def load_data(data_json: str, on_bad_image: str = "error", progress: bool = True) -> Splits:
     data = json.loads(data_json)
     if data["name"] == "synthetic":
         return synthetic_splits(img_size=data["img_size"])
-    return load_splits(data["path"], data["img_size"], on_bad_image=on_bad_image)
+    return load_splits(data["path"], data["img_size"], on_bad_image=on_bad_image, progress=progress)
 
 
 def provenance() -> dict:
@@ -201,6 +202,8 @@ def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device
         started = time.time()
         try:
             result = _train_and_evaluate(config, spec, profile, run_dir, device, progress, on_bad_image)
+        except Preempted:
+            raise  # not a failure: the checkpoint is written, the same command resumes
         except Exception as err:
             write_json(run_dir / "result.json", {
                 "schema": SCHEMA, "status": "failed", "method": config["method"], "seed": config["seed"],
@@ -216,7 +219,7 @@ def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device
 
 def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: Path, device: str,
                         progress: bool, on_bad_image: str) -> dict:
-    splits = load_data(json.dumps(config["data"], sort_keys=True), on_bad_image)
+    splits = load_data(json.dumps(config["data"], sort_keys=True), on_bad_image, progress)
     torch.manual_seed(config["seed"])            # the encoder's initial weights
     method = build_method(config["method"], **config["method_config"])
     previous = read_result(run_dir) or {}
@@ -233,6 +236,7 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
             method.save_artifacts(run_dir)
         else:
             save_encoder_atomic(method, run_dir / "encoder.safetensors")
+            write_figures(method, splits.test, run_dir, device=device)
     else:  # pre-training finished earlier; only new evaluations run
         from methods.vit import load_encoder
         method.encoder = load_encoder(run_dir / "encoder.safetensors")
