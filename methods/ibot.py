@@ -2,7 +2,8 @@
 
 The tokenizer is the teacher, an exponential moving average of the student. Both see two
 augmented global crops; the student's are masked blockwise. Two losses, each a
-cross-entropy to the teacher's centred, sharpened distribution over K prototypes:
+cross-entropy to the teacher's centred, sharpened distribution over K prototypes (returned
+minus the targets' entropy, see `forward_loss`):
   [CLS]  the student's [CLS] of one view against the teacher's [CLS] of the other (DINO)
   MIM    the student's patch tokens against the teacher's at the masked positions only.
 The teacher moves in `after_step` (momentum 0.996 -> 1, cosine) and never gets gradients;
@@ -45,12 +46,13 @@ class IBOTConfig:
     head_layers: int = 3
     shared_head: bool = True        # one head for [CLS] and patches (iBOT README); False: a second head
     norm_last_layer: bool = True    # fix the last layer's weight-norm scale to 1 (iBOT code default)
-    # Temperatures and centring (iBOT code defaults; the README's ViT-S recipe ends at 0.07).
+    # Temperatures and centring: the iBOT README's ViT-S/16 recipe (teacher 0.04 -> 0.07 for
+    # [CLS] and patches, student 0.1), warm-up as a fraction because our schedules are short.
     student_temp: float = 0.1
     teacher_temp: float = 0.07          # [CLS], after the warm-up
     teacher_patch_temp: float = 0.07    # patches, after the warm-up
     warmup_teacher_temp: float = 0.04   # both start here and rise linearly
-    teacher_temp_warmup_frac: float = 0.3   # 30 warm-up epochs of iBOT's default 100
+    teacher_temp_warmup_frac: float = 0.3   # iBOT code: 30 warm-up epochs of its default 100
     center_momentum: float = 0.9        # EMA of the teacher's mean output, [CLS] and patches
     teacher_momentum: float = 0.996     # EMA of the teacher, raised to 1 on a cosine schedule
     cls_loss_weight: float = 1.0        # lambda1 in the iBOT code
