@@ -12,6 +12,7 @@ Exit codes: 0 all runs done; 1 some runs failed (each folder's result.json says 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -119,20 +120,42 @@ def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: P
           f"(plus a minute or two of evaluation per run)")
 
 
-def list_suites() -> None:
+def list_suites(cost_profile: str) -> None:
+    """Suites with their grid sizes per profile, and the estimated pre-training cost at
+    `cost_profile` (counting FLOPs builds every model of the grid, so only one profile)."""
+    costs: dict[str, float] = {}
+    cost_at = get_profile(cost_profile)
     for name in SUITES:
         suite = get_suite(name)
         print(f"{name}: {suite.DESCRIPTION}")
         for profile_name, profile in PROFILES.items():
             specs = suite.grid(profile)
-            print(f"  {profile_name:9s} {len(specs)} cells x {profile.seeds} seed(s) = "
-                  f"{len(specs) * profile.seeds} runs")
+            line = (f"  {profile_name:9s} {len(specs):2d} cells x {profile.seeds} seed(s) = "
+                    f"{len(specs) * profile.seeds:3d} runs")
+            if profile is cost_at:
+                data = {"name": "synthetic" if profile.data == "synthetic" else "cifar10",
+                        "img_size": profile.encoder["img_size"]}
+                total = 0.0
+                for spec in specs:
+                    config = resolve(spec, profile, 0, data)
+                    key = json.dumps(config, sort_keys=True)
+                    if key not in costs:
+                        costs[key] = estimate_seconds(config, profile)
+                    total += costs[key] * profile.seeds
+                line += (f", ~{format_hours(total)} of pre-training at "
+                         f"{profile.flops_per_second / 1e9:g} GFLOP/s (estimated from counted FLOPs)")
+            print(line)
+    print(f"(costs shown for --profile {cost_profile}; pass --list --profile NAME for another)")
+
+
+def format_hours(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
-        list_suites()
+        list_suites(args.profile)
         return 0
     if not args.suite:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
