@@ -21,11 +21,19 @@ from pathlib import Path
 
 from mmcv.cnn import build_norm_layer
 from mmengine.model import BaseModule
+from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from methods.registry import ConfigError
 from methods.vit import ViT, ViTConfig, load_encoder
+
+
+def use_mmseg_scope() -> None:
+    """Let mmengine's registries resolve names (transforms, the data preprocessor) in mmseg's
+    scope first, as mmseg's own tools do."""
+    init_default_scope("mmseg")
 
 
 def default_out_indices(depth: int) -> list[int]:
@@ -81,8 +89,10 @@ class MimbenchViT(BaseModule):
         PyTorch's default initialisation."""
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        b, _, h, w = images.shape
         patch = self.encoder.cfg.patch_size
+        # pad bottom / right to whole patches (mmseg's own ViT pads the same "corner" way)
+        images = F.pad(images, (0, -images.shape[-1] % patch, 0, -images.shape[-2] % patch))
+        b, _, h, w = images.shape
         grid_h, grid_w = h // patch, w // patch
         maps = []
         for adapter, tokens in zip(self.adapters, self.encoder.block_outputs(images, self.out_indices)):

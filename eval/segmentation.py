@@ -147,7 +147,11 @@ def pipelines(cfg: SegmentationConfig) -> tuple[list[dict], list[dict]]:
 
 
 def build_dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict], indices: int | None = None):
+    """An mmseg dataset of `split`, built through mmseg's DATASETS registry."""
+    from eval.mmseg_vit import use_mmseg_scope
     from mmseg.registry import DATASETS as MMSEG_DATASETS
+
+    use_mmseg_scope()
 
     spec = DATASETS[cfg.dataset]
     images, annotations = spec.splits[split]
@@ -159,6 +163,8 @@ def build_dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict], ind
 
 def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore_index: int) -> dict:
     """The mmseg config of the segmentor: EncoderDecoder + UPerHead + auxiliary FCNHead."""
+    from mmengine.config import ConfigDict
+
     dim = encoder.embed_dim
     norm_cfg = dict(type="BN", requires_grad=True)     # mmseg's configs: SyncBN under DDP
     head = dict(num_classes=num_classes, ignore_index=ignore_index, norm_cfg=norm_cfg,
@@ -178,15 +184,17 @@ def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore
                             num_convs=1, concat_input=False,
                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False,
                                              loss_weight=cfg.aux_weight), **head),
-        train_cfg=dict(),
-        test_cfg=dict(mode="whole"))
+        # mmseg reads these with attribute access, as its Config files give them
+        train_cfg=ConfigDict(),
+        test_cfg=ConfigDict(mode="whole"))
 
 
 def build_segmentor(encoder: ViT, cfg: SegmentationConfig):
     """The mmseg EncoderDecoder, built through mmseg's MODELS registry."""
-    from eval import mmseg_vit  # noqa: F401  (registers MimbenchViT)
+    from eval.mmseg_vit import use_mmseg_scope   # also registers MimbenchViT
     from mmseg.registry import MODELS
 
+    use_mmseg_scope()
     spec = DATASETS[cfg.dataset]
     model = MODELS.build(model_config(encoder, cfg, spec.classes, spec.ignore_index))
     model.init_weights()
@@ -249,7 +257,7 @@ def train(model, dataset, cfg: SegmentationConfig, work_dir: Path, seed: int = 0
         index = sample_indices(seed, iteration * cfg.batch_size, cfg.batch_size, len(dataset))
         batch = pseudo_collate([dataset[i] for i in index])
         log_vars = model.train_step(batch, optim_wrapper)
-        losses.append(float(log_vars["loss"]))
+        losses.append(float(torch.as_tensor(log_vars["loss"]).detach()))
         done = iteration + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             save_checkpoint(work_dir / "checkpoints", done, {
@@ -267,13 +275,13 @@ def evaluate(model, dataset, ignore_index: int, progress: bool = True) -> dict[s
     from mmseg.evaluation import IoUMetric
 
     MMLogger.get_instance("mimbench-segmentation", log_level="WARNING")   # no per-class table on stdout
-    evaluator = Evaluator([IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index)])
+    evaluator = Evaluator([IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index, prefix="seg")])
     evaluator.dataset_meta = dataset.metainfo
     model.eval()
     for i in tqdm(range(len(dataset)), desc="segmentation eval", unit="img", disable=not progress, leave=False):
         batch = pseudo_collate([dataset[i]])
         evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
-    return {k: float(v) for k, v in evaluator.evaluate(len(dataset)).items()}
+    return {k.removeprefix("seg/"): float(v) for k, v in evaluator.evaluate(len(dataset)).items()}
 
 
 def run(vit: ViT, cfg: SegmentationConfig, work_dir: Path, seed: int = 0, device: str | torch.device = "cpu",
@@ -282,9 +290,6 @@ def run(vit: ViT, cfg: SegmentationConfig, work_dir: Path, seed: int = 0, device
     {"metrics": {"seg_miou": ..., "seg_macc": ..., "seg_aacc": ...}, "details": {...}}."""
     cfg.validate()
     dataset_root(cfg)
-    from mmengine.registry import init_default_scope
-
-    init_default_scope("mmseg")
     device = torch.device(device)
     torch.manual_seed(seed)                              # the heads' initial weights
     model = build_segmentor(vit.with_config(), cfg).to(device)

@@ -1,0 +1,101 @@
+"""Segmentation through mmsegmentation: the ViT as a registered backbone, UperNet built from
+mmseg's registry, layer decay, and the ADE20K path on a fixture built on the fly."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("mmseg", reason="mmsegmentation is installed by scripts/setup.sh")
+
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
+from mmengine.structures import PixelData  # noqa: E402
+
+from eval import segmentation  # noqa: E402
+from eval.mmseg_vit import MimbenchViT, default_out_indices  # noqa: E402
+from eval.segmentation import SegmentationConfig  # noqa: E402
+from methods.vit import ViT, ViTConfig  # noqa: E402
+
+TINY = dict(scale=(64, 48), crop_size=32, iterations=1, batch_size=2, channels=16, aux_channels=16,
+            warmup_iters=0, checkpoint_every=1)
+
+
+def test_out_indices_are_the_blocks_at_a_third_a_half_three_quarters_and_the_end():
+    assert default_out_indices(12) == [3, 5, 8, 11]
+    assert default_out_indices(6) == [1, 2, 4, 5]
+    assert default_out_indices(24) == [7, 11, 17, 23]
+
+
+def test_the_backbone_is_named_in_mmseg_configs_and_gives_strides_4_to_32():
+    for patch_size in (16, 4):       # 16: deconv x2 / deconv / identity / pool; 4: identity / pools
+        backbone = MODELS.build(dict(type="MimbenchViT", encoder=dict(size="micro", img_size=32,
+                                                                      patch_size=patch_size)))
+        assert isinstance(backbone, MimbenchViT)
+        maps = backbone(torch.randn(1, 3, 64, 96))
+        assert [m.shape[-2:] for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+
+def test_segmentor_builds_from_the_registry_and_trains_on_camvid_sized_input():
+    vit = ViT(ViTConfig(size="micro", img_size=32, patch_size=16))
+    cfg = SegmentationConfig(dataset="camvid", crop_size=360, channels=16, aux_channels=16, layer_decay=0.5)
+    model = segmentation.build_segmentor(vit, cfg)
+    assert [type(m).__name__ for m in (model, model.backbone, model.decode_head, model.auxiliary_head)] == \
+        ["EncoderDecoder", "MimbenchViT", "UPerHead", "FCNHead"]
+
+    labels = torch.randint(0, 12, (2, 1, 360, 480))                  # 11 = void
+    samples = []
+    for label in labels:
+        sample = SegDataSample(gt_sem_seg=PixelData(data=label))
+        sample.set_metainfo(dict(img_shape=(360, 480), ori_shape=(360, 480), pad_shape=(360, 480)))
+        samples.append(sample)
+    data = model.data_preprocessor(dict(inputs=list(torch.randint(0, 256, (2, 3, 360, 480), dtype=torch.uint8)),
+                                        data_samples=samples), training=True)
+    losses = model.loss(data["inputs"], data["data_samples"])
+    assert set(losses) >= {"decode.loss_ce", "aux.loss_ce"}
+    total, _ = model.parse_losses(losses)
+    total.backward()
+    assert model.backbone.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.backbone.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+    groups = segmentation.layer_decay_param_groups(model, cfg)
+    scale_of = {id(p): g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
+    depth = vit.cfg.depth
+    assert scale_of[id(model.backbone.encoder.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
+    for i in range(depth):
+        assert scale_of[id(model.backbone.encoder.blocks[i].attn.qkv.weight)] == 0.5 ** (depth - i)
+    assert scale_of[id(model.decode_head.conv_seg.weight)] == 1.0
+    assert scale_of[id(model.backbone.adapters[0][0].weight)] == 1.0
+    assert len(scale_of) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def make_ade20k_fixture(root, per_split=3, size=(64, 48)):
+    """ADEChallengeData2016 layout: images/{training,validation}/*.jpg, annotations/*.png
+    with labels 0..150 (0 = "other")."""
+    gen = np.random.default_rng(0)
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(per_split):
+            name = f"ADE_{split[:3]}_{i:08d}"
+            Image.fromarray(gen.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+                root / "images" / split / f"{name}.jpg")
+            label = np.zeros((size[1], size[0]), dtype=np.uint8)
+            label[:, size[0] // 2:] = gen.integers(1, 151)       # left half "other", right half a class
+            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+
+
+def test_ade20k_fixture_trains_one_iteration_and_evaluates_through_the_same_path(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    make_ade20k_fixture(root)
+    cfg = SegmentationConfig(dataset="ade20k", data_root=str(root), **TINY)
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
+    result = segmentation.run(vit, cfg, tmp_path / "work", progress=False)
+
+    assert 0 <= result["metrics"]["seg_miou"] <= 100
+    assert result["details"]["train"]["iterations"] == 1
+    assert result["details"]["eval_images"] == 3
+    # reduce_zero_label: ADE20K's "other" (0) is ignored (255), class k becomes k - 1
+    sample = segmentation.build_dataset(cfg, "test", segmentation.pipelines(cfg)[1])[0]["data_samples"]
+    labels = sample.gt_sem_seg.data
+    assert (labels[..., :32] == 255).all() and (labels[..., 32:] < 150).all()
+    assert (tmp_path / "work" / "checkpoints" / "ckpt-00000001.pt").exists()
