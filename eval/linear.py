@@ -98,7 +98,7 @@ def top1(weight: Tensor, bias: Tensor, stats: tuple[Tensor, Tensor], features: T
     """Top-1 (%) of each of the G classifiers on (features, labels): (G,)."""
     x = (features - stats[0]) / stats[1]
     logits = torch.einsum("nd,gdc->gnc", x, weight) + bias[:, None]
-    return (logits.argmax(-1) == labels).float().mean(-1) * 100
+    return (logits.argmax(-1) == labels).double().mean(-1) * 100
 
 
 def run(vit: ViT, splits: Splits, cfg: LinearConfig, feature_dir: Path, batch_size: int = 1024,

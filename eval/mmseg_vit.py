@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 from mmcv.cnn import build_norm_layer
+from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from mmengine.registry import init_default_scope
 from mmseg.registry import MODELS
@@ -32,8 +33,11 @@ from methods.vit import ViT, ViTConfig, load_encoder
 
 def use_mmseg_scope() -> None:
     """Let mmengine's registries resolve names (transforms, the data preprocessor) in mmseg's
-    scope first, as mmseg's own tools do."""
+    scope first, as mmseg's own tools do; keep mmengine's INFO logs (a line per initialised
+    parameter, IoUMetric's per-class table) off the console."""
     init_default_scope("mmseg")
+    if not MMLogger.check_instance_created("mimbench"):
+        MMLogger.get_instance("mimbench", log_level="WARNING")
 
 
 def default_out_indices(depth: int) -> list[int]:

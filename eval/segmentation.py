@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -169,6 +170,9 @@ def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore
     norm_cfg = dict(type="BN", requires_grad=True)     # mmseg's configs: SyncBN under DDP
     head = dict(num_classes=num_classes, ignore_index=ignore_index, norm_cfg=norm_cfg,
                 align_corners=False, dropout_ratio=0.1)
+    # the loss is averaged over labelled pixels (PyTorch's definition; mmseg's legacy
+    # default also counts void pixels in the denominator)
+    loss = dict(type="CrossEntropyLoss", use_sigmoid=False, avg_non_ignore=True)
     return dict(
         type="EncoderDecoder",
         data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
@@ -178,12 +182,11 @@ def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore
         backbone=dict(type="MimbenchViT", encoder=encoder, drop_path=cfg.drop_path, norm_cfg=norm_cfg),
         decode_head=dict(type="UPerHead", in_channels=[dim] * 4, in_index=[0, 1, 2, 3],
                          pool_scales=(1, 2, 3, 6), channels=cfg.channels,
-                         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+                         loss_decode=dict(loss, loss_weight=1.0),
                          **head),
         auxiliary_head=dict(type="FCNHead", in_channels=dim, in_index=2, channels=cfg.aux_channels,
                             num_convs=1, concat_input=False,
-                            loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False,
-                                             loss_weight=cfg.aux_weight), **head),
+                            loss_decode=dict(loss, loss_weight=cfg.aux_weight), **head),
         # mmseg reads these with attribute access, as its Config files give them
         train_cfg=ConfigDict(),
         test_cfg=ConfigDict(mode="whole"))
@@ -196,7 +199,9 @@ def build_segmentor(encoder: ViT, cfg: SegmentationConfig):
 
     use_mmseg_scope()
     spec = DATASETS[cfg.dataset]
-    model = MODELS.build(model_config(encoder, cfg, spec.classes, spec.ignore_index))
+    with warnings.catch_warnings():   # mmseg's heads call their own deprecated build_loss
+        warnings.filterwarnings("ignore", message="``build_loss`` would be deprecated")
+        model = MODELS.build(model_config(encoder, cfg, spec.classes, spec.ignore_index))
     model.init_weights()
     return model
 
@@ -271,10 +276,8 @@ def evaluate(model, dataset, ignore_index: int, progress: bool = True) -> dict[s
     """mIoU, mAcc, aAcc (%) from mmseg's IoUMetric through mmengine's Evaluator."""
     from mmengine.dataset import pseudo_collate
     from mmengine.evaluator import Evaluator
-    from mmengine.logging import MMLogger
     from mmseg.evaluation import IoUMetric
 
-    MMLogger.get_instance("mimbench-segmentation", log_level="WARNING")   # no per-class table on stdout
     evaluator = Evaluator([IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index, prefix="seg")])
     evaluator.dataset_meta = dataset.metainfo
     model.eval()

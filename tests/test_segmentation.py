@@ -99,3 +99,28 @@ def test_ade20k_fixture_trains_one_iteration_and_evaluates_through_the_same_path
     labels = sample.gt_sem_seg.data
     assert (labels[..., :32] == 255).all() and (labels[..., 32:] < 150).all()
     assert (tmp_path / "work" / "checkpoints" / "ckpt-00000001.pt").exists()
+
+
+def test_a_killed_segmentation_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = SegmentationConfig(dataset="camvid", eval_images=1, **{**TINY, "iterations": 3, "checkpoint_every": 2})
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
+    segmentation.run(vit, cfg, tmp_path / "straight", progress=False)
+
+    real = segmentation.sample_indices
+
+    def killed_at_iteration_2(seed, first, count, size):
+        if first == 2 * cfg.batch_size:
+            raise KeyboardInterrupt("killed")
+        return real(seed, first, count, size)
+
+    monkeypatch.setattr(segmentation, "sample_indices", killed_at_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        segmentation.run(vit, cfg, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(segmentation, "sample_indices", real)
+    resumed = segmentation.run(vit, cfg, tmp_path / "killed", progress=False)
+    assert resumed["details"]["train"]["resumed_at"] == 2
+
+    final = [torch.load(tmp_path / d / "checkpoints" / "ckpt-00000003.pt", weights_only=True)["model"]
+             for d in ("straight", "killed")]
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), name
