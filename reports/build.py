@@ -26,17 +26,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import papers  # noqa: E402
-from reports.tables import ci95, format_ci, load_index, summarize  # noqa: E402
+from reports.tables import ci95, format_ci, load_index, metric_columns, summarize  # noqa: E402
 
 BASELINE = "none"
-PROTOCOLS = ["knn_top1_cls", "knn_top1_mean", "linear_top1_cls", "linear_top1_mean",
-             "finetune_top1", "seg_miou"]
-
-
-def metric_columns(runs: pd.DataFrame) -> list[str]:
-    return [m for m in PROTOCOLS if m in runs.columns and runs[m].notna().any()]
-
-
 def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Per (method, setting): mean ± CI of (run - baseline of the same seed), and whether
     the CI excludes zero."""

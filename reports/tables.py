@@ -9,6 +9,15 @@ import pandas as pd
 from scipy import stats
 
 
+# the metrics a table shows, in this order, when runs have them
+PROTOCOLS = ["knn_top1_cls", "knn_top1_mean", "linear_top1_cls", "linear_top1_mean",
+             "finetune_top1", "seg_miou"]
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    return [m for m in PROTOCOLS if m in runs.columns and runs[m].notna().any()]
+
+
 def ci95(values) -> tuple[float, float]:
     """Mean and half-width of the 95% t-interval of the mean (0 for a single value)."""
     values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from engine import distributed
 from engine.data import DataError
 from engine.records import write_json
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
-from reports.tables import load_index, summarize
+from reports.tables import load_index, metric_columns, summarize
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
 from suites.runner import RunSkipped, data_descriptor, execute, resolve, run_dir_for
 
-METRICS = ["knn_top1_cls", "knn_top1_mean"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         print_plan(args.suite, args.profile, runs, outputs)
         return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.init_from_env()       # under torchrun: join the process group
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     profile = get_profile(args.profile)
     suite_dir = outputs / "suites" / args.suite / args.profile
     suite_dir.mkdir(parents=True, exist_ok=True)
@@ -173,12 +175,14 @@ def main(argv=None) -> int:
                        "params": flatten(spec.overrides),
                        "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
                       for spec, seed, c in runs]}
-    write_json(suite_dir / "runs.json", index)
+    if distributed.is_main():
+        write_json(suite_dir / "runs.json", index)
 
     failed, skipped, started = [], [], time.time()
     for i, (spec, seed, config) in enumerate(runs, 1):
         name = run_dir_for(outputs, config).name
-        print(f"[{i}/{len(runs)}] {spec.method} {spec.setting} seed {seed} -> {name}", flush=True)
+        if distributed.is_main():
+            print(f"[{i}/{len(runs)}] {spec.method} {spec.setting} seed {seed} -> {name}", flush=True)
         try:
             execute(config, spec, profile, outputs, device=device, progress=not args.no_progress,
                     on_bad_image="skip" if args.skip_bad_images else "error")
@@ -194,7 +198,10 @@ def main(argv=None) -> int:
             failed.append(name)
             print(f"  FAILED: {err.__class__.__name__}: {err} (traceback in {name}/result.json)")
 
-    table = summarize(load_index(suite_dir / "runs.json"), METRICS)
+    if not distributed.is_main():
+        return 0
+    runs_table = load_index(suite_dir / "runs.json")
+    table = summarize(runs_table, metric_columns(runs_table))
     table.to_csv(suite_dir / "table.csv", index=False)
     (suite_dir / "table.md").write_text(table.to_markdown(index=False) + "\n")
     print()

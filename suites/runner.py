@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from engine import distributed
 from engine.data import DEFAULT_CIFAR10, Splits, check_dataset_root, load_splits, synthetic_splits
 from engine.records import read_json, write_json
 from engine.trainer import Preempted, Trainer, TrainConfig
@@ -184,6 +185,13 @@ def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device
     """Run (or resume, or skip) one run; returns its result record. A failure is recorded
     in result.json (status, error, traceback) and re-raised."""
     run_dir = run_dir_for(outputs, config)
+    distributed.barrier()  # under torchrun: rank 0 has finished writing the previous run
+    if not distributed.is_main():
+        # other ranks only take part in pre-training; rank 0 owns the lock, records and evaluations
+        if not is_done(run_dir, spec.evals, profile):
+            _train_and_evaluate(config, spec, profile, run_dir, device, False, on_bad_image)
+        distributed.barrier()
+        return {}
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / ".lock"))
     try:
@@ -191,30 +199,36 @@ def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device
     except Timeout:
         raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
     try:
-        if is_done(run_dir, spec.evals, profile):
-            return read_result(run_dir)
-        if (run_dir / "config.json").exists():
-            if read_json(run_dir / "config.json") != json.loads(json.dumps(config)):
-                raise ConfigError(f"{run_dir}/config.json differs from this run's config; "
-                                  f"move the folder away or use another --outputs")
-        else:
-            write_json(run_dir / "config.json", config)
-        started = time.time()
-        try:
-            result = _train_and_evaluate(config, spec, profile, run_dir, device, progress, on_bad_image)
-        except Preempted:
-            raise  # not a failure: the checkpoint is written, the same command resumes
-        except Exception as err:
-            write_json(run_dir / "result.json", {
-                "schema": SCHEMA, "status": "failed", "method": config["method"], "seed": config["seed"],
-                "config_hash": config_hash(config), "error": f"{err.__class__.__name__}: {err}",
-                "traceback": traceback.format_exc(), "metrics": {}, "provenance": provenance()})
-            raise
-        result["wall_seconds"] = time.time() - started
-        write_json(run_dir / "result.json", result)
-        return result
+        return _execute_locked(config, spec, profile, run_dir, device, progress, on_bad_image)
     finally:
         lock.release()
+        distributed.barrier()
+
+
+def _execute_locked(config: dict, spec: RunSpec, profile: Profile, run_dir: Path, device: str,
+                    progress: bool, on_bad_image: str) -> dict:
+    if is_done(run_dir, spec.evals, profile):
+        return read_result(run_dir)
+    if (run_dir / "config.json").exists():
+        if read_json(run_dir / "config.json") != json.loads(json.dumps(config)):
+            raise ConfigError(f"{run_dir}/config.json differs from this run's config; "
+                              f"move the folder away or use another --outputs")
+    else:
+        write_json(run_dir / "config.json", config)
+    started = time.time()
+    try:
+        result = _train_and_evaluate(config, spec, profile, run_dir, device, progress, on_bad_image)
+    except Preempted:
+        raise  # not a failure: the checkpoint is written, the same command resumes
+    except Exception as err:
+        write_json(run_dir / "result.json", {
+            "schema": SCHEMA, "status": "failed", "method": config["method"], "seed": config["seed"],
+            "config_hash": config_hash(config), "error": f"{err.__class__.__name__}: {err}",
+            "traceback": traceback.format_exc(), "metrics": {}, "provenance": provenance()})
+        raise
+    result["wall_seconds"] = time.time() - started
+    write_json(run_dir / "result.json", result)
+    return result
 
 
 def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: Path, device: str,
@@ -232,6 +246,8 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
         trainer = Trainer(method, splits.train.images, profile.train, run_dir, seed=config["seed"],
                           config_hash=config_hash(config), device=device, progress=progress)
         train_stats = trainer.fit()
+        if not distributed.is_main():
+            return {}
         if hasattr(method, "save_artifacts"):
             method.save_artifacts(run_dir)
         else:
