@@ -1,0 +1,79 @@
+"""The report is built from run records alone: tables with mean ± 95% CI, paired differences
+to the baseline, failed and missing runs shown as such."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from conftest import ROOT
+from reports.tables import ci95
+
+
+def write_records(outputs, knn):
+    """A suite index plus result.json files: knn = {(method, setting, seed): value or 'failed'}."""
+    entries = []
+    for (method, setting, seed), value in knn.items():
+        run = f"{method}-{abs(hash((method, setting, seed))) % 10**12:012d}"
+        folder = outputs / "runs" / run
+        folder.mkdir(parents=True)
+        ratio = float(setting.split()[-1]) if setting[-1].isdigit() else None
+        entries.append({"method": method, "setting": setting, "seed": seed, "run_dir": f"../../../runs/{run}",
+                        "params": {"mask.ratio": ratio} if ratio else {}})
+        if value is None:
+            continue            # missing: never ran
+        record = {"schema": 1, "method": method, "seed": seed,
+                  "status": "failed" if value == "failed" else "done",
+                  "metrics": {} if value == "failed" else {"knn_top1_cls": value, "knn_top1_mean": value - 1,
+                                                           "pretrain_flops_total": 1e15}}
+        (folder / "result.json").write_text(json.dumps(record))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n"
+                                                      for s in range(5)))
+    index = outputs / "suites" / "demo" / "cpu"
+    index.mkdir(parents=True)
+    (index / "runs.json").write_text(json.dumps({"suite": "demo", "profile": "cpu", "runs": entries}))
+
+
+def test_ci95_matches_scipy_on_a_known_sample():
+    sample = [41.2, 43.5, 42.1, 44.0, 40.9]
+    mean, half = ci95(sample)
+    low, high = stats.t.interval(0.95, len(sample) - 1, loc=np.mean(sample), scale=stats.sem(sample))
+    assert mean == pytest.approx(pd.Series(sample).mean())
+    assert (mean - half, mean + half) == pytest.approx((low, high))
+    assert np.isnan(ci95([40.0])[1])
+
+
+def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_path):
+    write_records(tmp_path / "outputs", {
+        ("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+        ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5,
+        ("mae", "random 0.9", 0): 39.0, ("mae", "random 0.9", 1): "failed",
+        ("pixel", "random 0.6", 0): None, ("pixel", "random 0.6", 1): 30.0,
+    })
+    code = ("import sys, reports.build as b; rc = b.main(['--outputs', sys.argv[1], '--out', sys.argv[2]]); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('methods', 'engine', 'eval', 'suites')); "
+            "assert not bad, bad; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "outputs"), str(tmp_path / "report")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "report" / "demo" / "cpu"
+    table = pd.read_csv(folder / "table.csv").set_index("setting")
+    assert table.loc["random 0.9", "failed"] == 1 and table.loc["random 0.6", "missing"] == 1
+    mean, half = ci95([42.0, 43.5])
+    assert table.loc["random 0.75", "knn_top1_cls"] == f"{mean:.2f} ± {half:.2f}"
+    assert table.loc["random 0.75", "paper linear"] == "68.0"       # MAE's published number, its own column
+    diffs = pd.read_csv(folder / "paired_differences.csv").set_index("setting")
+    assert diffs.loc["random 0.75", "Δ knn_top1_cls"].startswith("8.25")   # (8 + 8.5) / 2, paired by seed
+    html = (folder / "index.html").read_text()
+    assert "Failed or missing runs" in html and "data:image/png;base64" in html
+    for plot in ("vs_mask_ratio.png", "vs_flops.png", "loss_curves.png"):
+        assert (folder / plot).stat().st_size > 1000
+
+
+def test_report_without_records_says_what_to_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "reports.build", "--outputs", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "run python -m suites.run SUITE first" in out.stderr
