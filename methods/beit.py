@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -51,6 +52,9 @@ class BEiTConfig:
         if self.tokenizer_epochs <= 0 or self.tokenizer_blr <= 0:
             raise ConfigError(f"tokenizer_epochs ({self.tokenizer_epochs}) and tokenizer_blr "
                               f"({self.tokenizer_blr}) must be > 0")
+        if self.tokenizer_path and not Path(self.tokenizer_path).expanduser().is_file():
+            raise ConfigError(f"tokenizer_path {self.tokenizer_path} not found; pass the {TOKENIZER_FILE} "
+                              f"of a dvae run (outputs/runs/dvae-<hash>/{TOKENIZER_FILE}) or your own")
 
     def tokenizer_geometry(self) -> ViTConfig:
         """The tokenizer only needs the image geometry; leaving the ViT's size out of its config
@@ -114,6 +118,15 @@ class BEiT(MIMMethod):
         tokens = self.encoder(batch.images, mask=batch.mask)            # (B, 1+N, D)
         logits = self.head(tokens[:, 1:][batch.mask])                   # (M, V): masked positions only
         return self.forward_loss(logits, targets, batch.mask)
+
+    def reconstruct(self, batch: Batch) -> Tensor:
+        """Images (B, C, H, W) for the run's figures: the tokenizer decodes the predicted tokens of
+        the masked patches together with the true tokens of the visible ones."""
+        if self.pixel_regression is not None:
+            return self.pixel_regression.reconstruct(batch)
+        tokens = self.tokenizer.tokenize(batch.images)                  # (B, N)
+        logits = self.head(self.encoder(batch.images, mask=batch.mask)[:, 1:])   # (B, N, V)
+        return self.tokenizer.decode(torch.where(batch.mask, logits.argmax(dim=-1), tokens))
 
     def forward_loss(self, logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy of the masked positions' logits (M, V) against their tokens."""

@@ -79,6 +79,7 @@ def test_beit_loss_counts_masked_positions_only():
     tokens = beit.tokenizer.tokenize(batch.images)
     loss, metrics = beit(batch)
     assert "token_accuracy" in metrics
+    assert beit.reconstruct(batch).shape == batch.images.shape     # tokens decoded for the figures
 
     def loss_with_targets(targets):
         beit.tokenizer.tokenize = lambda _images: targets
@@ -119,6 +120,9 @@ def test_beit_takes_a_users_tokenizer_checkpoint_and_names_a_bad_one(tmp_path):
     assert torch.equal(beit.tokenizer.tokenize(x), dvae.eval().tokenize(x))
     with pytest.raises(ConfigError, match="not found; pass the tokenizer.safetensors of a dvae run"):
         build_method("beit", **micro_overrides(tokenizer_path=str(tmp_path / "missing.safetensors")))
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(ConfigError, match="is not a safetensors file"):
+        build_method("beit", **micro_overrides(tokenizer_path=str(tmp_path / "notes.txt")))
     save_tokenizer(micro_dvae(16, 8), tmp_path / "patch8.safetensors")
     with pytest.raises(ConfigError, match="one token per 8px patch .* the ViT uses 4px patches"):
         build_method("beit", **micro_overrides(tokenizer_path=str(tmp_path / "patch8.safetensors")))
