@@ -151,7 +151,7 @@ class DVAE(nn.Module):
         dims = [tok.hidden_dim * 2 ** min(i, 2) for i in range(len(strides) + 1)]
         self.encoder = ConvEncoder(cfg.encoder.in_chans, dims, strides, tok.vocab_size)
         self.decoder = ConvDecoder(cfg.encoder.in_chans, dims, strides, tok.vocab_size)
-        # channels-last convolutions run ~2x faster with oneDNN on CPUs (and with cuDNN in bf16)
+        # channels-last: 1.3-2x faster per convolution with oneDNN on the 2-core CPU (measured per layer)
         self.to(memory_format=torch.channels_last)
         # a buffer, so checkpoints carry it and a resumed run continues the same schedule
         self.register_buffer("temperature", torch.tensor(tok.temperature_start))
