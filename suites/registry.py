@@ -3,7 +3,7 @@ import importlib
 
 from methods.registry import unknown
 
-SUITES = ("ablation_masking", "ablation_targets", "ablation_mae_decoder")
+SUITES = ("ablation_masking", "compare_methods", "ablation_targets", "ablation_mae_decoder")
 
 
 def get_suite(name: str):

@@ -26,9 +26,10 @@ from engine.records import write_json
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import load_index, metric_columns, summarize
+from suites.cost import estimate_seconds
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
-from suites.runner import RunSkipped, data_descriptor, execute, resolve, run_dir_for
+from suites.runner import RunSkipped, data_descriptor, execute, read_result, resolve, run_dir_for
 
 
 
@@ -85,37 +86,16 @@ def flatten(overrides: dict, prefix: str = "") -> dict:
     return flat
 
 
-def estimate_seconds(config: dict, profile) -> float:
-    """Pre-training cost from FLOPs counted on a 2-image batch, over the profile's assumed rate."""
-    from engine.trainer import TrainConfig, train_flops
-    from methods import build_method
-    from methods.base import Batch
-
-    if config["train"] is None:
-        return 0.0
-    method = build_method(config["method"], **config["method_config"])
-    enc = method.cfg.encoder
-    views = [torch.randn(2, enc.in_chans, enc.img_size, enc.img_size) for _ in range(method.num_views)]
-    mask = method.draw_masks(2, torch.Generator().manual_seed(0))
-    batch = Batch(views[0], mask, views if len(views) > 1 else None)
-    flops_per_image = train_flops(method, batch, torch.device("cpu")) / 2
-    train = TrainConfig(**config["train"])
-    num_train = {"synthetic": 640, "cifar10": 50_000}.get(config["data"]["name"], 1_281_167)
-    images_seen = train.epochs * (num_train // train.batch_size) * train.batch_size
-    return flops_per_image * images_seen / profile.flops_per_second
-
-
 def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
     profile = get_profile(profile_name)
     total = 0.0
     print(f"suite {suite_name}, profile {profile_name}: {len(runs)} runs")
-    cache: dict[str, float] = {}
     for spec, seed, config in runs:
-        key = str(config["method_config"])
-        cache.setdefault(key, estimate_seconds(config, profile))
-        state = "done" if (run_dir_for(outputs, config) / "result.json").exists() else "to run"
-        total += cache[key]
-        print(f"  {spec.method:6s} {spec.setting:14s} seed {seed}  ~{cache[key] / 60:7.1f} min  "
+        seconds = estimate_seconds(config, profile)
+        total += seconds
+        record = read_result(run_dir_for(outputs, config))
+        state = "to run" if record is None else record["status"]
+        print(f"  {spec.method:6s} {spec.setting:22s} seed {seed}  ~{seconds / 60:7.1f} min  "
               f"{run_dir_for(outputs, config).name}  [{state}]")
     print(f"estimated pre-training: {total / 3600:.2f} h at {profile.flops_per_second / 1e9:.0f} GFLOP/s "
           f"(plus a minute or two of evaluation per run)")

@@ -61,6 +61,7 @@ class RunSpec:
     setting: str = "default"                        # label shown in tables, e.g. "random 0.75"
     overrides: dict = field(default_factory=dict)   # method config overrides
     evals: tuple[str, ...] = ("knn",)               # any of EVALUATIONS
+    train: dict = field(default_factory=dict)       # TrainConfig overrides, e.g. {"epochs": 2.5}
 
 
 class RunSkipped(Exception):
@@ -104,12 +105,16 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
                            profile.method_defaults.get(spec.method, {}), spec.overrides)
     cfg = method_config(spec.method, **overrides)
     trains = method_cls.trains
+    if spec.train and not trains:
+        raise ConfigError(f"method {spec.method!r} does not train; drop the RunSpec's train overrides")
+    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **spec.train},
+                         where=f"train config of {spec.method!r} ({spec.setting})")
     config = {
         "schema": SCHEMA,
         "method": spec.method,
         "method_config": dataclasses.asdict(cfg),
         # the untrained baseline does not depend on the training budget: share it across profiles
-        "train": dataclasses.asdict(profile.train) if trains else None,
+        "train": dataclasses.asdict(train) if trains else None,
         "seed": seed,
         "data": data,
     }
@@ -243,7 +248,7 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
         if "requires" in config:
             method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress,
                                                        on_bad_image))
-        trainer = Trainer(method, splits.train.images, profile.train, run_dir, seed=config["seed"],
+        trainer = Trainer(method, splits.train.images, TrainConfig(**config["train"]), run_dir, seed=config["seed"],
                           config_hash=config_hash(config), device=device, progress=progress)
         train_stats = trainer.fit()
         if not distributed.is_main():

@@ -54,7 +54,7 @@ def test_only_filters_the_grid_and_dry_run_prints_costs_without_running(tmp_path
 
 
 @pytest.mark.parametrize("args,message", [
-    (["ablation_mask"], "unknown suite 'ablation_mask'; known: ablation_mae_decoder, ablation_masking, ablation_targets"),
+    (["ablation_mask"], "unknown suite 'ablation_mask'; known: ablation_mae_decoder, ablation_masking, ablation_targets, compare_methods"),
     (["ablation_masking", "--profile", "laptop"], "unknown profile 'laptop'; known: cpu, gpu, imagenet, smoke"),
     (["ablation_masking", "--only", "maee"], "--only names 'maee', not in suite 'ablation_masking'"),
     (["ablation_masking", "--profile", "cpu", "--data", "/no/such/folder"], "not found; pass --data PATH"),

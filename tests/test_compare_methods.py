@@ -1,0 +1,47 @@
+"""compare_methods: per-run training overrides reach the trainer, and the compute-matched arm
+gives every method the FLOPs of MAE's epochs-matched run."""
+import pytest
+
+from methods.registry import ConfigError
+from suites.cost import pretrain_flops
+from suites.profiles import get_profile
+from suites.registry import get_suite
+from suites.runner import RunSpec, config_hash, execute, resolve
+
+SYNTHETIC = {"name": "synthetic", "img_size": 16}
+
+
+def test_flops_matched_cells_cost_what_the_reference_costs():
+    profile = get_profile("smoke")
+    cells = get_suite("compare_methods").grid(profile)
+    configs = {(c.method, c.setting): resolve(c, profile, 0, SYNTHETIC) for c in cells}
+    budget = pretrain_flops(configs[("mae", f"{profile.train.epochs:g} epochs")])
+    matched = {key: cfg for key, cfg in configs.items() if key[1].startswith("MAE's FLOPs")}
+    assert {method for method, _ in matched} == {"pixel", "beit", "ibot"}
+    for (method, setting), cfg in matched.items():
+        # epochs are rounded to 0.01 and steps to whole batches: within a step or two of the budget
+        assert pretrain_flops(cfg) == pytest.approx(budget, rel=0.05), (method, setting)
+        # a masked full-token method costs more per image than MAE, so it gets fewer epochs
+        assert cfg["train"]["epochs"] < profile.train.epochs
+    assert all(set(c.evals) == {"knn", "linear", "finetune", "segmentation"} for c in cells)
+
+
+def test_train_overrides_change_the_hash_and_reach_the_trainer(tmp_path):
+    profile = get_profile("smoke")
+    plain = RunSpec("mae", overrides={"encoder": {"size": "micro"}})
+    shorter = RunSpec("mae", overrides={"encoder": {"size": "micro"}}, train={"epochs": 1.0})
+    plain_cfg, short_cfg = (resolve(s, profile, 0, SYNTHETIC) for s in (plain, shorter))
+    assert config_hash(plain_cfg) != config_hash(short_cfg)
+    result = execute(short_cfg, shorter, profile, tmp_path, progress=False)
+    assert result["train"]["steps"] == 640 // profile.train.batch_size      # 1 epoch, not the profile's 2
+    assert result["train"]["steps"] < profile.train.epochs * 640 // profile.train.batch_size
+
+
+@pytest.mark.parametrize("spec,message", [
+    (RunSpec("none", train={"epochs": 1.0}), "does not train"),
+    (RunSpec("mae", train={"epoch": 1.0}), "unknown config field 'epoch'"),
+    (RunSpec("mae", train={"epochs": -1.0}), "epochs must be >= 0"),
+])
+def test_bad_train_overrides_are_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(spec, get_profile("smoke"), 0, SYNTHETIC)
