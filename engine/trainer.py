@@ -37,6 +37,9 @@ from methods.base import Batch, MIMMethod
 from methods.registry import ConfigError
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 5.0             # passes over the training split
@@ -52,6 +55,9 @@ class TrainConfig:
     log_every: int = 20             # steps between metric flushes to metrics.jsonl
     compile: bool = False           # torch.compile the method (pays on GPUs; CPU compile is slow)
     max_bad_steps: int = 0          # non-finite losses to skip before stopping (0 = stop at the first)
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 autocasts to float16 with dynamic loss
+    # scaling (torch.amp.GradScaler: an overflowing step is skipped and the scale halved)
+    precision: str = "auto"
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.blr <= 0:
@@ -60,6 +66,8 @@ class TrainConfig:
             raise ConfigError("warmup_frac must be in [0, 1) and crop_scale_min in (0, 1]")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every and log_every must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision {self.precision!r} unknown; known: {', '.join(PRECISIONS)}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,10 +86,16 @@ def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1)
 
 
-def device_autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of `precision` on `device` (None: plain fp32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def device_autocast(device: torch.device, precision: str = "auto"):
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class Trainer:
@@ -113,6 +127,8 @@ class Trainer:
                 self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=lr * cfg.min_lr_frac,
                 warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, warmup_prefix=True,
                 t_in_epochs=False)
+        # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range and does not
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" and self.total_steps else None
         model = method
         if self.world > 1 and self.total_steps:
             # DDP averages gradients over ranks; each rank holds an equal slice of the batch
@@ -145,8 +161,11 @@ class Trainer:
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
-        return {"config_hash": self.config_hash, "step": step,
-                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"config_hash": self.config_hash, "step": step,
+                 "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def resume(self) -> int:
         state, path = load_latest(self.run_dir / "checkpoints", self.config_hash)
@@ -156,6 +175,8 @@ class Trainer:
             return 0
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
         if self.rank == 0:
             self._truncate_metrics(step)
@@ -209,7 +230,7 @@ class Trainer:
                 batch = self.batch_for_step(step)
                 t1 = time.perf_counter()
                 torch.manual_seed(step_seed(self.seed, step, stream=3))   # drop-path etc.
-                with device_autocast(self.device):
+                with device_autocast(self.device, self.cfg.precision):
                     loss, logs = self.step_fn(batch)
                 if not torch.isfinite(loss):
                     bad_steps += 1
@@ -217,12 +238,7 @@ class Trainer:
                         raise NonFiniteLoss(self._nan_message(step, loss))
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
-                loss.backward()
-                if self.cfg.clip_grad > 0:
-                    logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(),
-                                                                       self.cfg.clip_grad, foreach=True)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._backward_and_step(loss, logs)
                 self.method.after_step(step, self.total_steps)
                 pending.append({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
                 t2 = time.perf_counter()
@@ -235,6 +251,8 @@ class Trainer:
                 checkpoint_now = (done % self.cfg.checkpoint_every == 0 or done == self.total_steps
                                   or self._stop_signal is not None)
                 if checkpoint_now or done % self.cfg.log_every == 0:
+                    if self.scaler is not None:   # one host sync per flush, not per step
+                        pending[-1]["loss_scale"] = self.scaler.get_scale()
                     bar.set_postfix(loss=f"{self._flush(metrics_file, pending):.4f}")
                 if checkpoint_now and self.rank == 0:
                     save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
@@ -261,6 +279,22 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.device),
             "skipped_nonfinite_steps": bad_steps,
         }
+
+    def _backward_and_step(self, loss: torch.Tensor, logs: dict) -> None:
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)      # clip the true gradients, not the scaled ones
+        if self.cfg.clip_grad > 0:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(),
+                                                               self.cfg.clip_grad, foreach=True)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)          # skipped when a gradient overflowed
+            self.scaler.update()                      # ... and then the scale halves
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _flush(self, metrics_file, pending: list[dict]) -> float:
         """Write buffered step metrics (one host sync per flush, not per step); returns the

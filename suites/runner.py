@@ -114,7 +114,7 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
         "method": spec.method,
         "method_config": dataclasses.asdict(cfg),
         # the untrained baseline does not depend on the training budget: share it across profiles
-        "train": dataclasses.asdict(train) if trains else None,
+        "train": train_record(train) if trains else None,
         "seed": seed,
         "data": data,
     }
@@ -122,6 +122,20 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
     if needs:
         config["requires"] = {role: resolve_prerequisite(need, profile, data) for role, need in needs.items()}
     return config
+
+
+def train_record(train: TrainConfig) -> dict:
+    """The training recipe as hashed into a run's config. Fields added after the first
+    schema appear only when they differ from their default, so run folders written before
+    a field existed keep their names (and are not re-run)."""
+    record = dataclasses.asdict(train)
+    for name, default in LATE_TRAIN_FIELDS.items():
+        if record[name] == default:
+            del record[name]
+    return record
+
+
+LATE_TRAIN_FIELDS = {"precision": "auto"}
 
 
 def resolve_prerequisite(need: dict, profile: Profile, data: dict) -> dict:

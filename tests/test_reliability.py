@@ -101,6 +101,32 @@ def test_a_run_held_by_another_process_is_skipped_not_run_twice(tmp_path):
     assert not (tmp_path / "runs" / busy / "result.json").exists()
 
 
+def test_two_suite_processes_on_one_outputs_folder_never_run_a_run_twice(tmp_path):
+    """Two real `suites.run` processes on one grid: the second starts while the first is
+    training; they meet at a run one of them holds, the other skips it; every run ends done
+    exactly once with an intact record."""
+    args = [sys.executable, "-m", "suites.run", "ablation_masking", "--profile", "smoke", "--only", "mae",
+            "--seeds", "3", "--outputs", str(tmp_path), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    while not list((tmp_path / "runs").glob("*/metrics.jsonl")):      # the first is training
+        assert first.poll() is None, "the first process ended before training"
+    second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    first_out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    skips = re.findall(r"(mae-[0-9a-f]{12}) is running in another process; skipped here",
+                       first_out + second.stdout)
+    assert skips, "the two processes never met at a run"
+
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 12
+    for run_dir in run_dirs:
+        record = json.loads((run_dir / "result.json").read_text())
+        assert record["status"] == "done", record.get("error")
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(record["train"]["steps"])), f"{run_dir.name} trained twice or partly"
+
+
 def test_a_record_from_a_newer_schema_stops_with_exit_2_and_is_left_untouched(tmp_path):
     plan = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", "--dry-run", outputs=tmp_path)
     run = tmp_path / "runs" / re.search(r"(none-[0-9a-f]{12})", plan.stdout).group(1)

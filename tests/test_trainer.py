@@ -85,3 +85,45 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
     trainer.step_fn = nan_after_4
     with pytest.raises(NonFiniteLoss, match="at step 4; last good checkpoint: .*ckpt-00000003.pt"):
         trainer.fit()
+
+
+def test_fp16_scales_the_loss_and_skips_an_overflowing_step_without_stopping(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=32, blr=1e-3, checkpoint_every=5, log_every=1, precision="fp16")
+    trainer = make_trainer(tmp_path, cfg=cfg)
+    assert trainer.scaler is not None
+    forward = trainer.method.forward
+    calls = []
+
+    def overflow_at_step_3(batch):
+        loss, logs = forward(batch)
+        calls.append(1)
+        if len(calls) == 4:
+            loss = loss * 1e38            # finite, but scaled by 2**16 its gradients overflow
+        return loss, logs
+
+    trainer.step_fn = overflow_at_step_3
+    stats = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in rows]
+    assert stats["steps"] == 10 and len(rows) == 10
+    assert scales[0] == 2.0 ** 16 and min(scales) == 2.0 ** 15      # halved once, at the overflow
+    assert scales.index(min(scales)) == 3
+    state = torch.load(checkpoint_paths(tmp_path / "checkpoints")[0], weights_only=True)
+    assert state["scaler"]["scale"] == 2.0 ** 15                   # resumes with the same scale
+
+
+def test_fp16_overflow_step_leaves_the_weights_unchanged(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=32, blr=1e-3, checkpoint_every=50, log_every=1, precision="fp16")
+    trainer = make_trainer(tmp_path, cfg=cfg)
+    trainer.total_steps = 1
+    trainer.step_fn = lambda batch: (lambda loss, logs: (loss * 1e38, logs))(*trainer.method.forward(batch))
+    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    trainer.fit()
+    after = trainer.method.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.scaler.get_scale() == 2.0 ** 15
+
+
+def test_an_unknown_precision_is_a_config_error():
+    with pytest.raises(Exception, match="precision 'fp8' unknown; known: auto, fp32, bf16, fp16"):
+        TrainConfig(precision="fp8").validate()
