@@ -5,7 +5,8 @@ A result is cached in result.json under `evals[name]` with the config that produ
 the runner calls an evaluation again only when it is missing or its config changed, so
 adding one to a finished suite runs only the new work. Each keeps its working files in
 `<run>/evals/<name>-<config hash>/` (fine-tuning and segmentation checkpoints: a killed
-evaluation resumes).
+evaluation resumes) and, once it has finished, its record (`result.json`), so that a
+run killed during a later evaluation keeps the finished ones.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from engine.data import Splits
+from engine.records import read_json, write_json
 from methods.vit import ViT
 from suites.profiles import Profile
 
@@ -46,6 +48,8 @@ def run_evaluation(name: str, encoder: ViT, splits: Splits, profile: Profile, ru
     """{"config", "metrics", "details", "seconds"} of one evaluation of `encoder`."""
     config = eval_config(name, profile)
     work_dir = Path(run_dir) / "evals" / f"{name}-{_hash(config)}"
+    if (work_dir / "result.json").exists():      # finished before the run was stopped
+        return read_json(work_dir / "result.json")
     started = time.time()
     if name == "linear":
         from eval import linear
@@ -64,7 +68,10 @@ def run_evaluation(name: str, encoder: ViT, splits: Splits, profile: Profile, ru
                                progress=progress)
     else:
         raise ValueError(f"{name!r} is not one of {ENCODER_EVALUATIONS}")
-    return {"config": config, **out, "seconds": time.time() - started}
+    record = {"config": config, **out, "seconds": time.time() - started}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json(work_dir / "result.json", record)
+    return record
 
 
 def _hash(config: dict) -> str:

@@ -262,7 +262,8 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
         if "requires" in config:
             method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress,
                                                        on_bad_image))
-        trainer = Trainer(method, splits.train.images, TrainConfig(**config["train"]), run_dir, seed=config["seed"],
+        train = TrainConfig(**config["train"]) if config["train"] else profile.train   # None: does not train
+        trainer = Trainer(method, splits.train.images, train, run_dir, seed=config["seed"],
                           config_hash=config_hash(config), device=device, progress=progress)
         train_stats = trainer.fit()
         if not distributed.is_main():

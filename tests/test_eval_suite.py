@@ -72,3 +72,20 @@ def test_segmentation_on_ade20k_without_the_data_fails_before_any_training(tmp_p
         SMOKE.eval_budget, segmentation=dataclasses.replace(SMOKE.eval_budget.segmentation, dataset="ade20k")))
     with pytest.raises(Exception, match="needs the ADEChallengeData2016/ folder; set MIMBENCH_ADE20K="):
         resolve(RunSpec("none", evals=("segmentation",)), ade, 0, data_descriptor(ade, None))
+
+
+def test_a_run_stopped_during_a_later_evaluation_keeps_the_finished_ones(tmp_path, monkeypatch):
+    from eval import finetune
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt        # the process is stopped during fine-tuning
+
+    monkeypatch.setattr(finetune, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_once(RunSpec("none", evals=("knn", "linear", "finetune")), tmp_path)
+    monkeypatch.undo()
+
+    from eval import linear
+    monkeypatch.setattr(linear, "run", lambda *a, **k: pytest.fail("the finished linear probe ran again"))
+    result = run_once(RunSpec("none", evals=("knn", "linear", "finetune")), tmp_path)
+    assert {"linear_top1_cls", "finetune_top1"} <= set(result["metrics"])
