@@ -92,20 +92,48 @@ def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     return True
 
 
-def plot_losses(runs: pd.DataFrame, run_root: Path, path: Path) -> bool:
-    curves = []
+# logged quantities that make a collapse visible (iBOT: the teacher's output entropy falls to
+# zero and its centre's norm runs away when every image maps to one prototype)
+MONITORS = ("entropy", "center_norm")
+
+
+def training_curves(runs: pd.DataFrame, run_root: Path) -> pd.DataFrame:
+    """Long table (run, method, step, name, value) of every logged scalar of each setting's
+    first seed."""
+    rows = []
     for _, run in runs[(runs["method"] != BASELINE) & (runs["seed"] == runs["seed"].min())].iterrows():
         metrics_file = run_root / run["run"] / "metrics.jsonl"
-        if metrics_file.exists():
-            rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-            curves += [{"step": r["step"], "loss": r["loss"], "run": f"{run['method']} {run['setting']}",
-                        "method": run["method"]} for r in rows if "loss" in r]
-    if not curves:
+        if not metrics_file.exists():
+            continue
+        for line in metrics_file.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                rows += [{"run": f"{run['method']} {run['setting']}", "method": run["method"],
+                          "step": record["step"], "name": name, "value": value}
+                         for name, value in record.items() if name not in ("step", "lr")]
+    return pd.DataFrame(rows, columns=["run", "method", "step", "name", "value"])
+
+
+def plot_losses(curves: pd.DataFrame, path: Path) -> bool:
+    data = curves[curves["name"] == "loss"]
+    if data.empty:
         return False
-    data = pd.DataFrame(curves)
-    grid = sns.relplot(data=data, x="step", y="loss", hue="run", col="method", kind="line",
+    grid = sns.relplot(data=data, x="step", y="value", hue="run", col="method", kind="line",
                        height=3, aspect=1.2, facet_kws={"sharey": False, "sharex": False})
+    grid.set_ylabels("loss")
     grid.figure.suptitle("pre-training loss (first seed)", y=1.03)
+    grid.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(grid.figure)
+    return True
+
+
+def plot_monitors(curves: pd.DataFrame, path: Path) -> bool:
+    data = curves[curves["name"].str.contains("|".join(MONITORS))]
+    if data.empty:
+        return False
+    grid = sns.relplot(data=data, x="step", y="value", hue="run", col="name", kind="line", col_wrap=4,
+                       height=3, aspect=1.2, facet_kws={"sharey": False, "sharex": False})
+    grid.figure.suptitle("collapse monitors (first seed): teacher entropy in nats, centre norm", y=1.03)
     grid.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(grid.figure)
     return True
@@ -138,9 +166,11 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
     (out_dir / "table.md").write_text("\n".join(md))
 
     run_root = index_file.parent / "../../../runs"
+    curves = training_curves(runs, run_root)
     plots = {"vs_mask_ratio.png": plot_vs_ratio(runs, metrics, out_dir / "vs_mask_ratio.png"),
              "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
-             "loss_curves.png": plot_losses(runs, run_root, out_dir / "loss_curves.png")}
+             "loss_curves.png": plot_losses(curves, out_dir / "loss_curves.png"),
+             "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
     figures = sorted(p for run in runs["run"] for p in (run_root / run / "figures").glob("*.png"))
 
     status = runs[runs["status"] != "done"][["method", "setting", "seed", "run", "status"]]

@@ -30,8 +30,10 @@ def write_records(outputs, knn):
                   "metrics": {} if value == "failed" else {"knn_top1_cls": value, "knn_top1_mean": value - 1,
                                                            "pretrain_flops_total": 1e15}}
         (folder / "result.json").write_text(json.dumps(record))
-        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n"
-                                                      for s in range(5)))
+        rows = [{"step": s, "loss": 1 / (s + 1)} for s in range(5)]
+        if method == "ibot":
+            rows = [{**row, "teacher_entropy_cls": 3.0 - row["step"] / 10} for row in rows]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     index = outputs / "suites" / "demo" / "cpu"
     index.mkdir(parents=True)
     (index / "runs.json").write_text(json.dumps({"suite": "demo", "profile": "cpu", "runs": entries}))
@@ -52,6 +54,7 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
         ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5,
         ("mae", "random 0.9", 0): 39.0, ("mae", "random 0.9", 1): "failed",
         ("pixel", "random 0.6", 0): None, ("pixel", "random 0.6", 1): 30.0,
+        ("ibot", "teacher", 0): 37.0, ("ibot", "teacher", 1): 36.0,
     })
     code = ("import sys, reports.build as b; rc = b.main(['--outputs', sys.argv[1], '--out', sys.argv[2]]); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('methods', 'engine', 'eval', 'suites')); "
@@ -69,7 +72,7 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
     assert diffs.loc["random 0.75", "Δ knn_top1_cls"].startswith("8.25")   # (8 + 8.5) / 2, paired by seed
     html = (folder / "index.html").read_text()
     assert "Failed or missing runs" in html and "data:image/png;base64" in html
-    for plot in ("vs_mask_ratio.png", "vs_flops.png", "loss_curves.png"):
+    for plot in ("vs_mask_ratio.png", "vs_flops.png", "loss_curves.png", "collapse_monitors.png"):
         assert (folder / plot).stat().st_size > 1000
 
 
