@@ -20,9 +20,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
-# the default suite on the shipped CIFAR-10 (finished runs are skipped), then the report
+# the default suite on the shipped CIFAR-10 (finished runs are skipped), then the report;
+# SEEDS=1 ONLY=mae,none narrow the grid (e.g. `make report SEEDS=1 ONLY=mae,pixel,none`)
 report: $(STAMP)
-	$(PY) -m suites.run $(SUITE) --profile $(PROFILE); rc=$$?; \
+	$(PY) -m suites.run $(SUITE) --profile $(PROFILE) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(ONLY),--only $(ONLY)); rc=$$?; \
 	$(PY) -m reports.build; exit $$rc
 
 # throughput of every method vs lightly's MAE and a plain timm ViT, in one process
