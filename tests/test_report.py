@@ -80,3 +80,24 @@ def test_report_without_records_says_what_to_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "reports.build", "--outputs", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "run python -m suites.run SUITE first" in out.stderr
+
+
+@pytest.mark.skipif(not __import__("reports.screenshot").screenshot.find_browser(),
+                    reason="no Chromium on this machine (apt install chromium)")
+def test_the_html_page_renders_its_tables_and_plots_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    from reports.build import main as build
+    from reports.screenshot import screenshot
+
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+                                         ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5})
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")]) == 0
+    page = tmp_path / "report" / "demo" / "cpu" / "index.html"
+    empty = tmp_path / "empty.html"
+    empty.write_text("<html><body></body></html>")
+    pixels = np.asarray(Image.open(screenshot(page, tmp_path / "shot.png", height=1600)).convert("L"), float)
+    blank = np.asarray(Image.open(screenshot(empty, tmp_path / "blank.png", height=1600)).convert("L"), float)
+    assert pixels.std() > 5 * (blank.std() + 1)     # text and plots, not a white page
+    rows_with_ink = (pixels < 128).any(axis=1).mean()
+    assert rows_with_ink > 0.2       # tables and plots fill a good part of the page
