@@ -101,3 +101,19 @@ def test_the_html_page_renders_its_tables_and_plots_in_headless_chromium(tmp_pat
     assert pixels.std() > 5 * (blank.std() + 1)     # text and plots, not a white page
     rows_with_ink = (pixels < 128).any(axis=1).mean()
     assert rows_with_ink > 0.2       # tables and plots fill a good part of the page
+
+
+def test_readme_block_is_replaced_with_the_table_and_a_plot(tmp_path):
+    from reports.build import main as build
+
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+                                         ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5})
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- results:demo/cpu -->\nold table\n<!-- /results -->\n\n## next\n")
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report"),
+                  "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title") and text.endswith("## next\n")
+    assert "| mae" in text and "42.75 ±" in text                     # mean of 42.0 and 43.5
+    assert "](docs/results/demo-cpu-vs_mask_ratio.png)" in text
+    assert (tmp_path / "docs" / "results" / "demo-cpu-vs_mask_ratio.png").stat().st_size > 1000
