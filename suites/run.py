@@ -5,9 +5,11 @@ resuming unfinished ones; then print and save the table (mean ± 95% CI over see
     python -m suites.run ablation_masking --profile smoke
     python -m suites.run ablation_masking --profile cpu --seeds 2 --only mae,none
     python -m suites.run ablation_masking --dry-run
+    python -m suites.run ablation_masking --profile imagenet --data /data/imagenet \
+        --slurm --slurm-partition gpu --slurm-gpus 8 --slurm-timeout 2880   # one Slurm job per run
 
-Exit codes: 0 all runs done; 1 some runs failed (each folder's result.json says why);
-2 bad input (unknown suite / profile / method, bad path or config).
+Exit codes: 0 all runs done (with --slurm: submitted); 1 some runs failed (each folder's
+result.json says why); 2 bad input (unknown suite / profile / method, bad path or config).
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ from engine.records import write_json
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import load_index, metric_columns, summarize
+from suites import slurm
 from suites.cost import estimate_seconds
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
 from suites.runner import RunSkipped, data_descriptor, execute, read_result, resolve, run_dir_for
-
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +53,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
     parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cluster = parser.add_argument_group("Slurm (through submitit; each option needs --slurm)")
+    cluster.add_argument("--slurm", action="store_true",
+                         help="submit one Slurm job per run not done instead of running here; with "
+                              "--dry-run, print the jobs")
+    cluster.add_argument("--slurm-partition", default=None, help="partition (default: the cluster's)")
+    cluster.add_argument("--slurm-nodes", type=int, default=None, help="nodes per job (default 1)")
+    cluster.add_argument("--slurm-gpus", type=int, default=None,
+                         help="GPUs per node = DDP processes per node (default 1)")
+    cluster.add_argument("--slurm-timeout", type=int, default=None,
+                         help="time limit of a job in minutes (default 1440); at it the job requeues "
+                              "itself and resumes from the run's last checkpoint")
+    cluster.add_argument("--slurm-cpus-per-task", type=int, default=None, help="default: the cluster's")
+    cluster.add_argument("--slurm-mem", type=float, default=None, help="GB per node (default: the cluster's)")
+    cluster.add_argument("--slurm-option", action="append", default=None, metavar="KEY=VALUE",
+                         help="any other sbatch option, e.g. account=vision or qos=high (repeatable)")
+    cluster.add_argument("--slurm-wait", action="store_true", default=None,   # None: not given
+                         help="wait for the jobs to end, then write the table")
     return parser.parse_args(argv)
+
+
+# --slurm-* arguments -> SlurmOptions fields
+SLURM_FIELDS = {"slurm_partition": "partition", "slurm_nodes": "nodes", "slurm_gpus": "gpus",
+                "slurm_timeout": "timeout_min", "slurm_cpus_per_task": "cpus_per_task", "slurm_mem": "mem_gb"}
+
+
+def slurm_options(args: argparse.Namespace) -> slurm.SlurmOptions | None:
+    """The --slurm-* options as SlurmOptions (None without --slurm); ConfigError for bad ones."""
+    given = [name for name in (*SLURM_FIELDS, "slurm_option", "slurm_wait") if getattr(args, name) is not None]
+    if not args.slurm:
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} needs --slurm")
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--slurm submits jobs from one process; run it without torchrun")
+    return slurm.SlurmOptions(**{field: getattr(args, name) for name, field in SLURM_FIELDS.items()
+                                 if getattr(args, name) is not None},
+                              extra=slurm.parse_extra(args.slurm_option or []))
 
 
 def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
@@ -133,6 +171,70 @@ def format_hours(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
+def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
+    """runs.json: the suite's runs with their grid settings, as the table reads them."""
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    write_json(suite_dir / "runs.json", {
+        "suite": suite_name, "profile": profile_name,
+        "runs": [{"method": spec.method, "setting": spec.setting, "seed": seed,
+                  "params": flatten(spec.overrides),
+                  "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
+                 for spec, seed, c in runs]})
+
+
+def write_table(suite_dir: Path) -> None:
+    runs_table = load_index(suite_dir / "runs.json")
+    table = summarize(runs_table, metric_columns(runs_table))
+    table.to_csv(suite_dir / "table.csv", index=False)
+    (suite_dir / "table.md").write_text(table.to_markdown(index=False) + "\n")
+    print()
+    print(table.to_string(index=False))
+
+
+def table_command(args: argparse.Namespace) -> str:
+    """The command that writes the table once the jobs are done: this one without --slurm."""
+    words = ["python -m suites.run", args.suite, "--profile", args.profile]
+    for flag, value in (("--seeds", args.seeds), ("--only", args.only), ("--outputs", args.outputs),
+                        ("--data", args.data)):
+        if value is not None and not (flag == "--outputs" and value == "outputs"):
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
+def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs: list[slurm.PlannedJob],
+                    runs: list[tuple], outputs: Path, suite_dir: Path) -> int:
+    if jobs:
+        slurm.cluster()   # no sbatch here: say so before writing anything
+    write_index(suite_dir, args.suite, args.profile, runs, outputs)
+    if not jobs:
+        print(f"nothing to submit: all {len(runs)} runs are done")
+        write_table(suite_dir)
+        print(f"\ntable: {suite_dir}/table.md")
+        return 0
+    folder = outputs / "slurm" / args.suite / args.profile
+    submitted = slurm.submit(jobs, options, folder)
+    print(f"submitted {len(jobs)} job(s); each: {options.describe()}")
+    job_ids = [handle.job_id for handle in submitted]
+    for job, job_id in zip(jobs, job_ids):
+        after = "" if job.after is None else f"  (after {job_ids[job.after]})"
+        print(f"  {job_id}  {job.label}{after}")
+    print(f"follow them: squeue -j {','.join(job_ids)}; logs: {folder}/<job id>_<task>_log.out/.err")
+    print("a job at its time limit requeues itself and resumes from the run's last checkpoint")
+    if not args.slurm_wait:
+        print(f"once squeue lists none of them, the same command without --slurm finds every run done and "
+              f"writes the table (--dry-run first shows each run's state):\n  {table_command(args)}")
+        return 0
+    print("waiting for them:")
+    failed = slurm.wait(jobs, submitted)
+    write_table(suite_dir)
+    print(f"\ntable: {suite_dir}/table.md")
+    if failed:
+        print(f"{len(failed)} job(s) FAILED (their logs in {folder}, runs' result.json in {outputs}/runs)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -142,21 +244,22 @@ def main(argv=None) -> int:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
     outputs = Path(args.outputs)
     runs = plan(args.suite, args.profile, args.seeds, args.only, args.data)
+    options = slurm_options(args)
+    jobs = slurm.plan_jobs(runs, get_profile(args.profile), outputs, args.device, not args.no_progress,
+                           "skip" if args.skip_bad_images else "error") if options else []
+    suite_dir = outputs / "suites" / args.suite / args.profile
     if args.dry_run:
         print_plan(args.suite, args.profile, runs, outputs)
+        if options:
+            slurm.print_jobs(jobs, options, len(runs))
         return 0
+    if options:
+        return submit_to_slurm(args, options, jobs, runs, outputs, suite_dir)
     distributed.init_from_env()       # under torchrun: join the process group
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     profile = get_profile(args.profile)
-    suite_dir = outputs / "suites" / args.suite / args.profile
-    suite_dir.mkdir(parents=True, exist_ok=True)
-    index = {"suite": args.suite, "profile": args.profile,
-             "runs": [{"method": spec.method, "setting": spec.setting, "seed": seed,
-                       "params": flatten(spec.overrides),
-                       "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
-                      for spec, seed, c in runs]}
     if distributed.is_main():
-        write_json(suite_dir / "runs.json", index)
+        write_index(suite_dir, args.suite, args.profile, runs, outputs)
 
     failed, skipped, started = [], [], time.time()
     for i, (spec, seed, config) in enumerate(runs, 1):
@@ -180,12 +283,7 @@ def main(argv=None) -> int:
 
     if not distributed.is_main():
         return 0
-    runs_table = load_index(suite_dir / "runs.json")
-    table = summarize(runs_table, metric_columns(runs_table))
-    table.to_csv(suite_dir / "table.csv", index=False)
-    (suite_dir / "table.md").write_text(table.to_markdown(index=False) + "\n")
-    print()
-    print(table.to_string(index=False))
+    write_table(suite_dir)
     print(f"\n{len(runs)} runs in {time.time() - started:.0f} s; table: {suite_dir}/table.md")
     if skipped:
         print(f"{len(skipped)} run(s) were busy in another process: {', '.join(skipped)}")
