@@ -5,6 +5,7 @@ resuming unfinished ones; then print and save the table (mean ± 95% CI over see
     python -m suites.run ablation_masking --profile smoke
     python -m suites.run ablation_masking --profile cpu --seeds 2 --only mae,none
     python -m suites.run ablation_masking --dry-run
+    python -m suites.run ablation_masking --table-only      # the table of what has finished
     python -m suites.run ablation_masking --profile imagenet --data /data/imagenet \
         --slurm --slurm-partition gpu --slurm-gpus 8 --slurm-timeout 2880   # one Slurm job per run
 
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="leave unreadable image files out (counted) instead of stopping at the first")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
     parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: write the grid's index and table from the runs finished so far "
+                             "(the others show as missing)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     cluster = parser.add_argument_group("Slurm (through submitit; each option needs --slurm)")
     cluster.add_argument("--slurm", action="store_true",
@@ -252,6 +256,11 @@ def main(argv=None) -> int:
         print_plan(args.suite, args.profile, runs, outputs)
         if options:
             slurm.print_jobs(jobs, options, len(runs))
+        return 0
+    if args.table_only:
+        write_index(suite_dir, args.suite, args.profile, runs, outputs)
+        write_table(suite_dir)
+        print(f"\ntable: {suite_dir}/table.md")
         return 0
     if options:
         return submit_to_slurm(args, options, jobs, runs, outputs, suite_dir)

@@ -66,3 +66,14 @@ def test_bad_input_gives_a_one_line_error_and_exit_code_2(tmp_path, args, messag
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_table_only_runs_nothing_and_shows_unfinished_runs_as_missing(tmp_path):
+    done = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none,mae", "--table-only", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "runs").iterdir()) == ["none"]   # nothing ran
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv").set_index("setting")
+    assert table.loc["random init", "seeds done"] == 1 and table.loc["random 0.75", "missing"] == 1
