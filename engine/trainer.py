@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine import distributed
 from engine.checkpoint import load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip
+from engine.records import read_json, write_json
 from methods.base import Batch, MIMMethod
 from methods.registry import ConfigError
 
@@ -213,6 +214,9 @@ class Trainer:
             return {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
         start = self.resume()
         distributed.barrier()  # no rank starts before every rank has read the checkpoint
+        stats_file = self.run_dir / "train_stats.json"
+        if start >= self.total_steps and stats_file.exists():
+            return read_json(stats_file)   # finished earlier: its stats, not those of an empty session
         flops = self.flops_per_step() if start < self.total_steps else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         # rank 0 writes metrics (the loss of its own slice of the batch)
@@ -268,7 +272,7 @@ class Trainer:
                 signal.signal(s, handler)
         distributed.barrier()  # the last checkpoint is on disk before any rank moves on
         images_per_second = (timed_steps * self.cfg.batch_size / step_seconds) if step_seconds else None
-        return {
+        stats = {
             "steps": self.total_steps,
             "images_seen": self.total_steps * self.cfg.batch_size,
             "train_seconds_this_session": step_seconds,
@@ -279,6 +283,9 @@ class Trainer:
             "peak_memory_mb": peak_memory_mb(self.device),
             "skipped_nonfinite_steps": bad_steps,
         }
+        if self.rank == 0:
+            write_json(stats_file, stats)
+        return stats
 
     def _backward_and_step(self, loss: torch.Tensor, logs: dict) -> None:
         if self.scaler is None:

@@ -127,3 +127,10 @@ def test_fp16_overflow_step_leaves_the_weights_unchanged(tmp_path):
 def test_an_unknown_precision_is_a_config_error():
     with pytest.raises(Exception, match="precision 'fp8' unknown; known: auto, fp32, bf16, fp16"):
         TrainConfig(precision="fp8").validate()
+
+
+def test_a_finished_run_started_again_returns_its_training_stats_not_an_empty_session(tmp_path):
+    first = make_trainer(tmp_path).fit()
+    assert first["images_per_second"] > 0 and first["flops_total"] > 0
+    again = make_trainer(tmp_path).fit()       # e.g. evaluations were interrupted and the run restarts
+    assert again == json.loads(json.dumps(first))
