@@ -142,10 +142,8 @@ def resolve_prerequisite(need: dict, profile: Profile, data: dict) -> dict:
     """{"config": resolved config, "evals": [...]} of a run another run requires. Its config
     comes from the method's hook alone (plus data and the profile's training recipe with
     the hook's "train" overrides), not from the profile's encoder or method defaults."""
-    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **need["train"]},
-                         where=f"train config of the {need['method']!r} prerequisite")
-    budget = dataclasses.replace(profile, encoder={}, method_defaults={}, train=train)
-    spec = RunSpec(need["method"], overrides=need["overrides"], evals=tuple(need["evals"]))
+    budget = dataclasses.replace(profile, encoder={}, method_defaults={})
+    spec = RunSpec(need["method"], "prerequisite", need["overrides"], tuple(need["evals"]), need["train"])
     return {"config": resolve(spec, budget, need["seed"], data), "evals": list(spec.evals)}
 
 
