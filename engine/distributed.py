@@ -23,6 +23,13 @@ def init_from_env() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def default_device(requested: str | None = None) -> str:
+    """`requested`, else this process's GPU (LOCAL_RANK under torchrun), else the CPU."""
+    if requested:
+        return requested
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

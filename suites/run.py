@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from engine import distributed
 from engine.data import DataError
@@ -265,7 +264,7 @@ def main(argv=None) -> int:
     if options:
         return submit_to_slurm(args, options, jobs, runs, outputs, suite_dir)
     distributed.init_from_env()       # under torchrun: join the process group
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = distributed.default_device(args.device)
     profile = get_profile(args.profile)
     if distributed.is_main():
         write_index(suite_dir, args.suite, args.profile, runs, outputs)

@@ -132,7 +132,7 @@ def join_process_group(device: str | None) -> str:
         if torch.cuda.is_available() and torch.cuda.device_count() == 1:
             os.environ["LOCAL_RANK"] = "0"  # the cluster binds one GPU per task (--gpu-bind): it is cuda:0
         distributed.init_from_env()
-    return device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    return distributed.default_device(device)
 
 
 def held_elsewhere(run_dir: Path) -> bool:
