@@ -4,6 +4,7 @@ cost of the evaluations every run pays.
     python -m bench [--size tiny] [--batch 128] [--reps 7] [--threads 2] [--out PATH]
     python -m bench --no-eval          # the step table only
     python -m bench --eval             # the evaluation timings only
+    python -m bench --compile          # plus each method through torch.compile (extra rows)
 
 Each competitor is a step function (forward + backward + AdamW step, then the method's
 post-step hook such as iBOT's EMA teacher update) on the same input. Repetitions are
@@ -64,6 +65,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of our methods")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each method through torch.compile (extra rows; compiling takes "
+                             "1-2 minutes per method on 2 CPU cores)")
     parts = parser.add_mutually_exclusive_group()
     parts.add_argument("--eval", action="store_true", help="only the evaluation timings (default: both)")
     parts.add_argument("--no-eval", action="store_true", help="only the step table (default: both)")
@@ -83,6 +87,9 @@ def step_results(args: argparse.Namespace, device: torch.device) -> dict:
 
     names = args.methods.split(",") if args.methods else sorted(n for n, (c, _) in registry.items() if c.trains)
     competitors = [our_method(n, enc, args.batch, args.mask_ratio, decoder, images, device) for n in names]
+    if args.compile:
+        competitors += [our_method(n, enc, args.batch, args.mask_ratio, decoder, images, device, compile=True)
+                        for n in names]
     competitors.append(timm_full_token(enc, images, device))
     if not anchors.lightly_available():
         print("lightly is not installed (pip install lightly): its rows are skipped")
@@ -127,6 +134,9 @@ def step_results(args: argparse.Namespace, device: torch.device) -> dict:
         identical[f"{name}_vs_timm_full_token"] = ratio(name, FULL_TOKEN)
         if name != "mae":
             identical[f"mae_vs_{name}"] = ratio("mae", name)
+    if args.compile:
+        identical["mae_compiled_vs_lightly"] = ratio("mae (compiled)", "lightly MAE")
+        identical.update({f"{name}_compiled_vs_eager": ratio(f"{name} (compiled)", name) for name in names})
     identical = {key: value for key, value in identical.items() if value is not None}
     print("\nratios of median img/s, same ViT, batch and input:")
     for key, value in identical.items():

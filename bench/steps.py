@@ -47,8 +47,10 @@ class Competitor:
     patch tokens the step masks (None: no masking)."""
 
     def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
-                 after_step: Callable[[], None] | None = None, masked_fraction: float | None = None):
+                 after_step: Callable[[], None] | None = None, masked_fraction: float | None = None,
+                 eager_loss_fn: Callable[[], torch.Tensor] | None = None):
         self.name, self.model, self.loss_fn = name, model, loss_fn
+        self.eager_loss_fn = eager_loss_fn or loss_fn     # FLOPs are counted eagerly
         self.after_step = after_step
         self.masked_fraction = masked_fraction
         params = [p for p in model.parameters() if p.requires_grad]
@@ -71,7 +73,7 @@ class Competitor:
             m.fused_attn = False
         counter = FlopCounterMode(display=False)
         with counter:
-            self.loss_fn().backward()
+            self.eager_loss_fn().backward()
         self.optimizer.zero_grad(set_to_none=True)
         for m in attns:
             m.fused_attn = True
@@ -88,7 +90,9 @@ def encoder_overrides(enc: ViTConfig) -> dict:
 
 
 def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder: tuple[int, int, int],
-               images: torch.Tensor, device: torch.device) -> Competitor:
+               images: torch.Tensor, device: torch.device, compile: bool = False) -> Competitor:
+    """Our method's step; `compile`: through torch.compile (the trainer's `compile=True`),
+    named "NAME (compiled)" and compiled at its first (warm-up) step."""
     overrides: dict = {"encoder": encoder_overrides(enc)}
     if name == "mae":
         overrides.update(decoder_dim=decoder[0], decoder_depth=decoder[1], decoder_heads=decoder[2],
@@ -98,11 +102,17 @@ def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder
     data = Batch(images=images, mask=None if mask is None else mask.to(device),
                  views=[images] * method.num_views if method.num_views > 1 else None)
 
+    forward = torch.compile(method) if compile else method
+
     def loss_fn():
+        loss, _ = forward(data)
+        return loss
+
+    def eager_loss_fn():
         loss, _ = method(data)
         return loss
 
-    return Competitor(name, method, loss_fn, after_step=lambda: method.after_step(0, SCHEDULE_STEPS),
+    return Competitor(f"{name} (compiled)" if compile else name, method, loss_fn, eager_loss_fn=eager_loss_fn, after_step=lambda: method.after_step(0, SCHEDULE_STEPS),
                       masked_fraction=None if mask is None else mask.float().mean().item())
 
 

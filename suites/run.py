@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("suite", nargs="?", help=f"one of: {', '.join(SUITES)}")
     parser.add_argument("--profile", default="cpu", help=f"one of: {', '.join(PROFILES)} (default cpu)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per grid cell (default: the profile's)")
-    parser.add_argument("--only", default=None, help="comma-separated method names to keep from the grid")
+    parser.add_argument("--only", default=None, help="comma-separated methods to keep from the grid; METHOD:SETTING keeps one cell "
+                             "(e.g. --only none,beit:random 0.4)")
     parser.add_argument("--outputs", default="outputs", help="where run folders go (default outputs/)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder with train/ and test/ (default: the shipped CIFAR-10); images "
@@ -102,18 +103,30 @@ def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None
     profile = get_profile(profile_name)
     specs = suite.grid(profile)
     if only:
-        wanted = [m.strip() for m in only.split(",") if m.strip()]
-        known = sorted({s.method for s in specs})
-        bad = [m for m in wanted if m not in known]
-        if bad:
-            raise UnknownNameError(f"--only names {bad[0]!r}, not in suite {suite_name!r}; its methods: "
-                                   f"{', '.join(known)}")
-        specs = [s for s in specs if s.method in wanted]
+        specs = select(specs, only, suite_name)
     seeds = profile.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     descriptor = data_descriptor(profile, data)
     return [(spec, seed, resolve(spec, profile, seed, descriptor)) for spec in specs for seed in range(seeds)]
+
+
+def select(specs: list, only: str, suite_name: str) -> list:
+    """The grid cells `--only` keeps: "mae,none" keeps methods, "beit:random 0.4" one cell."""
+    known = sorted({s.method for s in specs})
+    kept = []
+    for word in (w.strip() for w in only.split(",") if w.strip()):
+        method, _, setting = (part.strip() for part in word.partition(":"))
+        if method not in known:
+            raise UnknownNameError(f"--only names {method!r}, not in suite {suite_name!r}; its methods: "
+                                   f"{', '.join(known)}")
+        cells = [s for s in specs if s.method == method and (not setting or s.setting == setting)]
+        if not cells:
+            settings = ", ".join(repr(s.setting) for s in specs if s.method == method)
+            raise UnknownNameError(f"--only names {word!r}, but {method} has no setting {setting!r} in suite "
+                                   f"{suite_name!r}; its settings: {settings}")
+        kept += [s for s in cells if s not in kept]
+    return [s for s in specs if s in kept]     # grid order
 
 
 def flatten(overrides: dict, prefix: str = "") -> dict:

@@ -56,3 +56,15 @@ def test_eval_only_writes_the_timings_and_no_step_table(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["knn_seconds"]["seconds"] > 0 and "throughput" not in results
+
+
+def test_compile_adds_a_compiled_row_with_the_eager_flops(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-m", "bench", *MICRO, "--methods", "mae", "--compile", "--no-eval",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    eager, compiled = results["throughput"]["mae"], results["throughput"]["mae (compiled)"]
+    assert compiled["img_per_s"] > 0
+    assert compiled["flops_per_step"] == eager["flops_per_step"]     # the same computation, counted eagerly
+    assert results["mae_compiled_vs_eager"]["ratio"] > 0

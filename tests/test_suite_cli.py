@@ -53,10 +53,20 @@ def test_only_filters_the_grid_and_dry_run_prints_costs_without_running(tmp_path
     assert not (tmp_path / "runs").exists()
 
 
+def test_only_with_a_setting_keeps_one_cell(tmp_path):
+    out = run_cli("ablation_masking", "--profile", "cpu", "--only", "none,beit:random 0.4", "--seeds", "1",
+                  "--dry-run", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines() if " seed " in line]
+    assert [(words[0], words[1]) for words in lines] == [("none", "random"), ("beit", "random")]
+
+
 @pytest.mark.parametrize("args,message", [
     (["ablation_mask"], "unknown suite 'ablation_mask'; known: ablation_mae_decoder, ablation_masking, ablation_targets, compare_methods"),
     (["ablation_masking", "--profile", "laptop"], "unknown profile 'laptop'; known: cpu, gpu, imagenet, smoke"),
     (["ablation_masking", "--only", "maee"], "--only names 'maee', not in suite 'ablation_masking'"),
+    (["ablation_masking", "--only", "beit:grid 0.4"], "beit has no setting 'grid 0.4' in suite 'ablation_masking'; "
+                                                      "its settings: 'block 0.4', 'random 0.4'"),
     (["ablation_masking", "--profile", "cpu", "--data", "/no/such/folder"], "not found; pass --data PATH"),
     (["ablation_masking", "--seeds", "0"], "--seeds must be >= 1"),
 ])
