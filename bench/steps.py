@@ -99,8 +99,10 @@ def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder
                          norm_pix_loss=False, mask={"strategy": "random", "ratio": mask_ratio})
     method = build_method(name, **overrides).to(device).train()
     mask = method.draw_masks(batch, torch.Generator().manual_seed(0))
+    views = [images if size == enc.img_size else F.interpolate(images, size=size, mode="bilinear")
+             for size, _ in method.view_specs(0.2)]
     data = Batch(images=images, mask=None if mask is None else mask.to(device),
-                 views=[images] * method.num_views if method.num_views > 1 else None)
+                 views=views if len(views) > 1 else None)
 
     forward = torch.compile(method) if compile else method
 

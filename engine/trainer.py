@@ -147,10 +147,9 @@ class Trainer:
             self._epoch_order = (epoch, torch.randperm(len(self.images), generator=gen))
         index = self._epoch_order[1][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
-        enc = self.method.cfg.encoder
         uint8 = self.images[index.to(self.device)]
-        views = [random_resized_crop_flip(uint8, enc.img_size, gen, scale=(self.cfg.crop_scale_min, 1.0))
-                 for _ in range(self.method.num_views)]
+        views = [random_resized_crop_flip(uint8, size, gen, scale=scale)
+                 for size, scale in self.method.view_specs(self.cfg.crop_scale_min)]
         mask = self.method.draw_masks(len(index), gen)
         if self.world > 1:  # every rank drew the global batch; keep this rank's slice
             shard = slice(self.rank * len(index) // self.world, (self.rank + 1) * len(index) // self.world)

@@ -14,7 +14,7 @@ from methods.vit import ViT, patchify, unpatchify
 class Batch:
     images: Tensor                  # (B, 3, H, W) augmented, normalised (the first view)
     mask: Tensor | None = None      # (B, N) bool, True = masked (per view: (V, B, N)); from methods.masking
-    views: list[Tensor] | None = None   # all V augmented views when the method asks for num_views > 1
+    views: list[Tensor] | None = None   # all augmented views (`view_specs`) when there is more than one
 
 
 class MIMMethod(nn.Module):
@@ -45,6 +45,11 @@ class MIMMethod(nn.Module):
         if self.mask_config is None:
             return None
         return make_masks(self.mask_config, batch_size, self.cfg.encoder.grid, generator)
+
+    def view_specs(self, crop_scale_min: float) -> list[tuple[int, tuple[float, float]]]:
+        """(output size, RandomResizedCrop area scale) of each augmented view the trainer
+        makes: `num_views` crops at the encoder's size; iBOT adds smaller local crops."""
+        return [(self.cfg.encoder.img_size, (crop_scale_min, 1.0))] * self.num_views
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -8,8 +8,9 @@ minus the targets' entropy, see `forward_loss`):
   MIM    the student's patch tokens against the teacher's at the masked positions only.
 The teacher moves in `after_step` (momentum 0.996 -> 1, cosine) and never gets gradients;
 the centres move there too, so a forward pass changes no state. Evaluations use the teacher
-encoder by default, as the paper does. Multi-crop (local crops) is not implemented: the
-trainer makes views of one size only.
+encoder by default, as the paper does. Multi-crop is a config option (`local_crops_number`,
+off by default): the student also sees smaller local crops, unmasked, which enter only the
+[CLS] loss, against both teacher views.
 """
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ class IBOTConfig:
     cls_loss_weight: float = 1.0        # lambda1 in the iBOT code
     mim_loss_weight: float = 1.0        # lambda2
     export: str = "teacher"         # which encoder the evaluations get; the paper reports the teacher
+    # Multi-crop (DINO/iBOT), off by default and in every profile here: the iBOT README's ViT-S/16
+    # recipe adds 10 local crops of 96 px (3/7 of 224) with area scale (0.05, 0.4). The global
+    # crops keep the trainer's scale (crop_scale_min, 1).
+    local_crops_number: int = 0
+    local_crop_size: int = 0        # 0: 3/7 of the image size, rounded down to whole patches
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
 
     def validate(self) -> None:
         self.encoder.validate()
@@ -82,6 +89,21 @@ class IBOTConfig:
             raise ConfigError("cls_loss_weight and mim_loss_weight must be >= 0 and not both 0")
         if self.export not in EXPORTS:
             raise ConfigError(f"unknown export {self.export!r}; known: {', '.join(EXPORTS)}")
+        patch, size = self.encoder.patch_size, self.local_crop_size
+        if self.local_crops_number < 0 or size < 0 or size % patch or size > self.encoder.img_size:
+            raise ConfigError(f"local_crops_number ({self.local_crops_number}) must be >= 0 and local_crop_size "
+                              f"({size}) 0 (automatic) or a multiple of the patch size {patch} up to the image "
+                              f"size {self.encoder.img_size}")
+        low, high = self.local_crops_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ConfigError(f"local_crops_scale {self.local_crops_scale} must satisfy 0 < low <= high <= 1, "
+                              f"e.g. (0.05, 0.4)")
+
+    @property
+    def local_size(self) -> int:
+        """Side of the local crops: `local_crop_size`, or 3/7 of the image (96 of 224) in whole patches."""
+        patch = self.encoder.patch_size
+        return self.local_crop_size or max(patch, self.encoder.img_size * 3 // 7 // patch * patch)
 
 
 class ProjectionHead(nn.Module):
@@ -124,13 +146,16 @@ def entropy(probs: Tensor) -> Tensor:
     return torch.special.entr(probs).sum(-1)
 
 
-def cross_view_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, num_views: int) -> Tensor:
+def cross_view_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, num_global: int) -> Tensor:
     """DINO's [CLS] loss: mean cross-entropy of each student view against every *other*
-    teacher view. Both (V*B, K), views stacked along the batch."""
-    teacher = teacher_probs.view(num_views, -1, teacher_probs.shape[-1])           # (V, B, K)
-    student = F.log_softmax(student_logits.float(), dim=-1).view_as(teacher)      # (V, B, K)
-    cross = -torch.einsum("qbk,vbk->qv", teacher, student) / teacher.shape[1]     # (V, V)
-    return (cross.sum() - cross.diagonal().sum()) / (num_views * (num_views - 1))
+    teacher view. Teacher (G*B, K) on the G global crops; student (V*B, K) on the same G
+    global crops first, then any local crops; views stacked along the batch."""
+    k = teacher_probs.shape[-1]
+    teacher = teacher_probs.view(num_global, -1, k)                                          # (G, B, K)
+    student = F.log_softmax(student_logits.float(), dim=-1).view(-1, teacher.shape[1], k)   # (V, B, K)
+    cross = -torch.einsum("qbk,vbk->qv", teacher, student) / teacher.shape[1]              # (G, V)
+    pairs = num_global * student.shape[0] - num_global         # all but a view against itself
+    return (cross.sum() - cross.diagonal().sum()) / pairs
 
 
 def masked_image_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
@@ -191,12 +216,21 @@ class IBOT(MIMMethod):
         ])
 
     # ---- forward -------------------------------------------------------------------------
+    def view_specs(self, crop_scale_min: float) -> list[tuple[int, tuple[float, float]]]:
+        """The two global crops, then `local_crops_number` local ones."""
+        local = (self.cfg.local_size, tuple(self.cfg.local_crops_scale))
+        return super().view_specs(crop_scale_min) + [local] * self.cfg.local_crops_number
+
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        images = torch.cat(batch.views)                                   # (2B, 3, H, W)
+        images = torch.cat(batch.views[:self.num_views])                  # (2B, 3, H, W), global crops
         mask = batch.mask.flatten(0, 1)                                   # (2B, N)
         with torch.no_grad():
             teacher_cls, teacher_patch = self.forward_teacher(images)     # (2B, K), (2B, N, K)
         student_cls, student_patch = self.forward_student(images, mask)   # (2B, K), (M, K)
+        local_views = batch.views[self.num_views:]
+        if local_views:             # multi-crop: the student alone, unmasked, [CLS] only
+            tokens = self.encoder(torch.cat(local_views))                 # (L*B, 1+n, D)
+            student_cls = torch.cat([student_cls, self._heads(self.heads)[0](tokens[:, 0])])   # ((2+L)B, K)
         return self.forward_loss(teacher_cls, teacher_patch, student_cls, student_patch, mask)
 
     def forward_teacher(self, images: Tensor) -> tuple[Tensor, Tensor]:

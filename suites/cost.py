@@ -18,7 +18,7 @@ TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000}   # anything else: ImageNet
 def _flops_per_image(method: str, method_config_json: str) -> float:
     model = build_method(method, **json.loads(method_config_json))
     enc = model.cfg.encoder
-    views = [torch.randn(2, enc.in_chans, enc.img_size, enc.img_size) for _ in range(model.num_views)]
+    views = [torch.randn(2, enc.in_chans, size, size) for size, _ in model.view_specs(0.2)]
     mask = model.draw_masks(2, torch.Generator().manual_seed(0))
     batch = Batch(views[0], mask, views if len(views) > 1 else None)
     return train_flops(model, batch, torch.device("cpu")) / 2

@@ -112,7 +112,7 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
     config = {
         "schema": SCHEMA,
         "method": spec.method,
-        "method_config": dataclasses.asdict(cfg),
+        "method_config": method_record(spec.method, cfg),
         # the untrained baseline does not depend on the training budget: share it across profiles
         "train": train_record(train) if trains else None,
         "seed": seed,
@@ -136,6 +136,20 @@ def train_record(train: TrainConfig) -> dict:
 
 
 LATE_TRAIN_FIELDS = {"precision": "auto"}
+
+
+def method_record(method: str, cfg) -> dict:
+    """The method's config as hashed into a run's config; like `train_record`, fields added
+    to a method after its first runs appear only when they differ from their default."""
+    record = dataclasses.asdict(cfg)
+    for name, default in LATE_METHOD_FIELDS.get(method, {}).items():
+        if json.dumps(record[name]) == json.dumps(default):
+            del record[name]
+    return record
+
+
+# method -> {field: default} of fields added after runs of the method existed
+LATE_METHOD_FIELDS = {"ibot": {"local_crops_number": 0, "local_crop_size": 0, "local_crops_scale": (0.05, 0.4)}}
 
 
 def resolve_prerequisite(need: dict, profile: Profile, data: dict) -> dict:

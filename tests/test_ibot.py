@@ -1,5 +1,6 @@
 """iBOT: the teacher is an EMA of the student that never gets gradients, the centres and
 temperatures shape its targets, and the MIM loss looks at masked patches only."""
+import json
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from engine.data import random_resized_crop_flip, synthetic_splits
 from engine.trainer import Trainer, TrainConfig
 from methods import build_method
 from methods.base import Batch
-from methods.ibot import centred_softmax, cosine_momentum, masked_image_mean
+from methods.ibot import centred_softmax, cosine_momentum, cross_view_cross_entropy, masked_image_mean
 from methods.masking import block_mask_per_image
 from methods.registry import ConfigError
 
@@ -232,7 +233,63 @@ def test_separate_heads_give_the_patch_tokens_their_own_head():
     (dict(teacher_temp=0.0), "temperatures must be > 0"),
     (dict(export="both"), "unknown export 'both'; known: teacher, student"),
     (dict(out_dim=0), "out_dim"),
+    (dict(local_crops_number=2, local_crop_size=6), "a multiple of the patch size 4"),
+    (dict(local_crops_number=-1), "local_crops_number"),
+    (dict(local_crops_scale=(0.4, 0.05)), "local_crops_scale"),
 ])
 def test_bad_config_values_raise_naming_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_method("ibot", **micro_overrides(**overrides))
+
+
+def test_cls_loss_pairs_every_student_view_with_every_other_teacher_view():
+    gen = torch.Generator().manual_seed(0)
+    batch, k = 3, 5
+    teacher = torch.softmax(torch.randn(2 * batch, k, generator=gen), -1)      # 2 global views
+    student = torch.randn(4 * batch, k, generator=gen)                         # 2 global + 2 local
+    log_p = torch.log_softmax(student, -1).view(4, batch, k)
+    t = teacher.view(2, batch, k)
+    pairs = [-(t[q] * log_p[v]).sum(-1).mean() for q in range(2) for v in range(4) if q != v]
+    expected = torch.stack(pairs).mean()
+    assert torch.allclose(cross_view_cross_entropy(teacher, student, num_global=2), expected)
+
+
+def test_multi_crop_adds_local_views_that_train_the_student_cls_only(tmp_path):
+    method = ibot(local_crops_number=2, local_crop_size=8, **SMALL_HEAD)
+    assert method.view_specs(0.2) == [(16, (0.2, 1.0))] * 2 + [(8, (0.05, 0.4))] * 2
+    assert ibot().view_specs(0.2) == [(16, (0.2, 1.0))] * 2       # off by default
+    assert build_method("ibot", encoder={"img_size": 224, "patch_size": 16}).cfg.local_size == 96
+
+    batch = views_batch(method)
+    gen = torch.Generator().manual_seed(3)
+    images = synthetic_splits(img_size=16, train_per_class=8).train.images[:16]
+    locals_ = [random_resized_crop_flip(images, 8, gen, scale=(0.05, 0.4)) for _ in range(2)]
+    with_locals = Batch(batch.images, batch.mask, batch.views + locals_)
+    loss, logs = method(with_locals)
+    loss_global, logs_global = method(batch)
+    assert logs["loss_mim"] == logs_global["loss_mim"]              # local crops: [CLS] loss only
+    assert logs["loss_cls"] != logs_global["loss_cls"]
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    loss.backward()
+    assert method.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, method.teacher.parameters()))
+
+    # the trainer makes the local crops from the method's view specs and trains with them
+    splits = synthetic_splits(img_size=16, train_per_class=8)
+    cfg = TrainConfig(epochs=1, batch_size=16, blr=1e-3, warmup_frac=0.0, log_every=1, checkpoint_every=100)
+    trainer = Trainer(method, splits.train.images, cfg, tmp_path, seed=0, config_hash="test", progress=False)
+    views = trainer.batch_for_step(0).views
+    assert [tuple(v.shape[-2:]) for v in views] == [(16, 16)] * 2 + [(8, 8)] * 2
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_multi_crop_fields_at_their_defaults_leave_run_names_unchanged():
+    from suites.runner import method_record
+
+    default = method_record("ibot", build_method("ibot").cfg)
+    assert "local_crops_number" not in default and "mask_ratio_range" in default
+    multi = method_record("ibot", build_method("ibot", local_crops_number=4).cfg)
+    assert multi["local_crops_number"] == 4 and "local_crops_scale" not in multi
