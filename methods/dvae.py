@@ -160,6 +160,9 @@ class DVAE(nn.Module):
     def vocab_size(self) -> int:
         return self.cfg.tokenizer.vocab_size
 
+    def view_specs(self, crop_scale_min: float) -> list[tuple[int, tuple[float, float]]]:
+        return [(self.cfg.encoder.img_size, (crop_scale_min, 1.0))]    # one crop at the image size
+
     def draw_masks(self, batch_size: int, generator: torch.Generator) -> None:
         return None
 
