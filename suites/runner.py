@@ -177,15 +177,28 @@ def load_data(data_json: str, on_bad_image: str = "error", progress: bool = True
     return load_splits(data["path"], data["img_size"], on_bad_image=on_bad_image, progress=progress)
 
 
+def source_commit() -> str | None:
+    """The git commit of the code this process runs, with "+dirty" for uncommitted changes
+    to tracked files; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=5).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return (commit + "+dirty" if git("status", "--porcelain", "--untracked-files=no") else commit) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# read when the code is loaded, not when a record is written hours later (the checkout may
+# have moved on meanwhile)
+SOURCE_COMMIT = source_commit()
+
+
 def provenance() -> dict:
     import timm
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"git_commit": commit, "torch": torch.__version__, "timm": timm.__version__,
+    return {"git_commit": SOURCE_COMMIT, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}

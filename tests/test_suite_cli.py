@@ -87,3 +87,14 @@ def test_table_only_runs_nothing_and_shows_unfinished_runs_as_missing(tmp_path):
     import pandas as pd
     table = pd.read_csv(tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv").set_index("setting")
     assert table.loc["random init", "seeds done"] == 1 and table.loc["random 0.75", "missing"] == 1
+
+
+def test_records_name_the_commit_of_the_code_that_ran():
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    from suites.runner import SOURCE_COMMIT, provenance
+
+    commit, _, dirty = SOURCE_COMMIT.partition("+")
+    assert commit == head.stdout.strip() and dirty in ("", "dirty")
+    assert provenance()["git_commit"] == SOURCE_COMMIT
