@@ -114,8 +114,10 @@ def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder
         loss, _ = method(data)
         return loss
 
-    return Competitor(f"{name} (compiled)" if compile else name, method, loss_fn, eager_loss_fn=eager_loss_fn, after_step=lambda: method.after_step(0, SCHEDULE_STEPS),
-                      masked_fraction=None if mask is None else mask.float().mean().item())
+    return Competitor(f"{name} (compiled)" if compile else name, method, loss_fn,
+                      after_step=lambda: method.after_step(0, SCHEDULE_STEPS),
+                      masked_fraction=None if mask is None else mask.float().mean().item(),
+                      eager_loss_fn=eager_loss_fn)
 
 
 def timm_full_token(enc: ViTConfig, images: torch.Tensor, device: torch.device) -> Competitor:

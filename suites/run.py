@@ -41,8 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("suite", nargs="?", help=f"one of: {', '.join(SUITES)}")
     parser.add_argument("--profile", default="cpu", help=f"one of: {', '.join(PROFILES)} (default cpu)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per grid cell (default: the profile's)")
-    parser.add_argument("--only", default=None, help="comma-separated methods to keep from the grid; METHOD:SETTING keeps one cell "
-                             "(e.g. --only none,beit:random 0.4)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated methods to keep from the grid; METHOD:SETTING keeps one cell "
+                             "(e.g. --only 'none,beit:random 0.4')")
     parser.add_argument("--outputs", default="outputs", help="where run folders go (default outputs/)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder with train/ and test/ (default: the shipped CIFAR-10); images "
