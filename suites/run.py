@@ -219,10 +219,10 @@ def table_command(args: argparse.Namespace) -> str:
 
 
 def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs: list[slurm.PlannedJob],
-                    runs: list[tuple], outputs: Path, suite_dir: Path) -> int:
+                    runs: list[tuple], grid: list[tuple], outputs: Path, suite_dir: Path) -> int:
     if jobs:
         slurm.cluster()   # no sbatch here: say so before writing anything
-    write_index(suite_dir, args.suite, args.profile, runs, outputs)
+    write_index(suite_dir, args.suite, args.profile, grid, outputs)
     if not jobs:
         print(f"nothing to submit: all {len(runs)} runs are done")
         write_table(suite_dir)
@@ -261,6 +261,9 @@ def main(argv=None) -> int:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
     outputs = Path(args.outputs)
     runs = plan(args.suite, args.profile, args.seeds, args.only, args.data)
+    # the suite's index (and so its table) lists the whole grid, whatever --only picked to run:
+    # processes running different cells side by side then write the same index
+    grid = plan(args.suite, args.profile, args.seeds, None, args.data) if args.only else runs
     options = slurm_options(args)
     jobs = slurm.plan_jobs(runs, get_profile(args.profile), outputs, args.device, not args.no_progress,
                            "skip" if args.skip_bad_images else "error") if options else []
@@ -271,17 +274,17 @@ def main(argv=None) -> int:
             slurm.print_jobs(jobs, options, len(runs))
         return 0
     if args.table_only:
-        write_index(suite_dir, args.suite, args.profile, runs, outputs)
+        write_index(suite_dir, args.suite, args.profile, grid, outputs)
         write_table(suite_dir)
         print(f"\ntable: {suite_dir}/table.md")
         return 0
     if options:
-        return submit_to_slurm(args, options, jobs, runs, outputs, suite_dir)
+        return submit_to_slurm(args, options, jobs, runs, grid, outputs, suite_dir)
     distributed.init_from_env()       # under torchrun: join the process group
     device = distributed.default_device(args.device)
     profile = get_profile(args.profile)
     if distributed.is_main():
-        write_index(suite_dir, args.suite, args.profile, runs, outputs)
+        write_index(suite_dir, args.suite, args.profile, grid, outputs)
 
     failed, skipped, started = [], [], time.time()
     for i, (spec, seed, config) in enumerate(runs, 1):

@@ -89,6 +89,17 @@ def test_table_only_runs_nothing_and_shows_unfinished_runs_as_missing(tmp_path):
     assert table.loc["random init", "seeds done"] == 1 and table.loc["random 0.75", "missing"] == 1
 
 
+def test_the_index_lists_the_whole_grid_whichever_cells_ran(tmp_path):
+    """Two processes running different cells (--only) side by side write the same index, so
+    neither one's table drops the other's runs."""
+    done = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=tmp_path)
+    assert done.returncode == 0, done.stderr
+    index = json.loads((tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json").read_text())
+    cells = get_suite("ablation_masking").grid(get_profile("smoke"))
+    assert [(r["method"], r["setting"]) for r in index["runs"]] == [(c.method, c.setting) for c in cells]
+    assert "random 0.75" in (tmp_path / "suites" / "ablation_masking" / "smoke" / "table.md").read_text()
+
+
 def test_records_name_the_commit_of_the_code_that_ran():
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if head.returncode != 0:
