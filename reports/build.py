@@ -69,7 +69,7 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     for ax, metric in zip(grid.axes.flat, metrics):
         if not baseline.empty and metric in baseline:
             ax.axhline(baseline[metric].mean(), color="gray", ls="--", lw=1, label="none (random init)")
-    grid.figure.suptitle("frozen-feature accuracy vs mask ratio (mean, 95% CI over seeds)", y=1.03)
+    grid.figure.suptitle("accuracy vs mask ratio per protocol (mean, 95% CI over seeds; dashed: none)", y=1.03)
     grid.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(grid.figure)
     return True
