@@ -83,9 +83,9 @@ def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     if data.empty:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    sns.scatterplot(data=data.assign(pflops=data[column] / 1e15), x="pflops", y=metrics[0],
+    sns.scatterplot(data=data.assign(tflops=data[column] / 1e12), x="tflops", y=metrics[0],
                     hue="method", style="setting", s=70, ax=ax)
-    ax.set_xlabel("pre-training compute (PFLOP, counted)")
+    ax.set_xlabel("pre-training compute (TFLOP, counted)")
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
