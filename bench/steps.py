@@ -104,20 +104,14 @@ def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder
     data = Batch(images=images, mask=None if mask is None else mask.to(device),
                  views=views if len(views) > 1 else None)
 
-    forward = torch.compile(method) if compile else method
+    def loss_of(model: Callable) -> Callable[[], torch.Tensor]:
+        return lambda: model(data)[0]
 
-    def loss_fn():
-        loss, _ = forward(data)
-        return loss
-
-    def eager_loss_fn():
-        loss, _ = method(data)
-        return loss
-
-    return Competitor(f"{name} (compiled)" if compile else name, method, loss_fn,
+    return Competitor(f"{name} (compiled)" if compile else name, method,
+                      loss_of(torch.compile(method) if compile else method),
                       after_step=lambda: method.after_step(0, SCHEDULE_STEPS),
                       masked_fraction=None if mask is None else mask.float().mean().item(),
-                      eager_loss_fn=eager_loss_fn)
+                      eager_loss_fn=loss_of(method))
 
 
 def timm_full_token(enc: ViTConfig, images: torch.Tensor, device: torch.device) -> Competitor:

@@ -99,17 +99,28 @@ def slurm_options(args: argparse.Namespace) -> slurm.SlurmOptions | None:
 
 def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
          data: str | None) -> list[tuple]:
-    """[(spec, seed, config)] for every run of the suite, in grid order."""
+    """[(spec, seed, config)] for every run of the suite that `only` keeps (all without it),
+    in grid order."""
+    grid = plan_grid(suite_name, profile_name, seeds, data)
+    return keep_only(grid, only, suite_name) if only else grid
+
+
+def plan_grid(suite_name: str, profile_name: str, seeds: int | None, data: str | None) -> list[tuple]:
+    """[(spec, seed, config)] for every run of the suite's whole grid."""
     suite = get_suite(suite_name)
     profile = get_profile(profile_name)
-    specs = suite.grid(profile)
-    if only:
-        specs = select(specs, only, suite_name)
     seeds = profile.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     descriptor = data_descriptor(profile, data)
-    return [(spec, seed, resolve(spec, profile, seed, descriptor)) for spec in specs for seed in range(seeds)]
+    return [(spec, seed, resolve(spec, profile, seed, descriptor))
+            for spec in suite.grid(profile) for seed in range(seeds)]
+
+
+def keep_only(grid: list[tuple], only: str, suite_name: str) -> list[tuple]:
+    """The runs of `grid` whose cells `--only` keeps."""
+    kept = select([spec for spec, seed, _ in grid if seed == 0], only, suite_name)
+    return [run for run in grid if run[0] in kept]
 
 
 def select(specs: list, only: str, suite_name: str) -> list:
@@ -260,10 +271,10 @@ def main(argv=None) -> int:
     if not args.suite:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
     outputs = Path(args.outputs)
-    runs = plan(args.suite, args.profile, args.seeds, args.only, args.data)
     # the suite's index (and so its table) lists the whole grid, whatever --only picked to run:
     # processes running different cells side by side then write the same index
-    grid = plan(args.suite, args.profile, args.seeds, None, args.data) if args.only else runs
+    grid = plan_grid(args.suite, args.profile, args.seeds, args.data)
+    runs = keep_only(grid, args.only, args.suite) if args.only else grid
     options = slurm_options(args)
     jobs = slurm.plan_jobs(runs, get_profile(args.profile), outputs, args.device, not args.no_progress,
                            "skip" if args.skip_bad_images else "error") if options else []

@@ -125,31 +125,30 @@ def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
 
 
 def train_record(train: TrainConfig) -> dict:
-    """The training recipe as hashed into a run's config. Fields added after the first
-    schema appear only when they differ from their default, so run folders written before
-    a field existed keep their names (and are not re-run)."""
-    record = dataclasses.asdict(train)
-    for name, default in LATE_TRAIN_FIELDS.items():
-        if record[name] == default:
-            del record[name]
-    return record
-
-
-LATE_TRAIN_FIELDS = {"precision": "auto"}
+    """The training recipe as hashed into a run's config (see `record_without_late_defaults`)."""
+    return record_without_late_defaults(train, LATE_TRAIN_FIELDS)
 
 
 def method_record(method: str, cfg) -> dict:
-    """The method's config as hashed into a run's config; like `train_record`, fields added
-    to a method after its first runs appear only when they differ from their default."""
+    """The method's config as hashed into a run's config (see `record_without_late_defaults`)."""
+    return record_without_late_defaults(cfg, LATE_METHOD_FIELDS.get(method, ()))
+
+
+def record_without_late_defaults(cfg, late: tuple[str, ...]) -> dict:
+    """`dataclasses.asdict(cfg)` without the fields of `late` that hold their default. Fields
+    added after the first runs existed appear only when changed, so run folders written
+    before a field existed keep their names (and are not re-run)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     record = dataclasses.asdict(cfg)
-    for name, default in LATE_METHOD_FIELDS.get(method, {}).items():
-        if json.dumps(record[name]) == json.dumps(default):
+    for name in late:
+        if json.dumps(record[name]) == json.dumps(defaults[name]):
             del record[name]
     return record
 
 
-# method -> {field: default} of fields added after runs of the method existed
-LATE_METHOD_FIELDS = {"ibot": {"local_crops_number": 0, "local_crop_size": 0, "local_crops_scale": (0.05, 0.4)}}
+# fields added to TrainConfig / to a method's config after runs using it existed
+LATE_TRAIN_FIELDS = ("precision",)
+LATE_METHOD_FIELDS = {"ibot": ("local_crops_number", "local_crop_size", "local_crops_scale")}
 
 
 def resolve_prerequisite(need: dict, profile: Profile, data: dict) -> dict:
