@@ -27,6 +27,8 @@ class MIMMethod(nn.Module):
     name: str = ""
     trains: bool = True             # False for the `none` baseline: no pre-training steps
     num_views: int = 1              # augmented views per image the trainer makes (iBOT: 2 global crops)
+    equal_mask_counts: bool = False     # True when the encoder drops masked patches (MAE): every
+                                        # image of a batch must then hide the same number
 
     def __init__(self, cfg):
         super().__init__()
@@ -44,7 +46,8 @@ class MIMMethod(nn.Module):
         overrides this, still composing the generators of `methods.masking`."""
         if self.mask_config is None:
             return None
-        return make_masks(self.mask_config, batch_size, self.cfg.encoder.grid, generator)
+        return make_masks(self.mask_config, batch_size, self.cfg.encoder.grid, generator,
+                          exact_count=self.equal_mask_counts)
 
     def view_specs(self, crop_scale_min: float) -> list[tuple[int, tuple[float, float]]]:
         """(output size, RandomResizedCrop area scale) of each augmented view the trainer

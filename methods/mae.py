@@ -33,6 +33,8 @@ class MAEConfig:
 
 @register_method("mae", MAEConfig)
 class MAE(MIMMethod):
+    equal_mask_counts = True        # blockwise masks are topped up to exactly ratio * N patches
+
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)
         self.encoder.mask_token.requires_grad_(False)   # MAE's encoder never sees [M]

@@ -7,6 +7,8 @@ Every generator is seeded by a `torch.Generator`, so the same seed gives the sam
     block    BEiT's blockwise masking (Algorithm 1): rectangles of >= min_block_patches
              patches with aspect ratio in [0.3, 1/0.3], added until the target count
     grid     a regular lattice keeps one patch in every s x s cell (MAE Fig. 6 "grid")
+    exact_count=True   tops blockwise masks up with random patches to exactly round(ratio * N),
+             for methods whose encoder drops the masked patches (MAE needs one count per batch)
     block_mask_per_image   blockwise with a ratio drawn per image from a range, on a
              fraction of the images (iBOT); a method composes it in its `draw_masks`
 """
@@ -42,12 +44,15 @@ class MaskConfig:
             raise ConfigError("min_block_patches must be >= 1 and min_aspect in (0, 1]")
 
 
-def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Generator) -> Tensor:
-    """(batch_size, grid*grid) bool masks drawn with `generator`."""
+def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Generator,
+               exact_count: bool = False) -> Tensor:
+    """(batch_size, grid*grid) bool masks drawn with `generator`. Random and grid masks hide
+    the same number of patches in every image; blockwise ones only with `exact_count`."""
     if cfg.strategy == "random":
         return random_mask(batch_size, grid, cfg.ratio, generator)
     if cfg.strategy == "block":
-        return block_mask(batch_size, grid, cfg.ratio, generator, cfg.min_block_patches, cfg.min_aspect)
+        mask = block_mask(batch_size, grid, cfg.ratio, generator, cfg.min_block_patches, cfg.min_aspect)
+        return top_up(mask, round(cfg.ratio * grid * grid), generator) if exact_count else mask
     return grid_mask(batch_size, grid, cfg.ratio, generator)
 
 
@@ -94,6 +99,15 @@ def block_mask(batch_size: int, grid: int, ratio: float, generator: torch.Genera
     return torch.from_numpy(masks.reshape(batch_size, grid * grid))
 
 
+def top_up(mask: Tensor, target: int, generator: torch.Generator) -> Tensor:
+    """Mask random visible patches of every image that hides fewer than `target` patches
+    (blockwise masking stops up to one block short), so that each hides exactly `target`."""
+    missing = target - mask.sum(dim=1, keepdim=True)
+    noise = torch.rand(mask.shape, generator=generator).masked_fill(mask, 2.0)  # masked ones rank last
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return mask | (ranks < missing)
+
+
 def block_mask_per_image(batch_size: int, grid: int, ratio_range: tuple[float, float], fraction: float,
                          generator: torch.Generator, min_block_patches: int = 16,
                          min_aspect: float = 0.3) -> Tensor:
@@ -129,7 +143,11 @@ def grid_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generat
 
 def visible_indices(mask: Tensor) -> Tensor:
     """(B, N) mask with the same count per row -> (B, N_visible) indices of unmasked patches."""
-    num_visible = int((~mask[0]).sum())
+    fewest, most = (~mask).sum(dim=1).aminmax()
+    num_visible = int(fewest)
+    if num_visible != int(most):
+        raise ValueError(f"masks hide different numbers of patches per image ({num_visible} to "
+                         f"{int(most)} visible); draw them with make_masks(..., exact_count=True)")
     # stable sort puts False (visible) first, in raster order
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
     return order[:, :num_visible]

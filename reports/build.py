@@ -60,11 +60,13 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     data = runs[(runs["status"] == "done") & runs["mask.ratio"].notna()]
     if data.empty:
         return False
-    long = data.melt(id_vars=["method", "mask.ratio", "seed"], value_vars=metrics,
+    # one line per (method, strategy): random and blockwise cells at one ratio are not pooled
+    data = data.assign(strategy=data["mask.strategy"] if "mask.strategy" in data else "random")
+    long = data.melt(id_vars=["method", "strategy", "mask.ratio", "seed"], value_vars=metrics,
                      var_name="protocol", value_name="top-1 / mIoU (%)")
-    grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", col="protocol",
-                       kind="line", marker="o", errorbar=("ci", 95), height=3.2, aspect=1.1,
-                       facet_kws={"sharey": False})
+    grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style="strategy",
+                       col="protocol", kind="line", markers=True, dashes=False, errorbar=("ci", 95),
+                       height=3.2, aspect=1.1, facet_kws={"sharey": False})
     baseline = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
     for ax, metric in zip(grid.axes.flat, metrics):
         if not baseline.empty and metric in baseline:

@@ -1,4 +1,4 @@
-"""Which masking? MAE's mask ratio (MAE Fig. 5) and random vs blockwise masking for
+"""Which masking? MAE's mask ratio and strategy (MAE Fig. 5, Table 1f), random vs blockwise masking for
 pixel regression (BEiT Table 4, SimMIM) and for BEiT's visual tokens (BEiT Table 4),
 against the no-pre-training baseline."""
 from suites.runner import RunSpec
@@ -20,6 +20,10 @@ def grid(profile) -> list[RunSpec]:
     runs = [RunSpec("none", "random init")]
     runs += [RunSpec("mae", f"random {ratio}", {"mask": {"strategy": "random", "ratio": ratio}})
              for ratio in (0.25, 0.5, 0.75, 0.9)]
+    # MAE Table 1f: random 75% vs blockwise 50% / 75% vs grid 75% (exact counts: MAE's encoder
+    # drops the masked patches, so blockwise masks are topped up to ratio * N)
+    runs += [RunSpec("mae", f"{strategy} {ratio}", {"mask": {"strategy": strategy, "ratio": ratio}})
+             for strategy, ratio in (("block", 0.5), ("block", 0.75), ("grid", 0.75))]
     runs += [RunSpec("pixel", f"{strategy} 0.6", {"mask": {"strategy": strategy, "ratio": 0.6}})
              for strategy in ("random", "block")]
     # iBOT: the range its per-image blockwise mask ratio is drawn from (on half the images):

@@ -96,3 +96,19 @@ def test_visible_indices_are_the_unmasked_patches_in_order():
     idx = visible_indices(mask)
     for m, i in zip(mask, idx):
         assert torch.equal(i, torch.nonzero(~m).flatten())
+
+
+def test_exact_count_tops_block_masks_up_to_the_target_keeping_their_blocks():
+    cfg = MaskConfig("block", 0.75)
+    plain = make_masks(cfg, 256, 8, gen(1))
+    exact = make_masks(cfg, 256, 8, gen(1), exact_count=True)
+    assert (plain.sum(1) < 48).any(), "no short mask drawn: the test would check nothing"
+    assert (exact.sum(1) == 48).all()
+    assert (exact | plain).eq(exact).all()          # every block patch stays masked
+
+
+def test_visible_indices_refuses_masks_with_different_counts():
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :12], mask[1, :10] = True, True
+    with pytest.raises(ValueError, match="exact_count=True"):
+        visible_indices(mask)

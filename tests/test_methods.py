@@ -108,3 +108,15 @@ def test_config_overrides_are_type_and_range_checked():
         build_method("mae", decoder_depth="two")
     with pytest.raises(ConfigError, match="unknown config field 'ratio'"):
         build_method("mae", ratio=0.5)
+
+
+@pytest.mark.parametrize("strategy,ratio", [("block", 0.75), ("block", 0.5), ("grid", 0.75)])
+def test_mae_takes_block_and_grid_masks_with_one_count_per_batch(strategy, ratio):
+    overrides = micro_overrides(mask={"strategy": strategy, "ratio": ratio})
+    method = build_method("mae", **{**overrides, "encoder": {**overrides["encoder"], "img_size": 32}})
+    batch = fixed_batch(method, batch_size=64)
+    assert (batch.mask.sum(1) == round(ratio * 64)).all()
+    seen = {}
+    method.encoder.blocks[0].register_forward_hook(lambda m, i, out: seen.update(shape=out.shape))
+    loss, _ = method(batch)
+    assert torch.isfinite(loss) and seen["shape"] == (64, 1 + round((1 - ratio) * 64), 32)
