@@ -49,8 +49,10 @@ def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def with_paper_columns(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
+    rows = [papers.ABLATIONS.get((m, s)) or papers.REFERENCE.get(m) or [None] * 5
+            for m, s in zip(table["method"], table["setting"])]
     for i, column in enumerate(papers.COLUMNS):
-        table[column] = [(papers.REFERENCE.get(m, [None] * 5)[i] or "–") for m in table["method"]]
+        table[column] = [row[i] or "–" for row in rows]
     return table
 
 

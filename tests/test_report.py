@@ -67,7 +67,7 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
     assert table.loc["random 0.9", "failed"] == 1 and table.loc["random 0.6", "missing"] == 1
     mean, half = ci95([42.0, 43.5])
     assert table.loc["random 0.75", "knn_top1_cls"] == f"{mean:.2f} ± {half:.2f}"
-    assert table.loc["random 0.75", "paper linear"] == "68.0"       # MAE's published number, its own column
+    assert table.loc["random 0.75", "paper linear"] == "73.5"       # MAE's ablation of this setting, its own column
     diffs = pd.read_csv(folder / "paired_differences.csv").set_index("setting")
     assert diffs.loc["random 0.75", "Δ knn_top1_cls"].startswith("8.25")   # (8 + 8.5) / 2, paired by seed
     html = (folder / "index.html").read_text()
@@ -117,3 +117,13 @@ def test_readme_block_is_replaced_with_the_table_and_a_plot(tmp_path):
     assert "| mae" in text and "42.75 ±" in text                     # mean of 42.0 and 43.5
     assert "](docs/results/demo-cpu-vs_mask_ratio.png)" in text
     assert (tmp_path / "docs" / "results" / "demo-cpu-vs_mask_ratio.png").stat().st_size > 1000
+
+
+def test_paper_columns_show_the_papers_ablation_of_a_setting_else_the_methods_headline():
+    from reports.build import with_paper_columns
+    table = pd.DataFrame({"method": ["mae", "mae", "beit", "pixel", "none"],
+                          "setting": ["grid 0.75", "random 0.5", "random 0.4", "5 ep", "random init"]})
+    papers = with_paper_columns(table)
+    assert papers["paper linear"].tolist() == [66.0, 68.0, "–", "–", "–"]
+    assert papers["paper ADE20K mIoU"].tolist() == ["–", 48.1, 42.93, "–", "–"]
+    assert papers["paper setting"][0].startswith("MAE ViT-L") and papers["paper setting"][4] == "–"
