@@ -105,7 +105,8 @@ def test_two_suite_processes_on_one_outputs_folder_never_run_a_run_twice(tmp_pat
     """Two real `suites.run` processes on one grid: the second starts while the first is
     training; they meet at a run one of them holds, the other skips it; every run ends done
     exactly once with an intact record."""
-    args = [sys.executable, "-m", "suites.run", "ablation_masking", "--profile", "smoke", "--only", "mae",
+    mae_ratios = ",".join(f"mae:random {ratio}" for ratio in (0.25, 0.5, 0.75, 0.9))
+    args = [sys.executable, "-m", "suites.run", "ablation_masking", "--profile", "smoke", "--only", mae_ratios,
             "--seeds", "3", "--outputs", str(tmp_path), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
@@ -141,7 +142,9 @@ def test_a_record_from_a_newer_schema_stops_with_exit_2_and_is_left_untouched(tm
 def test_same_config_and_seed_give_the_same_results_across_invocations(tmp_path):
     metrics = []
     for name in ("a", "b"):
-        assert run_cli("ablation_masking", "--profile", "smoke", "--only", "mae", outputs=tmp_path / name).returncode == 0
+        # random, blockwise (topped up to one count), and grid masks
+        cells = "mae:random 0.75,mae:random 0.9,mae:block 0.75,mae:grid 0.75"
+        assert run_cli("ablation_masking", "--profile", "smoke", "--only", cells, outputs=tmp_path / name).returncode == 0
         records = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / name / "runs").glob("*/result.json")}
         metrics.append({run: {k: v for k, v in r["metrics"].items() if k.startswith("knn")}
                         for run, r in records.items()})

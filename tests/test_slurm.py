@@ -31,16 +31,16 @@ def test_slurm_jobs_finish_every_run_then_nothing_is_submitted_and_the_plain_com
     suite = ["ablation_masking", *SMOKE, "--only", "none,mae", "--outputs", str(tmp_path)]
     assert cli([*suite, "--slurm", "--slurm-wait"]) == 0
     out = capsys.readouterr().out
-    assert "submitted 5 job(s)" in out and "squeue -j" in out
+    assert "submitted 8 job(s)" in out and "squeue -j" in out
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
-    assert len(records) == 5 and all(r["status"] == "done" for r in records)      # 4 MAE ratios + none
+    assert len(records) == 8 and all(r["status"] == "done" for r in records)  # 4 MAE ratios + 3 strategies + none
     logs = tmp_path / "slurm" / "ablation_masking" / "smoke"
-    assert len(list(logs.glob("*_log.out"))) == 5
+    assert len(list(logs.glob("*_log.out"))) == 8
     assert "random 0.75" in (tmp_path / "suites" / "ablation_masking" / "smoke" / "table.md").read_text()
 
     stamps, log_files = result_stamps(tmp_path), sorted(logs.iterdir())
     assert cli([*suite, "--slurm"]) == 0
-    assert "nothing to submit: all 5 runs are done" in capsys.readouterr().out
+    assert "nothing to submit: all 8 runs are done" in capsys.readouterr().out
     assert sorted(logs.iterdir()) == log_files
 
     (tmp_path / "suites" / "ablation_masking" / "smoke" / "table.md").unlink()

@@ -48,7 +48,7 @@ def test_only_filters_the_grid_and_dry_run_prints_costs_without_running(tmp_path
     out = run_cli("ablation_masking", "--profile", "cpu", "--only", "mae,none", "--dry-run", outputs=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if " seed " in line]
-    assert len(lines) == 2 * 5                          # (4 MAE ratios + none) x 2 seeds
+    assert len(lines) == 2 * 8                          # (4 MAE ratios + 3 MAE strategies + none) x 2 seeds
     assert "estimated pre-training" in out.stdout
     assert not (tmp_path / "runs").exists()
 
