@@ -56,24 +56,35 @@ def with_paper_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def t_interval(values) -> tuple[float, float]:
+    """The tables' 95% t-interval of the mean, as seaborn's error band (none for one seed)."""
+    mean, half = ci95(values)
+    half = 0.0 if np.isnan(half) else half
+    return mean - half, mean + half
+
+
 def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     if "mask.ratio" not in runs.columns or not metrics:
         return False
     data = runs[(runs["status"] == "done") & runs["mask.ratio"].notna()]
-    if data.empty:
+    # a panel per protocol measured in at least two cells: one point shows no trend (a suite's
+    # cells can carry another suite's evaluations through a shared run)
+    metrics = [m for m in metrics if m in data and data.loc[data[m].notna(), "setting"].nunique() >= 2]
+    if data.empty or not metrics:
         return False
     # one line per (method, strategy): random and blockwise cells at one ratio are not pooled
     data = data.assign(strategy=data["mask.strategy"] if "mask.strategy" in data else "random")
     long = data.melt(id_vars=["method", "strategy", "mask.ratio", "seed"], value_vars=metrics,
                      var_name="protocol", value_name="top-1 / mIoU (%)")
     grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style="strategy",
-                       col="protocol", kind="line", markers=True, dashes=False, errorbar=("ci", 95),
+                       col="protocol", kind="line", markers=True, dashes=False, errorbar=t_interval,
                        height=3.2, aspect=1.1, facet_kws={"sharey": False})
     baseline = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
     for ax, metric in zip(grid.axes.flat, metrics):
         if not baseline.empty and metric in baseline:
             ax.axhline(baseline[metric].mean(), color="gray", ls="--", lw=1, label="none (random init)")
-    grid.figure.suptitle("accuracy vs mask ratio per protocol (mean, 95% CI over seeds; dashed: none)", y=1.03)
+    grid.figure.suptitle("accuracy vs mask ratio per protocol (mean, 95% t-interval over seeds; dashed: none)",
+                        y=1.03)
     grid.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(grid.figure)
     return True
