@@ -107,7 +107,8 @@ def test_readme_block_is_replaced_with_the_table_and_a_plot(tmp_path):
     from reports.build import main as build
 
     write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
-                                         ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5})
+                                         ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5,
+                                         ("mae", "random 0.9", 0): 44.0})     # two ratios: a line to plot
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\n<!-- results:demo/cpu -->\nold table\n<!-- /results -->\n\n## next\n")
     assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report"),
