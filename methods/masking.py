@@ -57,11 +57,9 @@ def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Gen
 
 
 def random_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generator) -> Tensor:
-    num_patches = grid * grid
-    num_masked = round(ratio * num_patches)
-    noise = torch.rand(batch_size, num_patches, generator=generator)
-    ranks = noise.argsort(dim=1).argsort(dim=1)       # rank of each patch's noise
-    return ranks < num_masked
+    """The round(ratio * N) patches of lowest noise: `top_up` of an empty mask."""
+    empty = torch.zeros(batch_size, grid * grid, dtype=torch.bool)
+    return top_up(empty, round(ratio * grid * grid), generator)
 
 
 def block_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generator,
@@ -101,10 +99,11 @@ def block_mask(batch_size: int, grid: int, ratio: float, generator: torch.Genera
 
 def top_up(mask: Tensor, target: int, generator: torch.Generator) -> Tensor:
     """Mask random visible patches of every image that hides fewer than `target` patches
-    (blockwise masking stops up to one block short), so that each hides exactly `target`."""
+    (blockwise masking stops up to one block short), so that each hides exactly `target`:
+    the visible patches of lowest uniform noise."""
     missing = target - mask.sum(dim=1, keepdim=True)
     noise = torch.rand(mask.shape, generator=generator).masked_fill(mask, 2.0)  # masked ones rank last
-    ranks = noise.argsort(dim=1).argsort(dim=1)
+    ranks = noise.argsort(dim=1).argsort(dim=1)       # rank of each patch's noise
     return mask | (ranks < missing)
 
 
@@ -143,11 +142,10 @@ def grid_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generat
 
 def visible_indices(mask: Tensor) -> Tensor:
     """(B, N) mask with the same count per row -> (B, N_visible) indices of unmasked patches."""
-    fewest, most = (~mask).sum(dim=1).aminmax()
-    num_visible = int(fewest)
-    if num_visible != int(most):
+    num_visible, most = torch.stack((~mask).sum(dim=1).aminmax()).tolist()   # one host sync
+    if num_visible != most:
         raise ValueError(f"masks hide different numbers of patches per image ({num_visible} to "
-                         f"{int(most)} visible); draw them with make_masks(..., exact_count=True)")
+                         f"{most} visible); draw them with make_masks(..., exact_count=True)")
     # stable sort puts False (visible) first, in raster order
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
     return order[:, :num_visible]
