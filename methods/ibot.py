@@ -193,7 +193,7 @@ class IBOT(MIMMethod):
         # The teacher starts as a copy of the student; only `after_step` changes it.
         self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
                                       "heads": copy.deepcopy(self.heads)})
-        self.teacher.requires_grad_(False)
+        self.teacher.requires_grad_(False).eval()   # no drop path in the teacher, from the first step
         self.register_buffer("center_cls", torch.zeros(cfg.out_dim))
         self.register_buffer("center_patch", torch.zeros(cfg.out_dim))
         # ([CLS], patch) teacher temperatures for the next step, set by `after_step`

@@ -26,7 +26,7 @@ ENCODER_EVALUATIONS = ("linear", "finetune", "segmentation")
 
 def eval_config(name: str, profile: Profile) -> dict:
     """The config of evaluation `name` at this profile's budget, as recorded in result.json."""
-    return dataclasses.asdict(getattr(profile.eval_budget, name))
+    return dataclasses.asdict(profile.knn if name == "knn" else getattr(profile.eval_budget, name))
 
 
 def is_current(record: dict | None, name: str, profile: Profile) -> bool:

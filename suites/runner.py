@@ -220,7 +220,7 @@ def is_done(run_dir: Path, evals: tuple[str, ...], profile: Profile | None = Non
     if not (result and result["status"] == "done" and set(evals) <= set(result.get("evals", {}))):
         return False
     return profile is None or all(evaluations.is_current(result["evals"][name], name, profile)
-                                  for name in evals if name in evaluations.ENCODER_EVALUATIONS)
+                                  for name in evals if name in ("knn",) + evaluations.ENCODER_EVALUATIONS)
 
 
 def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device: str = "cpu",
@@ -297,13 +297,12 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
         else:
             save_encoder_atomic(method, run_dir / "encoder.safetensors")
             write_figures(method, splits.test, run_dir, device=device)
-    else:  # pre-training finished earlier; only new evaluations run
-        from methods.vit import load_encoder
-        method.encoder = load_encoder(run_dir / "encoder.safetensors")
+        encoder = method.export_encoder()
+    else:  # pre-training finished earlier; only new evaluations run, on what the run saved
+        method, encoder = load_saved(method, run_dir)
 
     evals = dict(previous.get("evals", {}))
-    encoder = method.export_encoder()
-    if "knn" in spec.evals and "knn" not in evals:
+    if "knn" in spec.evals and not evaluations.is_current(evals.get("knn"), "knn", profile):
         kw = dict(batch_size=profile.feature_batch, device=device, progress=progress)
         train_feats = cached_features(encoder, splits.train, run_dir / "features" / "train.safetensors",
                                       desc="features train", **kw)
@@ -329,6 +328,17 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
         result["prerequisites"] = {role: run_dir_for(outputs, need["config"]).name
                                    for role, need in config["requires"].items()}
     return result
+
+
+def load_saved(method, run_dir: Path):
+    """(method, encoder) as a finished run saved them. The saved encoder is the exported one
+    (iBOT's teacher), so it is evaluated as loaded, never put back into a freshly built method."""
+    from methods.dvae import TOKENIZER_FILE, load_tokenizer
+    from methods.vit import load_encoder
+
+    if (run_dir / TOKENIZER_FILE).exists():
+        return load_tokenizer(run_dir / TOKENIZER_FILE), None
+    return method, load_encoder(run_dir / "encoder.safetensors")
 
 
 def run_prerequisites(config: dict, profile: Profile, outputs: Path, device: str, progress: bool,

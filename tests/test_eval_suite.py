@@ -3,6 +3,8 @@ import dataclasses
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from eval.linear import LinearConfig
 from methods.registry import UnknownNameError
@@ -43,6 +45,30 @@ def test_adding_an_evaluation_to_a_finished_run_runs_only_the_new_one(tmp_path, 
     monkeypatch.setattr(evaluations, "run_evaluation", must_not_run)
     third = run_once(RunSpec("none", evals=("knn", "linear")), tmp_path)   # all done: nothing runs
     assert third["metrics"] == second["metrics"]
+
+
+def test_an_evaluation_added_to_a_finished_ibot_run_gets_the_saved_teacher(tmp_path, monkeypatch):
+    """The saved encoder is iBOT's teacher; a later evaluation must see it, not the
+    freshly built method's untrained teacher."""
+    run_once(RunSpec("ibot", evals=("knn",)), tmp_path)
+    saved = load_file(next(tmp_path.glob("runs/ibot-*/encoder.safetensors")))   # all but [M]
+    seen = {}
+
+    def record_encoder(name, encoder, *args, **kwargs):
+        seen[name] = encoder.state_dict()
+        return {"config": evaluations.eval_config(name, SMOKE), "metrics": {}}
+
+    monkeypatch.setattr(evaluations, "run_evaluation", record_encoder)
+    run_once(RunSpec("ibot", evals=("knn", "linear")), tmp_path)
+    assert all(torch.equal(seen["linear"][k], saved[k]) for k in saved)
+
+
+def test_a_changed_knn_config_reruns_knn_only(tmp_path, monkeypatch):
+    run_once(RunSpec("none", evals=("knn",)), tmp_path)
+    other = dataclasses.replace(SMOKE, knn=dataclasses.replace(SMOKE.knn, k=3))
+    assert not runner.is_done(next(tmp_path.glob("runs/none-*")), ("knn",), other)
+    result = run_once(RunSpec("none", evals=("knn",)), tmp_path, other)
+    assert result["evals"]["knn"]["config"]["k"] == 3
 
 
 def test_a_changed_budget_reruns_only_that_evaluation(tmp_path, monkeypatch):

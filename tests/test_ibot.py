@@ -218,6 +218,18 @@ def test_evaluations_get_the_teacher_encoder_unless_asked_for_the_student():
     assert method.encoder.training and not method.teacher.training
 
 
+def test_the_teacher_runs_without_drop_path_from_construction_on():
+    """The student's drop path must not reach the targets: nothing calls train() before
+    the first step, so the teacher is in eval mode from construction."""
+    method = build_method("ibot", **micro_overrides(encoder={"size": "micro", "img_size": 16, "patch_size": 4,
+                                                                "drop_path": 0.5}))
+    assert method.encoder.training and not method.teacher.training
+    images = views_batch(method).views[0]
+    with torch.no_grad():
+        first, second = (method.teacher.encoder(images) for _ in range(2))
+    assert torch.equal(first, second)
+
+
 def test_separate_heads_give_the_patch_tokens_their_own_head():
     method = ibot(shared_head=False)
     loss, _ = method(views_batch(method))
