@@ -42,7 +42,7 @@ def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                      if r["seed"] in base.index and pd.notna(r.get(metric))]
             mean, half = ci95(diffs)
             significant = bool(len(diffs) > 1 and not np.isnan(half) and abs(mean) > half)
-            row[f"Δ {metric}"] = format_ci(mean, half) + (" *" if significant else "")
+            row[f"Δ {metric}"] = format_ci(mean, half, len(diffs), len(group)) + (" *" if significant else "")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -172,7 +172,8 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
     table.to_csv(out_dir / "table.csv", index=False)
     runs.to_csv(out_dir / "runs.csv", index=False)
     md = [f"# {index['suite']} ({index['profile']} profile)", "",
-          "Mean ± 95% CI (t-interval) over seeds; `–` = no finished run.", "",
+          "Mean ± 95% CI (t-interval) over seeds; `–` = no finished run; `(n of m seeds)` = only n "
+          "of the cell's m finished runs have that evaluation.", "",
           table.to_markdown(index=False), "", f"Paper columns: {papers.SOURCE}.", ""]
     if not diffs.empty:
         diffs.to_csv(out_dir / "paired_differences.csv", index=False)
@@ -188,15 +189,17 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
              "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
     figures = sorted(p for run in runs["run"] for p in (run_root / run / "figures").glob("*.png"))
 
-    status = runs[runs["status"] != "done"][["method", "setting", "seed", "run", "status"]]
+    status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
+        ["method", "setting", "seed", "run", "status", "missing evaluations"]]
     parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
-             "<p>Mean ± 95% CI (t-interval) over seeds. Paper columns: "
+             "<p>Mean ± 95% CI (t-interval) over seeds; (n of m seeds): only n of the cell's m finished "
+             "runs have that evaluation. Paper columns: "
              f"{html.escape(papers.SOURCE)}.</p>", table.to_html(index=False, na_rep="–")]
     if not diffs.empty:
         parts += ["<h2>Difference to the <code>none</code> baseline</h2>",
                   "<p>Paired by seed; * = 95% CI excludes 0.</p>", diffs.to_html(index=False)]
     if not status.empty:
-        parts += ["<h2>Failed or missing runs</h2>", status.to_html(index=False)]
+        parts += ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
     parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
     if figures:
         parts += ["<h2>Reconstructions and attention maps</h2>"]

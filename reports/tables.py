@@ -36,11 +36,14 @@ def load_index(index_file: Path) -> pd.DataFrame:
     for entry in index["runs"]:
         result_file = Path(index_file).parent / entry["run_dir"] / "result.json"
         row = {"method": entry["method"], "setting": entry["setting"], "seed": entry["seed"],
-               "run": Path(entry["run_dir"]).name, "status": "missing"}
+               "run": Path(entry["run_dir"]).name, "status": "missing", "missing evaluations": ""}
         if result_file.exists():
             result = json.loads(result_file.read_text())
             row["status"] = result["status"]
             row.update(result.get("metrics", {}))
+            if result["status"] == "done":   # a run shared with a suite that asked for fewer evaluations
+                row["missing evaluations"] = ", ".join(e for e in entry.get("evals", [])
+                                                       if e not in result.get("evals", {}))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -54,13 +57,15 @@ def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                "failed": int((group["status"] == "failed").sum()),
                "missing": int((group["status"] == "missing").sum())}
         for metric in metrics:
-            mean, half = ci95(done[metric]) if metric in done else (float("nan"), float("nan"))
-            row[metric] = format_ci(mean, half)
+            values = done[metric].dropna().tolist() if metric in done else []
+            row[metric] = format_ci(*ci95(values), n=len(values), of=len(done))
         out.append(row)
     return pd.DataFrame(out)
 
 
-def format_ci(mean: float, half: float) -> str:
+def format_ci(mean: float, half: float, n: int = 0, of: int = 0) -> str:
+    """'mean ± half'; '(n of m seeds)' when only n of the cell's m finished runs have the metric."""
     if np.isnan(mean):
         return "–"
-    return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
+    text = f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
+    return text + (f" ({n} of {of} seeds)" if 0 < n < of else "")

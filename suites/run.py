@@ -205,7 +205,7 @@ def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[
     write_json(suite_dir / "runs.json", {
         "suite": suite_name, "profile": profile_name,
         "runs": [{"method": spec.method, "setting": spec.setting, "seed": seed,
-                  "params": flatten(spec.overrides),
+                  "params": flatten(spec.overrides), "evals": list(spec.evals),
                   "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
                  for spec, seed, c in runs]})
 

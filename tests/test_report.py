@@ -71,9 +71,40 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
     diffs = pd.read_csv(folder / "paired_differences.csv").set_index("setting")
     assert diffs.loc["random 0.75", "Δ knn_top1_cls"].startswith("8.25")   # (8 + 8.5) / 2, paired by seed
     html = (folder / "index.html").read_text()
-    assert "Failed or missing runs" in html and "data:image/png;base64" in html
+    assert "Failed, missing or incomplete runs" in html and "data:image/png;base64" in html
     for plot in ("vs_mask_ratio.png", "vs_flops.png", "loss_curves.png", "collapse_monitors.png"):
         assert (folder / plot).stat().st_size > 1000
+
+
+def test_a_metric_from_fewer_seeds_than_finished_says_so_and_the_run_is_listed(tmp_path):
+    """A run shared with a suite that asked for fewer evaluations is done but incomplete here:
+    its metric cells say how many seeds they average, and the run is listed with what it lacks."""
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+                            ("mae", "5 epochs", 0): 42.0, ("mae", "5 epochs", 1): 43.0})
+    index_file = outputs / "suites" / "demo" / "cpu" / "runs.json"
+    index = json.loads(index_file.read_text())
+    for entry in index["runs"]:
+        entry["evals"] = ["knn", "linear"]
+        record_file = index_file.parent / entry["run_dir"] / "result.json"
+        record = json.loads(record_file.read_text())
+        record["evals"] = {"knn": {}}
+        if entry["seed"] == 0:
+            record["evals"]["linear"] = {}
+            record["metrics"]["linear_top1_cls"] = 50.0 if entry["method"] == "mae" else 44.0
+        record_file.write_text(json.dumps(record))
+    index_file.write_text(json.dumps(index))
+    out = subprocess.run([sys.executable, "-m", "reports.build", "--outputs", str(outputs),
+                          "--out", str(tmp_path / "report")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "report" / "demo" / "cpu"
+    table = pd.read_csv(folder / "table.csv").set_index("method")
+    assert table.loc["mae", "linear_top1_cls"] == "50.00 (1 of 2 seeds)"
+    assert table.loc["mae", "knn_top1_cls"] == "{:.2f} ± {:.2f}".format(*ci95([42.0, 43.0]))
+    diffs = pd.read_csv(folder / "paired_differences.csv").set_index("method")
+    assert diffs.loc["mae", "Δ linear_top1_cls"] == "6.00 (1 of 2 seeds)"
+    html = (folder / "index.html").read_text()
+    assert "Failed, missing or incomplete runs" in html and html.count("<td>linear</td>") == 2
 
 
 def test_report_without_records_says_what_to_run(tmp_path):
