@@ -1,6 +1,7 @@
 """The one pre-training loop every method uses.
 
-AdamW (timm's optimizer factory: no weight decay on norms, biases and tokens), timm's
+AdamW (timm's optimizer factory: no weight decay on norms and biases; the [CLS]/[M] tokens
+are decayed, as in MAE's official pre-training, not exempt as in BEiT's), timm's
 cosine schedule with linear warm-up stepped per iteration, gradient clipping, bf16
 autocast on CUDA and fp32 on CPU, optional `torch.compile`, the method's `after_step`
 hook, a tqdm bar with ETA, `metrics.jsonl`, atomic checkpoints and exact resume.

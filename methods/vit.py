@@ -224,7 +224,8 @@ class ViT(nn.Module):
                 "blocks": rf"^{p}blocks\.(\d+)"}
 
     def no_weight_decay(self, prefix: str = "") -> set[str]:
-        """Parameters AdamW must not decay besides norms and biases: the tokens (BEiT, MAE)."""
+        """Parameters AdamW must not decay besides norms and biases: the tokens. Fine-tuning and
+        segmentation use it; pre-training (engine.trainer) decays the tokens, as MAE's code does."""
         return {f"{prefix}{name}" for name in ("cls_token", "mask_token", "pos_embed")}
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
