@@ -40,12 +40,24 @@ def load_index(index_file: Path) -> pd.DataFrame:
         if result_file.exists():
             result = json.loads(result_file.read_text())
             row["status"] = result["status"]
-            row.update(result.get("metrics", {}))
+            row.update(suite_metrics(result, entry.get("evals")))
             if result["status"] == "done":   # a run shared with a suite that asked for fewer evaluations
                 row["missing evaluations"] = ", ".join(e for e in entry.get("evals", [])
                                                        if e not in result.get("evals", {}))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def suite_metrics(result: dict, evals: list[str] | None) -> dict:
+    """The run's metrics from the evaluations this suite asked for (a run folder shared with
+    another suite may hold more), plus its pre-training figures; all of them if not recorded."""
+    metrics = result.get("metrics", {})
+    if evals is None:
+        return metrics
+    kept = {k: v for k, v in metrics.items() if k.startswith("pretrain_")}
+    for name in evals:
+        kept.update(result.get("evals", {}).get(name, {}).get("metrics", {}))
+    return kept
 
 
 def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

@@ -78,7 +78,8 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
 
 def test_a_metric_from_fewer_seeds_than_finished_says_so_and_the_run_is_listed(tmp_path):
     """A run shared with a suite that asked for fewer evaluations is done but incomplete here:
-    its metric cells say how many seeds they average, and the run is listed with what it lacks."""
+    its metric cells say how many seeds they average, and the run is listed with what it lacks;
+    evaluations another suite asked for stay out of this suite's table."""
     outputs = tmp_path / "outputs"
     write_records(outputs, {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
                             ("mae", "5 epochs", 0): 42.0, ("mae", "5 epochs", 1): 43.0})
@@ -88,10 +89,13 @@ def test_a_metric_from_fewer_seeds_than_finished_says_so_and_the_run_is_listed(t
         entry["evals"] = ["knn", "linear"]
         record_file = index_file.parent / entry["run_dir"] / "result.json"
         record = json.loads(record_file.read_text())
-        record["evals"] = {"knn": {}}
+        knn = {k: v for k, v in record["metrics"].items() if k.startswith("knn")}
+        record["evals"] = {"knn": {"metrics": knn}}
         if entry["seed"] == 0:
-            record["evals"]["linear"] = {}
-            record["metrics"]["linear_top1_cls"] = 50.0 if entry["method"] == "mae" else 44.0
+            linear = {"linear_top1_cls": 50.0 if entry["method"] == "mae" else 44.0}
+            finetune = {"finetune_top1": 60.0}          # asked for by another suite sharing the run
+            record["evals"].update(linear={"metrics": linear}, finetune={"metrics": finetune})
+            record["metrics"].update(**linear, **finetune)
         record_file.write_text(json.dumps(record))
     index_file.write_text(json.dumps(index))
     out = subprocess.run([sys.executable, "-m", "reports.build", "--outputs", str(outputs),
@@ -101,6 +105,7 @@ def test_a_metric_from_fewer_seeds_than_finished_says_so_and_the_run_is_listed(t
     table = pd.read_csv(folder / "table.csv").set_index("method")
     assert table.loc["mae", "linear_top1_cls"] == "50.00 (1 of 2 seeds)"
     assert table.loc["mae", "knn_top1_cls"] == "{:.2f} ± {:.2f}".format(*ci95([42.0, 43.0]))
+    assert "finetune_top1" not in table.columns      # this suite did not ask for fine-tuning
     diffs = pd.read_csv(folder / "paired_differences.csv").set_index("method")
     assert diffs.loc["mae", "Δ linear_top1_cls"] == "6.00 (1 of 2 seeds)"
     html = (folder / "index.html").read_text()
