@@ -76,15 +76,26 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     data = data.assign(strategy=data["mask.strategy"] if "mask.strategy" in data else "random")
     long = data.melt(id_vars=["method", "strategy", "mask.ratio", "seed"], value_vars=metrics,
                      var_name="protocol", value_name="top-1 / mIoU (%)")
+    methods = list(dict.fromkeys(long["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
     grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style="strategy",
                        col="protocol", kind="line", markers=True, dashes=False, errorbar=t_interval,
-                       height=3.2, aspect=1.1, facet_kws={"sharey": False})
+                       palette=palette, height=3.2, aspect=1.1, facet_kws={"sharey": False})
     baseline = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
     for ax, metric in zip(grid.axes.flat, metrics):
+        seeds = long[long["protocol"] == metric]
+        ax.scatter(seeds["mask.ratio"], seeds["top-1 / mIoU (%)"], s=9, alpha=0.45, zorder=3,
+                   c=[palette[m] for m in seeds["method"]])
+        shown = seeds["top-1 / mIoU (%)"].dropna().tolist()
         if not baseline.empty and metric in baseline:
             ax.axhline(baseline[metric].mean(), color="gray", ls="--", lw=1, label="none (random init)")
-    grid.figure.suptitle("accuracy vs mask ratio per protocol (mean, 95% t-interval over seeds; dashed: none)",
-                        y=1.03)
+            shown.append(baseline[metric].mean())
+        # the axis fits the seeds, not a 2-seed t-interval (12.7 standard errors wide): bands
+        # that leave the panel are clipped, the tables print them in full
+        pad = max(2.0, 0.15 * (max(shown) - min(shown)))
+        ax.set_ylim(min(shown) - pad, max(shown) + pad)
+    grid.figure.suptitle("accuracy vs mask ratio per protocol (line: mean over seeds; dots: single seeds; "
+                         "band: 95% t-interval, clipped to the panel; dashed: none)", y=1.03, fontsize=9)
     grid.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(grid.figure)
     return True
