@@ -63,7 +63,7 @@ def test_an_evaluation_added_to_a_finished_ibot_run_gets_the_saved_teacher(tmp_p
     assert all(torch.equal(seen["linear"][k], saved[k]) for k in saved)
 
 
-def test_a_changed_knn_config_reruns_knn_only(tmp_path, monkeypatch):
+def test_a_changed_knn_config_reruns_knn(tmp_path):
     run_once(RunSpec("none", evals=("knn",)), tmp_path)
     other = dataclasses.replace(SMOKE, knn=dataclasses.replace(SMOKE.knn, k=3))
     assert not runner.is_done(next(tmp_path.glob("runs/none-*")), ("knn",), other)

@@ -221,8 +221,7 @@ def test_evaluations_get_the_teacher_encoder_unless_asked_for_the_student():
 def test_the_teacher_runs_without_drop_path_from_construction_on():
     """The student's drop path must not reach the targets: nothing calls train() before
     the first step, so the teacher is in eval mode from construction."""
-    method = build_method("ibot", **micro_overrides(encoder={"size": "micro", "img_size": 16, "patch_size": 4,
-                                                                "drop_path": 0.5}))
+    method = ibot(encoder={"size": "micro", "img_size": 16, "patch_size": 4, "drop_path": 0.5})
     assert method.encoder.training and not method.teacher.training
     images = views_batch(method).views[0]
     with torch.no_grad():
