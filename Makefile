@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 SUITE  ?= ablation_masking
 PROFILE ?= cpu
 
-.PHONY: setup test test-fast report smoke bench clean-outputs
+.PHONY: setup test report smoke bench
 
 setup: $(STAMP)
 

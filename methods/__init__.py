@@ -1,7 +1,7 @@
 """Pre-training methods on one shared ViT, and the registry that names them.
 
     from methods import registry, register_method, build_method
-    sorted(registry)                       # ['mae', 'none', 'pixel', ...]
+    sorted(registry)                       # ['beit', 'dvae', 'ibot', 'mae', 'none', 'pixel']
     method = build_method("mae", mask={"ratio": 0.9})
 
 Adding a method is one file: define a frozen config dataclass and a `MIMMethod`

@@ -3,7 +3,7 @@
     @register_method("mae", MAEConfig)
     class MAE(MIMMethod): ...
 
-    method = build_method("mae", encoder=ViTConfig(size="nano"), mask_ratio=0.9)
+    method = build_method("mae", encoder={"size": "nano"}, mask={"ratio": 0.9})
 """
 from __future__ import annotations
 

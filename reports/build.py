@@ -1,6 +1,6 @@
 """Build the report of every suite found under outputs/suites (or the ones named):
 
-    python -m reports.build [suite ...] [--outputs outputs] [--out reports/out]
+    python -m reports.build [suite ...] [--outputs outputs] [--out reports/out] [--readme README.md]
 
 Per suite and profile: table.md / table.csv / index.html (self-contained) with mean ± 95% CI
 over seeds, the paired difference to the `none` baseline per seed and whether its CI

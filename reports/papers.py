@@ -26,4 +26,4 @@ ABLATIONS = {
 }
 COLUMNS = ("paper setting", "paper fine-tune", "paper linear", "paper k-NN", "paper ADE20K mIoU")
 SOURCE = ("published ImageNet-1k numbers (a method's ViT-B/16 headline, or the paper's ablation of the "
-          "same setting, model and schedule named; see DESIGN.md), not measured here")
+          "same setting, model and schedule named; sources in reports/papers.py), not measured here")

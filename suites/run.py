@@ -9,8 +9,10 @@ resuming unfinished ones; then print and save the table (mean ± 95% CI over see
     python -m suites.run ablation_masking --profile imagenet --data /data/imagenet \
         --slurm --slurm-partition gpu --slurm-gpus 8 --slurm-timeout 2880   # one Slurm job per run
 
-Exit codes: 0 all runs done (with --slurm: submitted); 1 some runs failed (each folder's
-result.json says why); 2 bad input (unknown suite / profile / method, bad path or config).
+Exit codes: 0 every run done, or skipped because another process holds it (with --slurm:
+submitted); 1 some runs failed (each folder's result.json says why); 2 bad input (unknown
+suite / profile / method, bad path or config); 130 / 143 stopped by SIGINT / SIGTERM after
+writing a checkpoint (run the same command again to resume).
 """
 from __future__ import annotations
 

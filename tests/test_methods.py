@@ -1,5 +1,8 @@
 """Every registered method: finite loss, the loss falls on a fixed batch, gradients reach the
 encoder. Parametrised over the registry, so a new method is tested when it is registered."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -120,3 +123,29 @@ def test_mae_takes_block_and_grid_masks_with_one_count_per_batch(strategy, ratio
     method.encoder.blocks[0].register_forward_hook(lambda m, i, out: seen.update(shape=out.shape))
     loss, _ = method(batch)
     assert torch.isfinite(loss) and seen["shape"] == (64, 1 + round((1 - ratio) * 64), 32)
+
+
+def readme_snippet(section: str) -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return readme.split(f"## {section}")[1].split("```python")[1].split("```")[0]
+
+
+def test_readme_add_a_method_snippet_registers_a_method_that_trains(monkeypatch):
+    module = sys.modules["methods.registry"]    # (the package's `registry` attribute is the dict)
+    monkeypatch.setattr(module, "registry", dict(registry))   # keep "mine" out of other tests' view
+    code = readme_snippet("Adding a method").replace("loss = ...", "loss = tokens.pow(2).mean()")
+    exec(code, {})
+    assert "mine" in module.registry and "mine" not in registry
+    method = module.build_method("mine", **micro_overrides())
+    loss, metrics = method(fixed_batch(method))
+    loss.backward()
+    assert torch.isfinite(loss) and "loss" in metrics
+    assert method.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_readme_add_a_suite_snippet_gives_a_description_and_a_grid_with_the_baseline():
+    namespace = {}
+    exec(readme_snippet("Adding a suite"), namespace)
+    assert namespace["DESCRIPTION"]
+    methods_in_grid = [spec.method for spec in namespace["grid"](None)]
+    assert methods_in_grid[0] == "none" and set(methods_in_grid) <= set(registry)
