@@ -3,8 +3,12 @@
     torchrun --nproc_per_node N -m suites.run ablation_masking --profile gpu
 
 Every rank builds the same global batch from the same step seed and keeps its own slice,
-so the data order stays exactly resumable and a run's result does not depend on how many
-processes ran it (up to floating-point summation order). Rank 0 alone writes files.
+so the data order stays exactly resumable. A run's result depends on the number of processes
+only through floating-point summation order, each rank's own drop-path draws, and losses
+averaged over a rank's masked patches (equal to the global mean when every image masks the
+same number of patches, as MAE's and the random/grid masks do). Rank 0 alone writes files.
+Per step, the ranks agree on whether the loss is finite and whether a stop signal came, so
+they all take the same branch.
 """
 from __future__ import annotations
 
@@ -51,8 +55,27 @@ def broadcast_flag(flag: bool) -> bool:
     """Rank 0's value of `flag` on every rank (so all ranks take the same branch)."""
     if not dist.is_initialized():
         return flag
-    tensor = torch.tensor([int(flag)])
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _flag_tensor(flag)
     dist.broadcast(tensor, src=0)
     return bool(tensor.item())
+
+
+def _flag_tensor(flag: bool) -> torch.Tensor:
+    tensor = torch.tensor([int(flag)])
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
+def _reduce_flag(flag: bool, op) -> bool:
+    tensor = _flag_tensor(flag)
+    dist.all_reduce(tensor, op=op)
+    return bool(tensor.item())
+
+
+def on_all_ranks(flag: bool) -> bool:
+    """True on every rank when `flag` is True on every rank, else False on every rank."""
+    return flag if not dist.is_initialized() else _reduce_flag(flag, dist.ReduceOp.MIN)
+
+
+def on_any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one rank."""
+    return flag if not dist.is_initialized() else _reduce_flag(flag, dist.ReduceOp.MAX)

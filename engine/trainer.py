@@ -84,6 +84,11 @@ class Preempted(RuntimeError):
         self.signum = signum
 
 
+def total_steps(epochs: float, num_images: int, batch_size: int) -> int:
+    """Optimizer steps of `epochs` passes (the last partial batch of an epoch is dropped)."""
+    return round(epochs * (num_images // batch_size))
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1)
 
@@ -114,7 +119,7 @@ class Trainer:
         if method.trains and self.steps_per_epoch == 0:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset "
                               f"({len(images)} images); lower it")
-        self.total_steps = round(cfg.epochs * self.steps_per_epoch) if method.trains else 0
+        self.total_steps = total_steps(cfg.epochs, len(images), cfg.batch_size) if method.trains else 0
         self.world, self.rank = distributed.world_size(), distributed.rank()
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} "
@@ -201,7 +206,11 @@ class Trainer:
 
     # ---- measurement ---------------------------------------------------------------------
     def flops_per_step(self) -> int:
-        return train_flops(self.method, self.batch_for_step(0), self.device)
+        """FLOPs of one optimizer step over the global batch (every rank counts its slice)."""
+        flops = train_flops(self.method, self.batch_for_step(0), self.device) * self.world
+        if self.device.type == "cuda":   # counting ran unfused attention: not the training peak
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return flops
 
     # ---- the loop ------------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -217,7 +226,7 @@ class Trainer:
         stats_file = self.run_dir / "train_stats.json"
         if start >= self.total_steps and stats_file.exists():
             return read_json(stats_file)   # finished earlier: its stats, not those of an empty session
-        flops = self.flops_per_step() if start < self.total_steps else None
+        flops = self.flops_per_step()   # (also when a kill came between the last checkpoint and the stats)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         # rank 0 writes metrics (the loss of its own slice of the batch)
         metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
@@ -233,37 +242,40 @@ class Trainer:
                 self.scheduler.step_update(step)
                 batch = self.batch_for_step(step)
                 t1 = time.perf_counter()
-                torch.manual_seed(step_seed(self.seed, step, stream=3))   # drop-path etc.
+                # drop path etc.: one stream per rank, so ranks do not repeat each other's draws
+                torch.manual_seed(step_seed(self.seed, step, stream=3 + self.rank))
                 with device_autocast(self.device, self.cfg.precision):
                     loss, logs = self.step_fn(batch)
-                if not torch.isfinite(loss):
+                # every rank takes the same branch (a rank skipping backward would hang the others)
+                if distributed.on_all_ranks(bool(torch.isfinite(loss))):
+                    self._backward_and_step(loss, logs)
+                    self.method.after_step(step, self.total_steps)
+                    pending.append({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
+                    t2 = time.perf_counter()
+                    if step - start >= 2:  # skip warm-up steps (allocation, compile) in timings
+                        data_seconds += t1 - t0
+                        step_seconds += t2 - t0
+                        timed_steps += 1
+                else:   # skipped; the checkpoint and stop checks below still apply to this step
                     bad_steps += 1
                     if bad_steps > self.cfg.max_bad_steps:
                         raise NonFiniteLoss(self._nan_message(step, loss))
                     self.optimizer.zero_grad(set_to_none=True)
-                    continue
-                self._backward_and_step(loss, logs)
-                self.method.after_step(step, self.total_steps)
-                pending.append({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
-                t2 = time.perf_counter()
-                if step - start >= 2:  # skip warm-up steps (allocation, compile) in timings
-                    data_seconds += t1 - t0
-                    step_seconds += t2 - t0
-                    timed_steps += 1
                 bar.update(1)
                 done = step + 1
-                checkpoint_now = (done % self.cfg.checkpoint_every == 0 or done == self.total_steps
-                                  or self._stop_signal is not None)
+                stop = distributed.on_any_rank(self._stop_signal is not None)
+                checkpoint_now = done % self.cfg.checkpoint_every == 0 or done == self.total_steps or stop
                 if checkpoint_now or done % self.cfg.log_every == 0:
-                    if self.scaler is not None:   # one host sync per flush, not per step
+                    if self.scaler is not None and pending:   # one host sync per flush, not per step
                         pending[-1]["loss_scale"] = self.scaler.get_scale()
                     bar.set_postfix(loss=f"{self._flush(metrics_file, pending):.4f}")
                 if checkpoint_now and self.rank == 0:
                     save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
-                    if self._stop_signal and done < self.total_steps:
-                        raise Preempted(f"stopped by {signal.Signals(self._stop_signal).name} at step {done}; "
-                                        f"checkpoint saved - run the same command again to resume",
-                                        self._stop_signal)
+                if stop and done < self.total_steps:
+                    distributed.barrier()   # rank 0's checkpoint is on disk before any rank exits
+                    signum = self._stop_signal or signal.SIGTERM   # (a rank the signal did not reach)
+                    raise Preempted(f"stopped by {signal.Signals(signum).name} at step {done}; "
+                                    f"checkpoint saved - run the same command again to resume", signum)
         finally:
             bar.close()
             if metrics_file is not None:

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from engine.trainer import TrainConfig, train_flops
+from engine.trainer import TrainConfig, total_steps, train_flops
 from methods import build_method
 from methods.base import Batch
 
@@ -32,7 +32,7 @@ def flops_per_image(method: str, method_config: dict) -> float:
 def images_seen(config: dict) -> int:
     train = TrainConfig(**config["train"])
     num_train = TRAIN_IMAGES.get(config["data"]["name"], 1_281_167)
-    return int(train.epochs * (num_train // train.batch_size) * train.batch_size)
+    return total_steps(train.epochs, num_train, train.batch_size) * train.batch_size
 
 
 def pretrain_flops(config: dict) -> float:

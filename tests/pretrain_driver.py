@@ -2,12 +2,15 @@
 
     python tests/pretrain_driver.py RUN_DIR [--slow-checkpoint-at STEP] [--dump-state PREFIX]
     torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --dump-state PREFIX
+    torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --nan-on-last-rank-at STEP
 
-Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
+--nan-on-last-rank-at makes the loss of the last rank alone non-finite at one step (with
+max_bad_steps 1, so the step is skipped). Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
 "saving N" while a checkpoint's temp file is written; with --slow-checkpoint-at it pauses
 there, so a test can kill it in the middle of a checkpoint write.
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,13 +33,24 @@ def main() -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--slow-checkpoint-at", type=int, default=-1)
     parser.add_argument("--dump-state", default=None, help="save the final weights to PREFIX-rank<r>.pt")
+    parser.add_argument("--nan-on-last-rank-at", type=int, default=-1)
     args = parser.parse_args()
     distributed.init_from_env()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     method = build_method("mae", encoder={"size": "micro", "img_size": 16, "patch_size": 4})
     images = synthetic_splits(img_size=16, train_per_class=32).train.images
-    trainer = Trainer(method, images, CFG, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
+    cfg = dataclasses.replace(CFG, max_bad_steps=1) if args.nan_on_last_rank_at >= 0 else CFG
+    trainer = Trainer(method, images, cfg, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
+    if distributed.rank() == distributed.world_size() - 1 and args.nan_on_last_rank_at >= 0:
+        forward, calls = trainer.step_fn, []
+
+        def nan_once(batch):
+            loss, logs = forward(batch)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) == args.nan_on_last_rank_at + 1 else loss), logs
+
+        trainer.step_fn = nan_once
 
     after_step = method.after_step
 

@@ -185,5 +185,25 @@ def test_torchrun_with_two_gloo_processes_matches_a_single_process_run(tmp_path)
     for key in reference:
         assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
         assert torch.allclose(rank0[key], reference[key], rtol=1e-3, atol=1e-4), key
-    # only rank 0 wrote the run folder
+    # only rank 0 wrote the run folder; its FLOPs are those of the global batch
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == TOTAL_STEPS
+    stats = [json.loads((tmp_path / run / "train_stats.json").read_text()) for run in ("single", "ddp")]
+    assert stats[1]["flops_per_step"] == pytest.approx(stats[0]["flops_per_step"], rel=1e-6)
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank_without_a_hang(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29534", str(ROOT / "tests" / "pretrain_driver.py")]
+    ddp = subprocess.run([*torchrun, str(tmp_path / "ddp"), "--nan-on-last-rank-at", str(TOTAL_STEPS - 1),
+                          "--dump-state", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp-rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0), "the ranks' weights diverged"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(TOTAL_STEPS - 1))
+    final_state(tmp_path / "ddp")          # the skipped last step still ends with the final checkpoint
+    stats = json.loads((tmp_path / "ddp" / "train_stats.json").read_text())
+    assert stats["skipped_nonfinite_steps"] == 1

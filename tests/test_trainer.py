@@ -134,3 +134,10 @@ def test_a_finished_run_started_again_returns_its_training_stats_not_an_empty_se
     assert first["images_per_second"] > 0 and first["flops_total"] > 0
     again = make_trainer(tmp_path).fit()       # e.g. evaluations were interrupted and the run restarts
     assert again == json.loads(json.dumps(first))
+
+
+def test_a_kill_between_the_last_checkpoint_and_the_stats_file_still_records_the_flops(tmp_path):
+    first = make_trainer(tmp_path).fit()
+    (tmp_path / "train_stats.json").unlink()   # as if killed right after the final checkpoint
+    again = make_trainer(tmp_path).fit()
+    assert again["steps"] == first["steps"] and again["flops_total"] == first["flops_total"] > 0
