@@ -2,7 +2,8 @@
 
 A checkpoint is a plain dict of tensors and numbers saved with `torch.save` and read
 back with `weights_only=True` (no pickled code is ever executed). The last `keep`
-checkpoints stay on disk, so a truncated newest file falls back to the one before.
+checkpoints stay on disk, so a truncated newest file falls back to the one before; the
+temp files of writes cut short by a kill are removed at the next save.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 
     os.replace(tmp, path)
     for old in checkpoint_paths(folder)[keep:]:
         old.unlink(missing_ok=True)
+    # a process killed mid-write leaves its temp file (one run has one writer: any other is stale)
+    for stale in folder.glob(".ckpt-*.pt.tmp*"):
+        stale.unlink(missing_ok=True)
     return path
 
 
