@@ -63,6 +63,12 @@ def t_interval(values) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def method_palette(runs: pd.DataFrame) -> dict:
+    """One colour per method of the suite, the same in every plot of its page."""
+    names = sorted(runs["method"].dropna().unique())
+    return dict(zip(names, sns.color_palette(n_colors=len(names))))
+
+
 def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     if "mask.ratio" not in runs.columns or not metrics:
         return False
@@ -76,8 +82,7 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     data = data.assign(strategy=data["mask.strategy"] if "mask.strategy" in data else "random")
     long = data.melt(id_vars=["method", "strategy", "mask.ratio", "seed"], value_vars=metrics,
                      var_name="protocol", value_name="top-1 / mIoU (%)")
-    methods = list(dict.fromkeys(long["method"]))
-    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    palette = method_palette(runs)
     grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style="strategy",
                        col="protocol", kind="line", markers=True, dashes=False, errorbar=t_interval,
                        palette=palette, height=3.2, aspect=1.1, facet_kws={"sharey": False})
@@ -110,7 +115,7 @@ def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     sns.scatterplot(data=data.assign(tflops=data[column] / 1e12), x="tflops", y=metrics[0],
-                    hue="method", style="setting", s=70, ax=ax)
+                    hue="method", style="setting", s=70, palette=method_palette(runs), ax=ax)
     ax.set_xlabel("pre-training compute (TFLOP, counted)")
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.savefig(path, dpi=110, bbox_inches="tight")
