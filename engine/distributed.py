@@ -55,27 +55,20 @@ def broadcast_flag(flag: bool) -> bool:
     """Rank 0's value of `flag` on every rank (so all ranks take the same branch)."""
     if not dist.is_initialized():
         return flag
-    tensor = _flag_tensor(flag)
+    tensor = _flags_tensor([flag])
     dist.broadcast(tensor, src=0)
     return bool(tensor.item())
 
 
-def _flag_tensor(flag: bool) -> torch.Tensor:
-    tensor = torch.tensor([int(flag)])
+def _flags_tensor(flags) -> torch.Tensor:
+    tensor = torch.tensor([int(f) for f in flags])
     return tensor.cuda() if dist.get_backend() == "nccl" else tensor
 
 
-def _reduce_flag(flag: bool, op) -> bool:
-    tensor = _flag_tensor(flag)
-    dist.all_reduce(tensor, op=op)
-    return bool(tensor.item())
-
-
-def on_all_ranks(flag: bool) -> bool:
-    """True on every rank when `flag` is True on every rank, else False on every rank."""
-    return flag if not dist.is_initialized() else _reduce_flag(flag, dist.ReduceOp.MIN)
-
-
-def on_any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on at least one rank."""
-    return flag if not dist.is_initialized() else _reduce_flag(flag, dist.ReduceOp.MAX)
+def on_any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, True on every rank when it is True on at least one (one all-reduce for all)."""
+    if not dist.is_initialized():
+        return flags
+    tensor = _flags_tensor(flags)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in tensor.tolist())

@@ -246,8 +246,10 @@ class Trainer:
                 torch.manual_seed(step_seed(self.seed, step, stream=3 + self.rank))
                 with device_autocast(self.device, self.cfg.precision):
                     loss, logs = self.step_fn(batch)
-                # every rank takes the same branch (a rank skipping backward would hang the others)
-                if distributed.on_all_ranks(bool(torch.isfinite(loss))):
+                # every rank takes the same branches (a rank skipping backward or stopping alone
+                # would hang the others): one all-reduce per step agrees on both flags
+                nonfinite, stop = distributed.on_any_rank(not torch.isfinite(loss), self._stop_signal is not None)
+                if not nonfinite:
                     self._backward_and_step(loss, logs)
                     self.method.after_step(step, self.total_steps)
                     pending.append({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
@@ -263,7 +265,6 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
                 done = step + 1
-                stop = distributed.on_any_rank(self._stop_signal is not None)
                 checkpoint_now = done % self.cfg.checkpoint_every == 0 or done == self.total_steps or stop
                 if checkpoint_now or done % self.cfg.log_every == 0:
                     if self.scaler is not None and pending:   # one host sync per flush, not per step

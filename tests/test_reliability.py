@@ -171,18 +171,22 @@ def test_every_torch_load_in_the_project_is_weights_only():
     assert not unsafe, unsafe
 
 
+def torchrun_driver(run_dir, port, *extra):
+    """The driver as two gloo processes on `run_dir`; returns each rank's final weights."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(port), str(ROOT / "tests" / "pretrain_driver.py")]
+    ddp = subprocess.run([*torchrun, str(run_dir), *extra, "--dump-state", str(run_dir)],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return [torch.load(f"{run_dir}-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
 def test_torchrun_with_two_gloo_processes_matches_a_single_process_run(tmp_path):
     single = subprocess.run([*DRIVER, str(tmp_path / "single"), "--dump-state", str(tmp_path / "single")],
                             capture_output=True, text=True, cwd=ROOT)
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29533", str(ROOT / "tests" / "pretrain_driver.py")]
-    ddp = subprocess.run([*torchrun, str(tmp_path / "ddp"), "--dump-state", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "ddp-rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "ddp-rank1.pt", weights_only=True)
+    rank0, rank1 = torchrun_driver(tmp_path / "ddp", 29533)
     reference = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
     for key in reference:
         assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
@@ -194,15 +198,7 @@ def test_torchrun_with_two_gloo_processes_matches_a_single_process_run(tmp_path)
 
 
 def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank_without_a_hang(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29534", str(ROOT / "tests" / "pretrain_driver.py")]
-    ddp = subprocess.run([*torchrun, str(tmp_path / "ddp"), "--nan-on-last-rank-at", str(TOTAL_STEPS - 1),
-                          "--dump-state", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "ddp-rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "ddp-rank1.pt", weights_only=True)
+    rank0, rank1 = torchrun_driver(tmp_path / "ddp", 29534, "--nan-on-last-rank-at", str(TOTAL_STEPS - 1))
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0), "the ranks' weights diverged"
     steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(TOTAL_STEPS - 1))
