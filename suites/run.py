@@ -34,7 +34,7 @@ from suites import slurm
 from suites.cost import estimate_seconds
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
-from suites.runner import RunSkipped, data_descriptor, execute, read_result, resolve, run_dir_for
+from suites.runner import RunSkipped, data_descriptor, execute, is_done, read_result, resolve, run_dir_for
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,19 +154,33 @@ def flatten(overrides: dict, prefix: str = "") -> dict:
     return flat
 
 
+def run_state(run_dir: Path, spec, profile) -> str:
+    """What a run folder holds for this grid cell: done, to evaluate (named), to run, failed..."""
+    record = read_result(run_dir)
+    if record is None:
+        return "to run"
+    if is_done(run_dir, spec.evals, profile):
+        return "done"
+    if record["status"] == "done":
+        stale = [name for name in spec.evals if not is_done(run_dir, (name,), profile)]
+        return "to evaluate: " + ", ".join(stale)
+    return record["status"]
+
+
 def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
     profile = get_profile(profile_name)
-    total = 0.0
+    total = left = 0.0
     print(f"suite {suite_name}, profile {profile_name}: {len(runs)} runs")
     for spec, seed, config in runs:
         seconds = estimate_seconds(config, profile)
+        state = run_state(run_dir_for(outputs, config), spec, profile)
         total += seconds
-        record = read_result(run_dir_for(outputs, config))
-        state = "to run" if record is None else record["status"]
+        left += 0.0 if state == "done" or state.startswith("to evaluate") else seconds
         print(f"  {spec.method:6s} {spec.setting:22s} seed {seed}  ~{seconds / 60:7.1f} min  "
               f"{run_dir_for(outputs, config).name}  [{state}]")
-    print(f"estimated pre-training: {total / 3600:.2f} h at {profile.flops_per_second / 1e9:.0f} GFLOP/s "
-          f"(plus a minute or two of evaluation per run)")
+    print(f"estimated pre-training: {left / 3600:.2f} h left of {total / 3600:.2f} h for these runs "
+          f"at {profile.flops_per_second / 1e9:.0f} GFLOP/s (plus a minute or two of evaluation per run; "
+          f"fine-tuning and segmentation take longer)")
 
 
 def list_suites(cost_profile: str) -> None:

@@ -109,3 +109,16 @@ def test_records_name_the_commit_of_the_code_that_ran():
     commit, _, dirty = SOURCE_COMMIT.partition("+")
     assert commit == head.stdout.strip() and dirty in ("", "dirty")
     assert provenance()["git_commit"] == SOURCE_COMMIT
+
+
+def test_dry_run_state_names_the_evaluations_a_pretrained_run_still_needs(tmp_path):
+    from suites.run import run_state
+    from suites.runner import RunSpec
+    spec = RunSpec("mae", "random 0.75", evals=("knn", "linear", "finetune"))
+    assert run_state(tmp_path / "absent", spec, None) == "to run"
+    record = {"schema": 1, "status": "done", "evals": {"knn": {"metrics": {"knn_top1_cls": 40.0}}}}
+    (tmp_path / "result.json").write_text(json.dumps(record))
+    assert run_state(tmp_path, spec, None) == "to evaluate: linear, finetune"
+    assert run_state(tmp_path, RunSpec("mae", "random 0.75"), None) == "done"
+    (tmp_path / "result.json").write_text(json.dumps({**record, "status": "failed"}))
+    assert run_state(tmp_path, spec, None) == "failed"
