@@ -216,14 +216,49 @@ def format_hours(seconds: float) -> str:
 
 
 def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
-    """runs.json: the suite's runs with their grid settings, as the table reads them."""
+    """runs.json: the suite's runs with their grid settings, as the table reads them. Finished
+    runs of the same cells at other seeds, listed by an earlier command (e.g. `--seeds 3` before
+    `--seeds 2`), stay listed: a table never loses a finished seed to a smaller --seeds."""
     suite_dir.mkdir(parents=True, exist_ok=True)
-    write_json(suite_dir / "runs.json", {
-        "suite": suite_name, "profile": profile_name,
-        "runs": [{"method": spec.method, "setting": spec.setting, "seed": seed,
-                  "params": flatten(spec.overrides), "evals": list(spec.evals),
-                  "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
-                 for spec, seed, c in runs]})
+    entries = [{"method": spec.method, "setting": spec.setting, "seed": seed,
+                "params": flatten(spec.overrides), "evals": list(spec.evals),
+                "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
+               for spec, seed, c in runs]
+    kept, dropped = earlier_finished_runs(suite_dir, runs, outputs, entries)
+    if kept:
+        print(f"runs.json also lists {len(kept)} finished run(s) of other seeds from earlier commands")
+    if dropped:
+        print(f"runs.json no longer lists {dropped} finished run(s) of an earlier command (another "
+              f"--data or grid); their folders stay in {outputs}/runs")
+    order = {(spec.method, spec.setting): i for i, (spec, _, _) in enumerate(runs)}
+    entries = sorted(entries + kept, key=lambda e: (order[(e["method"], e["setting"])], e["seed"]))
+    write_json(suite_dir / "runs.json", {"suite": suite_name, "profile": profile_name, "runs": entries})
+
+
+def earlier_finished_runs(suite_dir: Path, runs: list[tuple], outputs: Path,
+                          entries: list[dict]) -> tuple[list[dict], int]:
+    """Entries of the existing runs.json to keep (finished, same cell and config but another
+    seed) and how many finished ones are dropped (another config, e.g. other --data)."""
+    index_file = suite_dir / "runs.json"
+    if not index_file.exists():
+        return [], 0
+    def unseeded(config: dict) -> str:
+        return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+    cells = {(spec.method, spec.setting): unseeded(c) for spec, _, c in runs}
+    listed = {(e["method"], e["setting"], e["seed"]) for e in entries}
+    kept, dropped = [], 0
+    for entry in json.loads(index_file.read_text())["runs"]:
+        run_dir = suite_dir / entry["run_dir"]
+        if (entry["method"], entry["setting"], entry["seed"]) in listed:
+            continue
+        record = read_result(run_dir)
+        if record is None or record["status"] != "done" or not (run_dir / "config.json").exists():
+            continue
+        if cells.get((entry["method"], entry["setting"])) == unseeded(json.loads((run_dir / "config.json").read_text())):
+            kept.append(entry)
+        else:
+            dropped += 1
+    return kept, dropped
 
 
 def write_table(suite_dir: Path) -> None:

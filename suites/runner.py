@@ -264,10 +264,16 @@ def _execute_locked(config: dict, spec: RunSpec, profile: Profile, run_dir: Path
     except Preempted:
         raise  # not a failure: the checkpoint is written, the same command resumes
     except Exception as err:
-        write_json(run_dir / "result.json", {
-            "schema": SCHEMA, "status": "failed", "method": config["method"], "seed": config["seed"],
-            "config_hash": config_hash(config), "error": f"{err.__class__.__name__}: {err}",
-            "traceback": traceback.format_exc(), "metrics": {}, "provenance": provenance()})
+        failure = {"error": f"{err.__class__.__name__}: {err}", "traceback": traceback.format_exc()}
+        previous = read_result(run_dir)
+        if previous and previous["status"] == "done":
+            # pre-training (and the evaluations before this one) finished: keep them, for this
+            # suite's rerun and for every other suite sharing the run
+            write_json(run_dir / "result.json", {**previous, "failed_evaluation": failure})
+        else:
+            write_json(run_dir / "result.json", {
+                "schema": SCHEMA, "status": "failed", "method": config["method"], "seed": config["seed"],
+                "config_hash": config_hash(config), **failure, "metrics": {}, "provenance": provenance()})
         raise
     result["wall_seconds"] = time.time() - started
     write_json(run_dir / "result.json", result)
@@ -298,9 +304,12 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
             save_encoder_atomic(method, run_dir / "encoder.safetensors")
             write_figures(method, splits.test, run_dir, device=device)
         encoder = method.export_encoder()
+        write_json(run_dir / "result.json", done_record(config, previous.get("evals", {}), train_stats, outputs))
     else:  # pre-training finished earlier; only new evaluations run, on what the run saved
         method, encoder = load_saved(method, run_dir)
 
+    # result.json is rewritten after pre-training and after each evaluation: a later failure
+    # or stop keeps them
     evals = dict(previous.get("evals", {}))
     if "knn" in spec.evals and not evaluations.is_current(evals.get("knn"), "knn", profile):
         kw = dict(batch_size=profile.feature_batch, device=device, progress=progress)
@@ -310,6 +319,7 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
                                      desc="features test", **kw)
         evals["knn"] = {"config": dataclasses.asdict(profile.knn),
                         "metrics": knn.run(train_feats, test_feats, profile.knn)}
+        write_json(run_dir / "result.json", done_record(config, evals, train_stats, outputs))
     if "tokenizer" in spec.evals and "tokenizer" not in evals:
         evals["tokenizer"] = {"config": {"split": "test"}, "metrics": tokenizer_eval.run(
             method, splits.test, batch_size=profile.feature_batch, device=device, progress=progress)}
@@ -317,6 +327,12 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
         if name in evaluations.ENCODER_EVALUATIONS and not evaluations.is_current(evals.get(name), name, profile):
             evals[name] = evaluations.run_evaluation(name, encoder, splits, profile, run_dir, config["seed"],
                                                      device, progress)
+            write_json(run_dir / "result.json", done_record(config, evals, train_stats, outputs))
+    return done_record(config, evals, train_stats, outputs)
+
+
+def done_record(config: dict, evals: dict, train_stats: dict, outputs: Path) -> dict:
+    """result.json of a run whose pre-training finished, with the evaluations done so far."""
     metrics = {name: value for e in evals.values() for name, value in e["metrics"].items()}
     for key in ("images_per_second", "flops_total"):
         if train_stats.get(key) is not None:

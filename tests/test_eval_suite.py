@@ -115,3 +115,41 @@ def test_a_run_stopped_during_a_later_evaluation_keeps_the_finished_ones(tmp_pat
     monkeypatch.setattr(linear, "run", lambda *a, **k: pytest.fail("the finished linear probe ran again"))
     result = run_once(RunSpec("none", evals=("knn", "linear", "finetune")), tmp_path)
     assert {"linear_top1_cls", "finetune_top1"} <= set(result["metrics"])
+
+
+def test_a_failed_evaluation_keeps_the_finished_run_and_its_earlier_evaluations(tmp_path, monkeypatch):
+    """A run another suite finished must not turn into a failed run when this suite's extra
+    evaluation fails: its record, pre-training and k-NN stay, the failure is added beside them."""
+    first = run_once(RunSpec("mae", evals=("knn",)), tmp_path)
+    from eval import linear
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe diverged")
+
+    monkeypatch.setattr(linear, "run", broken)
+    with pytest.raises(RuntimeError):
+        run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
+    on_disk = json.loads(next(tmp_path.glob("runs/mae-*/result.json")).read_text())
+    assert on_disk["status"] == "done" and on_disk["evals"]["knn"] == first["evals"]["knn"]
+    assert on_disk["train"] == first["train"]
+    assert on_disk["failed_evaluation"]["error"] == "RuntimeError: probe diverged"
+    assert runner.is_done(next(tmp_path.glob("runs/mae-*")), ("knn",), SMOKE)
+
+    monkeypatch.undo()
+    again = run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
+    assert "linear_top1_cls" in again["metrics"] and "failed_evaluation" not in again
+
+
+def test_a_failure_after_pretraining_keeps_the_pretrained_encoder_as_done(tmp_path, monkeypatch):
+    """Pre-training is recorded as soon as it ends: an evaluation failing in the same call
+    leaves a done run that a rerun evaluates without training again."""
+    from eval import linear
+    monkeypatch.setattr(linear, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("probe diverged")))
+    with pytest.raises(RuntimeError):
+        run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
+    on_disk = json.loads(next(tmp_path.glob("runs/mae-*/result.json")).read_text())
+    assert on_disk["status"] == "done" and on_disk["train"]["steps"] > 0 and "knn" in on_disk["evals"]
+    monkeypatch.undo()
+    monkeypatch.setattr(runner.Trainer, "fit", lambda self: pytest.fail("pre-training ran again"))
+    again = run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
+    assert "linear_top1_cls" in again["metrics"]

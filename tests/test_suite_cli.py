@@ -122,3 +122,16 @@ def test_dry_run_state_names_the_evaluations_a_pretrained_run_still_needs(tmp_pa
     assert run_state(tmp_path, RunSpec("mae", "random 0.75"), None) == "done"
     (tmp_path / "result.json").write_text(json.dumps({**record, "status": "failed"}))
     assert run_state(tmp_path, spec, None) == "failed"
+
+
+def test_a_smaller_seeds_count_keeps_the_finished_seeds_in_the_table(tmp_path):
+    done = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", "--seeds", "2", outputs=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = run_cli("ablation_masking", "--profile", "smoke", "--seeds", "1", "--table-only", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "1 finished run(s) of other seeds" in out.stdout
+    index = json.loads((tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json").read_text())
+    assert [r["seed"] for r in index["runs"] if r["method"] == "none"] == [0, 1]
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv").set_index("setting")
+    assert table.loc["random init", "seeds done"] == 2 and table.loc["random 0.75", "missing"] == 1
