@@ -129,7 +129,7 @@ def select(specs: list, only: str, suite_name: str) -> list:
     """The grid cells `--only` keeps: "mae,none" keeps methods, "beit:random 0.4" one cell."""
     known = sorted({s.method for s in specs})
     kept = []
-    for word in (w.strip() for w in only.split(",") if w.strip()):
+    for word in only_words(only, known):
         method, _, setting = (part.strip() for part in word.partition(":"))
         if method not in known:
             raise UnknownNameError(f"--only names {method!r}, not in suite {suite_name!r}; its methods: "
@@ -141,6 +141,20 @@ def select(specs: list, only: str, suite_name: str) -> list:
                                    f"{suite_name!r}; its settings: {settings}")
         kept += [s for s in cells if s not in kept]
     return [s for s in specs if s in kept]     # grid order
+
+
+def only_words(only: str, methods: list[str]) -> list[str]:
+    """--only split at commas, except inside a setting that has one ("pixel:raw pixels, block 0.4")."""
+    words: list[str] = []
+    for piece in (p.strip() for p in only.split(",")):
+        if words and ":" in words[-1] and ":" not in piece and piece not in methods:
+            words[-1] += ", " + piece
+        elif piece:
+            words.append(piece)
+    if not words:
+        raise UnknownNameError(f"--only {only!r} names nothing; pass methods or METHOD:SETTING, "
+                               f"comma-separated (its methods: {', '.join(methods)})")
+    return words
 
 
 def flatten(overrides: dict, prefix: str = "") -> dict:

@@ -135,3 +135,13 @@ def test_a_smaller_seeds_count_keeps_the_finished_seeds_in_the_table(tmp_path):
     import pandas as pd
     table = pd.read_csv(tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv").set_index("setting")
     assert table.loc["random init", "seeds done"] == 2 and table.loc["random 0.75", "missing"] == 1
+
+
+def test_only_keeps_a_setting_whose_name_has_a_comma(tmp_path):
+    out = run_cli("ablation_targets", "--profile", "cpu", "--seeds", "1", "--dry-run",
+                  "--only", "pixel:raw pixels, block 0.4,none", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split()[:4] for line in out.stdout.splitlines() if " seed " in line]
+    assert lines == [["none", "random", "init", "seed"], ["pixel", "raw", "pixels,", "block"]]
+    empty = run_cli("ablation_targets", "--only", ",", "--dry-run", outputs=tmp_path)
+    assert empty.returncode == 2 and "names nothing" in empty.stderr
