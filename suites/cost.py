@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 import json
+from pathlib import Path
 
 import torch
 
+from engine.data import list_images
 from engine.trainer import TrainConfig, total_steps, train_flops
 from methods import build_method
 from methods.base import Batch
 
-TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000}   # anything else: ImageNet-1k's 1,281,167
+TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}   # without a folder to count
 
 
 @lru_cache(maxsize=64)
@@ -31,8 +33,14 @@ def flops_per_image(method: str, method_config: dict) -> float:
 
 def images_seen(config: dict) -> int:
     train = TrainConfig(**config["train"])
-    num_train = TRAIN_IMAGES.get(config["data"]["name"], 1_281_167)
+    data = config["data"]
+    num_train = count_train_images(data["path"]) if "path" in data else TRAIN_IMAGES[data["name"]]
     return total_steps(train.epochs, num_train, train.batch_size) * train.batch_size
+
+
+@lru_cache(maxsize=8)
+def count_train_images(root: str) -> int:
+    return len(list_images(Path(root) / "train")[1])
 
 
 def pretrain_flops(config: dict) -> float:

@@ -210,11 +210,12 @@ def list_suites(cost_profile: str) -> None:
             line = (f"  {profile_name:9s} {len(specs):2d} cells x {profile.seeds} seed(s) = "
                     f"{len(specs) * profile.seeds:3d} runs")
             if profile is cost_at:
-                data = {"name": "synthetic" if profile.data == "synthetic" else "cifar10",
+                # the profile's own data, without reading it (imagenet: ImageNet-1k's size)
+                data = {"name": "imagenet" if profile.data == "user" else profile.data,
                         "img_size": profile.encoder["img_size"]}
                 total = 0.0
                 for spec in specs:
-                    config = resolve(spec, profile, 0, data)
+                    config = resolve(spec, profile, 0, data, check_inputs=False)
                     key = json.dumps(config, sort_keys=True)
                     if key not in costs:
                         costs[key] = estimate_seconds(config, profile)

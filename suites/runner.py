@@ -88,14 +88,16 @@ def data_descriptor(profile: Profile, data: str | None) -> dict:
     return {"name": path.name, "path": str(path.resolve()), "img_size": profile.encoder["img_size"]}
 
 
-def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict) -> dict:
-    """The full pre-training config of a run (what its hash covers)."""
+def resolve(spec: RunSpec, profile: Profile, seed: int, data: dict, check_inputs: bool = True) -> dict:
+    """The full pre-training config of a run (what its hash covers). `check_inputs`: fail now
+    when an evaluation's data is missing (off only for cost listings)."""
     if spec.method not in registry:
         raise unknown("method", spec.method, registry)
     bad = [e for e in spec.evals if e not in EVALUATIONS]
     if bad:
         raise unknown("evaluation", bad[0], EVALUATIONS)
-    evaluations.check_inputs(spec.evals, profile)
+    if check_inputs:
+        evaluations.check_inputs(spec.evals, profile)
     method_cls = registry[spec.method][0]
     wrong = [e for e in spec.evals if (e == "tokenizer") != hasattr(method_cls, "tokenize")]
     if wrong:

@@ -46,3 +46,16 @@ def test_train_overrides_change_the_hash_and_reach_the_trainer(tmp_path):
 def test_bad_train_overrides_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         resolve(spec, get_profile("smoke"), 0, SYNTHETIC)
+
+
+def test_the_cost_of_a_run_on_a_user_folder_counts_its_training_images(tmp_path):
+    from PIL import Image
+    from suites.cost import images_seen
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / label / f"{i}.jpg")
+    config = {"train": {"epochs": 2.0, "batch_size": 2},
+              "data": {"name": tmp_path.name, "path": str(tmp_path), "img_size": 8}}
+    assert images_seen(config) == 2 * 6                # not ImageNet's 1.28M images
+    assert images_seen({**config, "data": {"name": "cifar10", "img_size": 32}}) == 2 * 50_000

@@ -98,6 +98,9 @@ def test_segmentation_on_ade20k_without_the_data_fails_before_any_training(tmp_p
         SMOKE.eval_budget, segmentation=dataclasses.replace(SMOKE.eval_budget.segmentation, dataset="ade20k")))
     with pytest.raises(Exception, match="needs the ADEChallengeData2016/ folder; set MIMBENCH_ADE20K="):
         resolve(RunSpec("none", evals=("segmentation",)), ade, 0, data_descriptor(ade, None))
+    # a cost listing (--list) resolves the grid without the data
+    assert resolve(RunSpec("none", evals=("segmentation",)), ade, 0, data_descriptor(ade, None),
+                   check_inputs=False)["method"] == "none"
 
 
 def test_a_run_stopped_during_a_later_evaluation_keeps_the_finished_ones(tmp_path, monkeypatch):
