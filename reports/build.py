@@ -29,17 +29,30 @@ from reports import papers  # noqa: E402
 from reports.tables import ci95, format_ci, load_index, metric_columns, summarize  # noqa: E402
 
 BASELINE = "none"
+
+
+class ReportError(ValueError):
+    """Input the report cannot be built from as it stands (the records, the README's block); the
+    message names the problem and the fix, and main prints it on one line."""
+
+
 def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Per (method, setting): mean ± CI of (run - baseline of the same seed), and whether
-    the CI excludes zero."""
+    the CI excludes zero; a cell with no finished run gets a row of `–`."""
+    cells = runs.loc[runs["method"] == BASELINE, "setting"].unique()
+    if len(cells) > 1:
+        raise ReportError(f"the suite has {len(cells)} `{BASELINE}` cells ({', '.join(map(repr, cells))}); "
+                          f"the paired differences need one: keep a single RunSpec({BASELINE!r}, ...)")
     done = runs[runs["status"] == "done"]
     base = done[done["method"] == BASELINE].set_index("seed")
     rows = []
-    for (method, setting), group in done[done["method"] != BASELINE].groupby(["method", "setting"], sort=False):
+    for (method, setting), cell in runs[runs["method"] != BASELINE].groupby(["method", "setting"], sort=False):
+        group = cell[cell["status"] == "done"]
         row = {"method": method, "setting": setting}
         for metric in metrics:
-            diffs = [r[metric] - base.loc[r["seed"], metric] for _, r in group.iterrows()
-                     if r["seed"] in base.index and pd.notna(r.get(metric))]
+            paired = [(r[metric], base.loc[r["seed"], metric])
+                      for _, r in group.iterrows() if r["seed"] in base.index]
+            diffs = [value - baseline for value, baseline in paired if pd.notna(value) and pd.notna(baseline)]
             mean, half = ci95(diffs)
             significant = bool(len(diffs) > 1 and not np.isnan(half) and abs(mean) > half)
             row[f"Δ {metric}"] = format_ci(mean, half, len(diffs), len(group)) + (" *" if significant else "")
@@ -69,36 +82,47 @@ def method_palette(runs: pd.DataFrame) -> dict:
     return dict(zip(names, sns.color_palette(n_colors=len(names))))
 
 
+def draw_baseline(ax, runs: pd.DataFrame, metric: str) -> float:
+    """The `none` baseline's mean over its finished seeds, drawn as a dashed line; NaN (and no
+    line) without one."""
+    level = runs.loc[(runs["method"] == BASELINE) & (runs["status"] == "done"), metric].mean()
+    if pd.notna(level):
+        ax.axhline(level, color="gray", ls="--", lw=1, label="none (random init)")
+    return level
+
+
 def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     if "mask.ratio" not in runs.columns or not metrics:
         return False
     data = runs[(runs["status"] == "done") & runs["mask.ratio"].notna()]
+    # a line joins a method's settings that differ in the ratio alone ("raw pixels, block 0.4" and
+    # "raw pixels, block 0.6"), so two settings never pool into one point; a setting with one
+    # ratio is a lone marker, and the plot needs at least one line
+    family = "setting, ratio aside"
+    data = data.assign(**{family: [setting.removesuffix(f" {ratio:g}")
+                                   for setting, ratio in zip(data["setting"], data["mask.ratio"])]})
+    if not (data.groupby(["method", family])["mask.ratio"].transform("nunique") >= 2).any():
+        return False
     # a panel per protocol measured in at least two cells: one point shows no trend (a suite's
     # cells can carry another suite's evaluations through a shared run)
     metrics = [m for m in metrics if m in data and data.loc[data[m].notna(), "setting"].nunique() >= 2]
     if data.empty or not metrics:
         return False
-    # one line per (method, strategy): random and blockwise cells at one ratio are not pooled
-    data = data.assign(strategy=data["mask.strategy"] if "mask.strategy" in data else "random")
-    long = data.melt(id_vars=["method", "strategy", "mask.ratio", "seed"], value_vars=metrics,
+    long = data.melt(id_vars=["method", family, "mask.ratio", "seed"], value_vars=metrics,
                      var_name="protocol", value_name="top-1 / mIoU (%)")
     palette = method_palette(runs)
-    grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style="strategy",
-                       col="protocol", kind="line", markers=True, dashes=False, errorbar=t_interval,
-                       palette=palette, height=3.2, aspect=1.1, facet_kws={"sharey": False})
-    baseline = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
+    grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style=family,
+                       col="protocol", col_order=metrics, kind="line", markers=True, dashes=False,
+                       errorbar=t_interval, palette=palette, height=3.2, aspect=1.1, facet_kws={"sharey": False})
     for ax, metric in zip(grid.axes.flat, metrics):
         seeds = long[long["protocol"] == metric]
         ax.scatter(seeds["mask.ratio"], seeds["top-1 / mIoU (%)"], s=9, alpha=0.45, zorder=3,
                    c=[palette[m] for m in seeds["method"]])
-        shown = seeds["top-1 / mIoU (%)"].dropna().tolist()
-        if not baseline.empty and metric in baseline:
-            ax.axhline(baseline[metric].mean(), color="gray", ls="--", lw=1, label="none (random init)")
-            shown.append(baseline[metric].mean())
+        shown = [*seeds["top-1 / mIoU (%)"].dropna(), draw_baseline(ax, runs, metric)]
         # the axis fits the seeds, not a 2-seed t-interval (12.7 standard errors wide): bands
         # that leave the panel are clipped, the tables print them in full
-        pad = max(2.0, 0.15 * (max(shown) - min(shown)))
-        ax.set_ylim(min(shown) - pad, max(shown) + pad)
+        pad = max(2.0, 0.15 * (np.nanmax(shown) - np.nanmin(shown)))
+        ax.set_ylim(np.nanmin(shown) - pad, np.nanmax(shown) + pad)
     grid.figure.suptitle("accuracy vs mask ratio per protocol (line: mean over seeds; dots: single seeds; "
                          "band: 95% t-interval, clipped to the panel; dashed: none)", y=1.03, fontsize=9)
     grid.savefig(path, dpi=110, bbox_inches="tight")
@@ -108,18 +132,26 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
 
 def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     column = "pretrain_flops_total"
-    if column not in runs.columns or not metrics:
+    if column not in runs.columns:
         return False
     data = runs[(runs["status"] == "done") & runs[column].notna()]
-    if data.empty:
+    metrics = [m for m in metrics if data[m].notna().any()]
+    if data.empty or not metrics:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    sns.scatterplot(data=data.assign(tflops=data[column] / 1e12), x="tflops", y=metrics[0],
-                    hue="method", style="setting", s=70, palette=method_palette(runs), ax=ax)
-    ax.set_xlabel("pre-training compute (TFLOP, counted)")
-    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    long = data.assign(tflops=data[column] / 1e12).melt(
+        id_vars=["method", "setting", "tflops"], value_vars=metrics, var_name="protocol",
+        value_name="top-1 / mIoU (%)")
+    grid = sns.relplot(data=long, x="tflops", y="top-1 / mIoU (%)", hue="method", style="setting",
+                       col="protocol", col_order=metrics, col_wrap=min(3, len(metrics)), kind="scatter",
+                       s=70, palette=method_palette(runs), height=3.2, aspect=1.1,
+                       facet_kws={"sharey": False})
+    for ax, metric in zip(grid.axes.flat, metrics):
+        draw_baseline(ax, runs, metric)
+    grid.set_xlabels("pre-training compute (TFLOP, counted)")
+    grid.figure.suptitle("accuracy vs pre-training compute per protocol (dots: single seeds; dashed: none)",
+                         y=1.03, fontsize=9)
+    grid.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(grid.figure)
     return True
 
 
@@ -193,7 +225,8 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
           table.to_markdown(index=False), "", f"Paper columns: {papers.SOURCE}.", ""]
     if not diffs.empty:
         diffs.to_csv(out_dir / "paired_differences.csv", index=False)
-        md += ["## Difference to the `none` baseline (paired by seed; * = 95% CI excludes 0)", "",
+        md += ["## Difference to the `none` baseline (paired by seed; * = 95% CI excludes 0; "
+               "`–` = no seed where both finished)", "",
                diffs.to_markdown(index=False), ""]
     (out_dir / "table.md").write_text("\n".join(md))
 
@@ -203,7 +236,8 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
              "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
              "loss_curves.png": plot_losses(curves, out_dir / "loss_curves.png"),
              "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
-    figures = sorted(p for run in runs["run"] for p in (run_root / run / "figures").glob("*.png"))
+    figures = [(run, p) for _, run in runs.iterrows()
+               for p in sorted((run_root / run["run"] / "figures").glob("*.png"))]
 
     status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
         ["method", "setting", "seed", "run", "status", "missing evaluations"]]
@@ -213,14 +247,16 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
              f"{html.escape(papers.SOURCE)}.</p>", table.to_html(index=False, na_rep="–")]
     if not diffs.empty:
         parts += ["<h2>Difference to the <code>none</code> baseline</h2>",
-                  "<p>Paired by seed; * = 95% CI excludes 0.</p>", diffs.to_html(index=False)]
+                  "<p>Paired by seed; * = 95% CI excludes 0; – = no seed where both finished.</p>",
+                  diffs.to_html(index=False)]
     if not status.empty:
         parts += ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
     parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
     if figures:
         parts += ["<h2>Reconstructions and attention maps</h2>"]
-        parts += [f"<figure>{img_tag(p)}<figcaption>{html.escape(p.parent.parent.name)}/{p.name}"
-                  "</figcaption></figure>" for p in figures]
+        for run, p in figures:
+            caption = f"{run['method']} {run['setting']}, seed {run['seed']} ({run['run']}/{p.name})"
+            parts.append(f"<figure>{img_tag(p)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>mimbench report</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
@@ -243,7 +279,7 @@ def update_readme(readme: Path, report_dir: Path, suite: str, profile: str, mach
         return False
     head, rest = text.split(start, 1)
     if end not in rest:
-        raise ValueError(f"{readme}: {start} has no closing {end}; add it")
+        raise ReportError(f"{readme}: {start} has no closing {end}; add it")
     tail = rest.split(end, 1)[1]
     table = (report_dir / "table.md").read_text().split("\n", 3)[3]    # drop the page title
     table = table.replace("\n## ", "\n#### ")                           # nest under the README's headings
@@ -280,6 +316,10 @@ def main(argv=None) -> int:
                         help="also write each suite's table and plot into this README's "
                              "<!-- results:SUITE/PROFILE --> ... <!-- /results --> block")
     args = parser.parse_args(argv)
+    if args.readme and not args.readme.is_file():
+        print(f"error: README file '{args.readme}' not found; pass --readme PATH to an existing file",
+              file=sys.stderr)
+        return 2
     indexes = sorted(Path(args.outputs).glob("suites/*/*/runs.json"))
     if args.suites:
         known = sorted({p.parent.parent.name for p in indexes})
@@ -296,10 +336,14 @@ def main(argv=None) -> int:
         return 2
     for index_file in indexes:
         suite, profile = index_file.parent.parent.name, index_file.parent.name
-        page = build_suite(index_file, Path(args.out) / suite / profile)
-        print(f"[report] {suite} ({profile}): {page}")
-        if args.readme and update_readme(args.readme, page.parent, suite, profile, machine_of(index_file)):
-            print(f"[report] {suite} ({profile}) -> {args.readme}")
+        try:
+            page = build_suite(index_file, Path(args.out) / suite / profile)
+            print(f"[report] {suite} ({profile}): {page}")
+            if args.readme and update_readme(args.readme, page.parent, suite, profile, machine_of(index_file)):
+                print(f"[report] {suite} ({profile}) -> {args.readme}")
+        except ReportError as err:
+            print(f"error: {suite} ({profile}): {err}", file=sys.stderr)
+            return 2
     return 0
 
 

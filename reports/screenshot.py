@@ -3,7 +3,8 @@ that its tables and plots display:
 
     python -m reports.screenshot reports/out/ablation_masking/cpu/index.html shot.png
 
-Needs a Chromium binary (Debian: `apt install chromium`); exit code 2 names it when missing.
+Needs a Chromium binary (Debian: `apt install chromium`); exit code 2 names it when missing,
+fails or hangs.
 """
 from __future__ import annotations
 
@@ -28,9 +29,16 @@ def screenshot(page: Path, out: Path, width: int = 1400, height: int = 2400, tim
     if not page.is_file():
         raise FileNotFoundError(f"{page} not found; build it with `python -m reports.build` first")
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},{height}", f"--screenshot={out.resolve()}",
-                    page.resolve().as_uri()], check=True, capture_output=True, timeout=timeout)
+    try:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--window-size={width},{height}", f"--screenshot={out.resolve()}",
+                        page.resolve().as_uri()], check=True, capture_output=True, timeout=timeout)
+    except subprocess.CalledProcessError as err:
+        last_line = (err.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"{browser} exited with status {err.returncode}: {last_line}") from err
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"{browser} did not finish within {timeout:g} s; run it by hand with --headless "
+                           f"--screenshot to see where it hangs") from err
     return out
 
 
@@ -44,7 +52,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(screenshot(args.page, args.out, args.width, args.height))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def ci95(values) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval of the mean (0 for a single value)."""
+    """Mean and half-width of the 95% t-interval of the mean (NaN half-width for a single value)."""
     values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if len(values) == 0:
         return float("nan"), float("nan")

@@ -164,3 +164,143 @@ def test_paper_columns_show_the_papers_ablation_of_a_setting_else_the_methods_he
     assert papers["paper linear"].tolist() == [66.0, 68.0, "–", "–", "–"]
     assert papers["paper ADE20K mIoU"].tolist() == ["–", 48.1, 42.93, "–", "–"]
     assert papers["paper setting"][0].startswith("MAE ViT-L") and papers["paper setting"][4] == "–"
+
+
+def add_metrics(outputs, metrics):
+    """Add metrics to the demo suite's records: metrics = {(method, setting, seed): {name: value}}."""
+    index_file = outputs / "suites" / "demo" / "cpu" / "runs.json"
+    for entry in json.loads(index_file.read_text())["runs"]:
+        extra = metrics.get((entry["method"], entry["setting"], entry["seed"]))
+        if extra:
+            record_file = index_file.parent / entry["run_dir"] / "result.json"
+            record = json.loads(record_file.read_text())
+            record["metrics"].update(extra)
+            record_file.write_text(json.dumps(record))
+
+
+def build_and_keep_figures(tmp_path, monkeypatch) -> dict:
+    """Build the demo report in-process; the plots' figures by their title, kept open to inspect."""
+    import matplotlib.pyplot as plt
+
+    from reports.build import main as build
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")]) == 0
+    return {figure.get_suptitle().split(" per protocol")[0]: figure for figure in figures}
+
+
+def test_a_seed_whose_baseline_lacks_the_metric_is_not_paired(tmp_path):
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+                            ("mae", "5 epochs", 0): 42.0, ("mae", "5 epochs", 1): 43.0})
+    add_metrics(outputs, {("none", "random init", 0): {"linear_top1_cls": 44.0},
+                          ("mae", "5 epochs", 0): {"linear_top1_cls": 50.0},
+                          ("mae", "5 epochs", 1): {"linear_top1_cls": 51.0}})
+    from reports.build import main as build
+    assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report")]) == 0
+    diffs = pd.read_csv(tmp_path / "report" / "demo" / "cpu" / "paired_differences.csv").set_index("method")
+    assert diffs.loc["mae", "Δ linear_top1_cls"] == "6.00 (1 of 2 seeds)"     # seed 1 has no baseline value
+
+
+def test_two_baseline_cells_are_refused_with_a_one_line_error(tmp_path, capsys):
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0, ("none", "random init (long)", 0): 35.0,
+                                         ("mae", "random 0.75", 0): 42.0})
+    from reports.build import main as build
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: demo (cpu): the suite has 2 `none` cells") and err.count("\n") == 1
+
+
+def test_mask_ratio_plot_joins_only_settings_that_differ_in_the_ratio(tmp_path, monkeypatch):
+    """Raw and normalised pixels at one ratio are two points, never one averaged over both; a
+    setting with no other ratio to join (MAE at 0.75 alone) is a lone marker."""
+    write_records(tmp_path / "outputs", {
+        ("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+        ("pixel", "raw pixels, block 0.4", 0): 30.0, ("pixel", "raw pixels, block 0.4", 1): 31.0,
+        ("pixel", "raw pixels, block 0.6", 0): 32.0, ("pixel", "raw pixels, block 0.6", 1): 33.0,
+        ("pixel", "norm. pixels, block 0.4", 0): 40.0, ("pixel", "norm. pixels, block 0.4", 1): 41.0,
+        ("pixel", "norm. pixels, block 0.6", 0): 42.0, ("pixel", "norm. pixels, block 0.6", 1): 43.0,
+        ("mae", "random 0.75", 0): 45.0})
+    figure = build_and_keep_figures(tmp_path, monkeypatch)["accuracy vs mask ratio"]
+    knn_panel = figure.axes[0]
+    lines = {tuple(np.round(line.get_ydata(), 2)) for line in knn_panel.lines}
+    assert {(30.5, 32.5), (40.5, 42.5)} <= lines                    # one line per target, means over seeds
+    assert (45.0,) in lines
+
+
+def test_mask_ratio_plot_is_left_out_when_no_setting_has_a_second_ratio(tmp_path):
+    """ablation_targets: every setting has one ratio, so there is no trend to draw."""
+    write_records(tmp_path / "outputs", {
+        ("none", "random init", 0): 34.0,
+        ("pixel", "raw pixels, block 0.4", 0): 30.0, ("pixel", "norm. pixels, block 0.4", 0): 40.0,
+        ("mae", "raw pixels, random 0.75", 0): 38.0, ("mae", "norm. pixels, random 0.75", 0): 41.0})
+    from reports.build import main as build
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")]) == 0
+    folder = tmp_path / "report" / "demo" / "cpu"
+    assert not (folder / "vs_mask_ratio.png").exists() and (folder / "vs_flops.png").exists()
+
+
+def test_flops_plot_has_a_panel_per_protocol_with_the_baseline_and_the_pages_method_colours(tmp_path, monkeypatch):
+    from reports.build import method_palette
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+                                         ("mae", "random 0.75", 0): 42.0, ("pixel", "random 0.6", 0): 30.0})
+    figure = build_and_keep_figures(tmp_path, monkeypatch)["accuracy vs pre-training compute"]
+    assert [ax.get_title() for ax in figure.axes] == ["protocol = knn_top1_cls", "protocol = knn_top1_mean"]
+    for ax, baseline in zip(figure.axes, (34.5, 33.5)):           # knn_top1_mean = knn_top1_cls - 1
+        assert [line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == "--"] == [baseline]
+    palette = method_palette(pd.DataFrame({"method": ["none", "mae", "pixel"]}))
+    colours = {tuple(np.round(colour[:3], 3)) for colour in figure.axes[0].collections[0].get_facecolors()}
+    assert colours == {tuple(np.round(palette[method], 3)) for method in ("none", "mae", "pixel")}
+
+
+def test_a_missing_readme_gives_a_one_line_error(tmp_path, capsys):
+    from reports.build import main as build
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0})
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report"),
+                  "--readme", str(tmp_path / "missing.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: README file") and "missing.md' not found" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("browser", ["echo 'cannot open display' >&2; exit 1", "exec sleep 30"],
+                         ids=["fails", "hangs"])
+def test_a_failing_or_hanging_chromium_gives_a_one_line_error(tmp_path, monkeypatch, capsys, browser):
+    import functools
+    import os
+
+    import reports.screenshot as shot
+    fake = tmp_path / "bin" / "chromium"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\n{browser}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(shot, "screenshot", functools.partial(shot.screenshot, timeout=2))
+    page = tmp_path / "index.html"
+    page.write_text("<html><body>report</body></html>")
+    assert shot.main([str(page), str(tmp_path / "shot.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {fake}") and err.count("\n") == 1
+
+
+def test_a_cell_without_a_finished_run_is_a_row_of_the_difference_table(tmp_path):
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0,
+                                         ("mae", "random 0.75", 0): 42.0, ("pixel", "random 0.6", 0): "failed"})
+    from reports.build import main as build
+    assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")]) == 0
+    diffs = pd.read_csv(tmp_path / "report" / "demo" / "cpu" / "paired_differences.csv").set_index("method")
+    assert diffs.loc["pixel", "Δ knn_top1_cls"] == "–" and diffs.loc["mae", "Δ knn_top1_cls"] == "8.00"
+
+
+def test_run_figures_are_captioned_with_method_setting_and_seed(tmp_path):
+    from PIL import Image
+
+    from reports.build import main as build
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("mae", "random 0.75", 1): 42.0})
+    entry = json.loads((outputs / "suites" / "demo" / "cpu" / "runs.json").read_text())["runs"][1]
+    figures = outputs / "runs" / entry["run_dir"].split("/")[-1] / "figures"
+    figures.mkdir()
+    Image.new("RGB", (8, 8)).save(figures / "reconstructions.png")
+    assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "demo" / "cpu" / "index.html").read_text()
+    assert "<figcaption>mae random 0.75, seed 1 (mae-" in page
