@@ -1,6 +1,7 @@
 """Atomic writes of the small JSON files that make up a run record."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,3 +23,8 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def config_hash(config: dict) -> str:
+    """12 hex digits naming a config: a run folder (`mae-<hash>`), an evaluation's cache."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]

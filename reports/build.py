@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import papers  # noqa: E402
-from reports.tables import ci95, format_ci, load_index, metric_columns, summarize  # noqa: E402
+from reports.tables import RUNS_FROM_INDEX, ci95, format_ci, load_index, metric_columns, summarize  # noqa: E402
 
 BASELINE = "none"
 
@@ -230,7 +230,7 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
                diffs.to_markdown(index=False), ""]
     (out_dir / "table.md").write_text("\n".join(md))
 
-    run_root = index_file.parent / "../../../runs"
+    run_root = index_file.parent / RUNS_FROM_INDEX
     curves = training_curves(runs, run_root)
     plots = {"vs_mask_ratio.png": plot_vs_ratio(runs, metrics, out_dir / "vs_mask_ratio.png"),
              "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),

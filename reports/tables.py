@@ -9,6 +9,9 @@ import pandas as pd
 from scipy import stats
 
 
+# where run folders are, seen from a suite's index (outputs/suites/<suite>/<profile>/runs.json)
+RUNS_FROM_INDEX = Path("..") / ".." / ".." / "runs"
+
 # the metrics a table shows, in this order, when runs have them
 PROTOCOLS = ["knn_top1_cls", "knn_top1_mean", "linear_top1_cls", "linear_top1_mean",
              "finetune_top1", "seg_miou"]

@@ -28,17 +28,17 @@ def grid(profile) -> list[RunSpec]:
     runs = [RunSpec("none", "random init", evals=EVALS)]
     runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=EVALS)
              for name, overrides in methods.items()]
-    budget = _flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]), profile)
+    budget = _cell_flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]), profile)
     for name, overrides in methods.items():
         if name == REFERENCE:
             continue
-        epochs = round(profile.train.epochs * budget / _flops_per_image(RunSpec(name, overrides=overrides),
+        epochs = round(profile.train.epochs * budget / _cell_flops_per_image(RunSpec(name, overrides=overrides),
                                                                          profile), 2)
         runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=EVALS,
                             train={"epochs": epochs}))
     return runs
 
 
-def _flops_per_image(spec: RunSpec, profile) -> float:
+def _cell_flops_per_image(spec: RunSpec, profile) -> float:
     config = resolve(spec, profile, seed=0, data={"name": "synthetic", "img_size": profile.encoder["img_size"]})
     return flops_per_image(config["method"], config["method_config"])

@@ -11,13 +11,12 @@ run killed during a later evaluation keeps the finished ones.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from engine.data import Splits
-from engine.records import read_json, write_json
+from engine.records import config_hash, read_json, write_json
 from methods.vit import ViT
 from suites.profiles import Profile
 
@@ -47,7 +46,7 @@ def run_evaluation(name: str, encoder: ViT, splits: Splits, profile: Profile, ru
                    device: str, progress: bool) -> dict:
     """{"config", "metrics", "details", "seconds"} of one evaluation of `encoder`."""
     config = eval_config(name, profile)
-    work_dir = Path(run_dir) / "evals" / f"{name}-{_hash(config)}"
+    work_dir = Path(run_dir) / "evals" / f"{name}-{config_hash(config)}"
     if (work_dir / "result.json").exists():      # finished before the run was stopped
         return read_json(work_dir / "result.json")
     started = time.time()
@@ -74,5 +73,3 @@ def run_evaluation(name: str, encoder: ViT, splits: Splits, profile: Profile, ru
     return record
 
 
-def _hash(config: dict) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]

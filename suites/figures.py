@@ -1,7 +1,8 @@
 """The figures step of a run: on a fixed set of test images (the first image of each of
 the first 8 classes), write into `<run>/figures/`
     reconstructions.png  original | masked input | prediction | prediction with the visible
-                         patches pasted back (methods that predict pixels: mae, pixel)
+                         patches pasted back (mae and pixel predict pixels; BEiT's predicted
+                         tokens are decoded by its tokenizer; iBOT has none)
     attention.png        last-layer [CLS] attention, mean over heads, over each image (BEiT Fig. 2)
 so that the report only collects files."""
 from __future__ import annotations

@@ -29,7 +29,7 @@ from engine.data import DataError
 from engine.records import write_json
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
-from reports.tables import load_index, metric_columns, summarize
+from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, summarize
 from suites import slurm
 from suites.cost import estimate_seconds
 from suites.profiles import PROFILES, get_profile
@@ -237,7 +237,7 @@ def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[
     suite_dir.mkdir(parents=True, exist_ok=True)
     entries = [{"method": spec.method, "setting": spec.setting, "seed": seed,
                 "params": flatten(spec.overrides), "evals": list(spec.evals),
-                "run_dir": str(Path("..") / ".." / ".." / "runs" / run_dir_for(outputs, c).name)}
+                "run_dir": str(RUNS_FROM_INDEX / run_dir_for(outputs, c).name)}
                for spec, seed, c in runs]
     kept, dropped = earlier_finished_runs(suite_dir, runs, outputs, entries)
     if kept:

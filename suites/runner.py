@@ -22,7 +22,6 @@ is not an encoder (the tokenizer) writes it with `save_artifacts(run_dir)` inste
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from filelock import FileLock, Timeout
 
 from engine import distributed
 from engine.data import DEFAULT_CIFAR10, Splits, check_dataset_root, load_splits, synthetic_splits
-from engine.records import read_json, write_json
+from engine.records import config_hash, read_json, write_json
 from engine.trainer import Preempted, Trainer, TrainConfig
 from eval import knn
 from eval import tokenizer as tokenizer_eval
@@ -160,10 +159,6 @@ def resolve_prerequisite(need: dict, profile: Profile, data: dict) -> dict:
     budget = dataclasses.replace(profile, encoder={}, method_defaults={})
     spec = RunSpec(need["method"], "prerequisite", need["overrides"], tuple(need["evals"]), need["train"])
     return {"config": resolve(spec, budget, need["seed"], data), "evals": list(spec.evals)}
-
-
-def config_hash(config: dict) -> str:
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_dir_for(outputs: Path, config: dict) -> Path:
