@@ -37,16 +37,20 @@ def load_index(index_file: Path) -> pd.DataFrame:
     index = json.loads(Path(index_file).read_text())
     rows = []
     for entry in index["runs"]:
-        result_file = Path(index_file).parent / entry["run_dir"] / "result.json"
+        run_dir = Path(index_file).parent / entry["run_dir"]
         row = {"method": entry["method"], "setting": entry["setting"], "seed": entry["seed"],
-               "run": Path(entry["run_dir"]).name, "status": "missing", "missing evaluations": ""}
-        if result_file.exists():
-            result = json.loads(result_file.read_text())
+               "run": Path(entry["run_dir"]).name, "missing evaluations": "",
+               # pre-training has logged steps but not finished (running now, or stopped)
+               "status": "unfinished" if (run_dir / "metrics.jsonl").exists() else "missing"}
+        if (run_dir / "result.json").exists():
+            result = json.loads((run_dir / "result.json").read_text())
             row["status"] = result["status"]
             row.update(suite_metrics(result, entry.get("evals")))
             if result["status"] == "done":   # a run shared with a suite that asked for fewer evaluations
                 row["missing evaluations"] = ", ".join(e for e in entry.get("evals", [])
                                                        if e not in result.get("evals", {}))
+                if "failed_evaluation" in result:
+                    row["missing evaluations"] += f" (last failure: {result['failed_evaluation']['error']})"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -70,7 +74,7 @@ def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         done = group[group["status"] == "done"]
         row = {"method": method, "setting": setting, "seeds done": len(done),
                "failed": int((group["status"] == "failed").sum()),
-               "missing": int((group["status"] == "missing").sum())}
+               "missing": int((~group["status"].isin(["done", "failed"])).sum())}   # or unfinished
         for metric in metrics:
             values = done[metric].dropna().tolist() if metric in done else []
             row[metric] = format_ci(*ci95(values), n=len(values), of=len(done))

@@ -304,3 +304,24 @@ def test_run_figures_are_captioned_with_method_setting_and_seed(tmp_path):
     assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "demo" / "cpu" / "index.html").read_text()
     assert "<figcaption>mae random 0.75, seed 1 (mae-" in page
+
+
+def test_a_started_run_shows_as_unfinished_and_a_failed_evaluation_names_its_error(tmp_path):
+    from reports.tables import load_index, summarize
+    write_records(tmp_path / "outputs", {("none", "random init", 0): 34.0, ("mae", "random 0.75", 0): 42.0,
+                                         ("mae", "random 0.75", 1): None})
+    index = tmp_path / "outputs" / "suites" / "demo" / "cpu" / "runs.json"
+    entries = json.loads(index.read_text())["runs"]
+    started = index.parent / entries[2]["run_dir"]
+    (started / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')         # pre-training under way
+    shared = index.parent / entries[1]["run_dir"] / "result.json"
+    record = json.loads(shared.read_text())
+    shared.write_text(json.dumps({**record, "evals": {"knn": {}},
+                                  "failed_evaluation": {"error": "RuntimeError: probe diverged"}}))
+    index.write_text(json.dumps({"suite": "demo", "profile": "cpu",
+                                 "runs": [{**e, "evals": ["knn", "linear"]} for e in entries]}))
+    runs = load_index(index).set_index("seed", append=True)
+    assert runs["status"].tolist() == ["done", "done", "unfinished"]
+    assert runs["missing evaluations"].iloc[1] == "linear (last failure: RuntimeError: probe diverged)"
+    table = summarize(load_index(index), ["knn_top1_cls"]).set_index("setting")
+    assert table.loc["random 0.75", "missing"] == 1 and table.loc["random 0.75", "seeds done"] == 1
