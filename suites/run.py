@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per grid cell (default: the profile's)")
     parser.add_argument("--only", default=None,
                         help="comma-separated methods to keep from the grid; METHOD:SETTING keeps one cell "
-                             "(e.g. --only 'none,beit:random 0.4')")
+                             "(e.g. --only 'none,beit:random 0.4'; a setting with a comma stays whole: "
+                             "'pixel:raw pixels, block 0.4')")
     parser.add_argument("--outputs", default="outputs", help="where run folders go (default outputs/)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder with train/ and test/ (default: the shipped CIFAR-10); images "
