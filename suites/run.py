@@ -26,7 +26,7 @@ from pathlib import Path
 
 from engine import distributed
 from engine.data import DataError
-from engine.records import write_json
+from engine.records import read_json, write_json
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, summarize
@@ -34,7 +34,8 @@ from suites import slurm
 from suites.cost import estimate_seconds
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
-from suites.runner import RunSkipped, data_descriptor, execute, is_done, read_result, resolve, run_dir_for
+from suites.runner import (RunSkipped, data_descriptor, execute, read_result, resolve, run_dir_for,
+                           stale_evaluations)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -170,16 +171,14 @@ def flatten(overrides: dict, prefix: str = "") -> dict:
 
 
 def run_state(run_dir: Path, spec, profile) -> str:
-    """What a run folder holds for this grid cell: done, to evaluate (named), to run, failed..."""
+    """What a run folder holds for this grid cell: done, to evaluate (named), to run, failed."""
     record = read_result(run_dir)
     if record is None:
         return "to run"
-    if is_done(run_dir, spec.evals, profile):
-        return "done"
-    if record["status"] == "done":
-        stale = [name for name in spec.evals if not is_done(run_dir, (name,), profile)]
-        return "to evaluate: " + ", ".join(stale)
-    return record["status"]
+    if record["status"] != "done":
+        return record["status"]
+    stale = stale_evaluations(record, spec.evals, profile)
+    return "to evaluate: " + ", ".join(stale) if stale else "done"
 
 
 def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
@@ -190,7 +189,7 @@ def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: P
         seconds = estimate_seconds(config, profile)
         state = run_state(run_dir_for(outputs, config), spec, profile)
         total += seconds
-        left += 0.0 if state == "done" or state.startswith("to evaluate") else seconds
+        left += seconds if state in ("to run", "failed") else 0.0     # pre-training still to do
         print(f"  {spec.method:6s} {spec.setting:22s} seed {seed}  ~{seconds / 60:7.1f} min  "
               f"{run_dir_for(outputs, config).name}  [{state}]")
     print(f"estimated pre-training: {left / 3600:.2f} h left of {total / 3600:.2f} h for these runs "
@@ -240,7 +239,7 @@ def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[
                 "params": flatten(spec.overrides), "evals": list(spec.evals),
                 "run_dir": str(RUNS_FROM_INDEX / run_dir_for(outputs, c).name)}
                for spec, seed, c in runs]
-    kept, dropped = earlier_finished_runs(suite_dir, runs, outputs, entries)
+    kept, dropped = earlier_finished_runs(suite_dir, runs)
     if kept:
         print(f"runs.json also lists {len(kept)} finished run(s) of other seeds from earlier commands")
     if dropped:
@@ -251,26 +250,27 @@ def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[
     write_json(suite_dir / "runs.json", {"suite": suite_name, "profile": profile_name, "runs": entries})
 
 
-def earlier_finished_runs(suite_dir: Path, runs: list[tuple], outputs: Path,
-                          entries: list[dict]) -> tuple[list[dict], int]:
+def earlier_finished_runs(suite_dir: Path, runs: list[tuple]) -> tuple[list[dict], int]:
     """Entries of the existing runs.json to keep (finished, same cell and config but another
     seed) and how many finished ones are dropped (another config, e.g. other --data)."""
     index_file = suite_dir / "runs.json"
     if not index_file.exists():
         return [], 0
+
     def unseeded(config: dict) -> str:
         return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+
     cells = {(spec.method, spec.setting): unseeded(c) for spec, _, c in runs}
-    listed = {(e["method"], e["setting"], e["seed"]) for e in entries}
+    listed = {(spec.method, spec.setting, seed) for spec, seed, _ in runs}
     kept, dropped = [], 0
-    for entry in json.loads(index_file.read_text())["runs"]:
+    for entry in read_json(index_file)["runs"]:
         run_dir = suite_dir / entry["run_dir"]
         if (entry["method"], entry["setting"], entry["seed"]) in listed:
             continue
         record = read_result(run_dir)
         if record is None or record["status"] != "done" or not (run_dir / "config.json").exists():
             continue
-        if cells.get((entry["method"], entry["setting"])) == unseeded(json.loads((run_dir / "config.json").read_text())):
+        if cells.get((entry["method"], entry["setting"])) == unseeded(read_json(run_dir / "config.json")):
             kept.append(entry)
         else:
             dropped += 1

@@ -214,10 +214,16 @@ def read_result(run_dir: Path) -> dict | None:
 def is_done(run_dir: Path, evals: tuple[str, ...], profile: Profile | None = None) -> bool:
     """Finished with every evaluation in `evals` (and, given a profile, each at its budget)."""
     result = read_result(run_dir)
-    if not (result and result["status"] == "done" and set(evals) <= set(result.get("evals", {}))):
-        return False
-    return profile is None or all(evaluations.is_current(result["evals"][name], name, profile)
-                                  for name in evals if name in ("knn",) + evaluations.ENCODER_EVALUATIONS)
+    return bool(result) and result["status"] == "done" and not stale_evaluations(result, evals, profile)
+
+
+def stale_evaluations(result: dict, evals: tuple[str, ...], profile: Profile | None = None) -> list[str]:
+    """The evaluations in `evals` that a finished run's record lacks (or, given a profile, holds
+    at another budget)."""
+    recorded = result.get("evals", {})
+    current = ("knn",) + evaluations.ENCODER_EVALUATIONS
+    return [name for name in evals if name not in recorded or (
+        profile is not None and name in current and not evaluations.is_current(recorded[name], name, profile))]
 
 
 def execute(config: dict, spec: RunSpec, profile: Profile, outputs: Path, device: str = "cpu",
@@ -284,7 +290,13 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
     method = build_method(config["method"], **config["method_config"])
     previous = read_result(run_dir) or {}
     train_stats = previous.get("train") if previous.get("status") == "done" else None
+    evals = dict(previous.get("evals", {}))
     outputs = run_dir.parent.parent
+
+    def record_progress() -> None:
+        """result.json after pre-training and after each evaluation: a later failure or stop keeps them."""
+        write_json(run_dir / "result.json", done_record(config, evals, train_stats, outputs))
+
     if train_stats is None:
         if "requires" in config:
             method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress,
@@ -301,13 +313,10 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
             save_encoder_atomic(method, run_dir / "encoder.safetensors")
             write_figures(method, splits.test, run_dir, device=device)
         encoder = method.export_encoder()
-        write_json(run_dir / "result.json", done_record(config, previous.get("evals", {}), train_stats, outputs))
+        record_progress()
     else:  # pre-training finished earlier; only new evaluations run, on what the run saved
         method, encoder = load_saved(method, run_dir)
 
-    # result.json is rewritten after pre-training and after each evaluation: a later failure
-    # or stop keeps them
-    evals = dict(previous.get("evals", {}))
     if "knn" in spec.evals and not evaluations.is_current(evals.get("knn"), "knn", profile):
         kw = dict(batch_size=profile.feature_batch, device=device, progress=progress)
         train_feats = cached_features(encoder, splits.train, run_dir / "features" / "train.safetensors",
@@ -316,15 +325,16 @@ def _train_and_evaluate(config: dict, spec: RunSpec, profile: Profile, run_dir: 
                                      desc="features test", **kw)
         evals["knn"] = {"config": dataclasses.asdict(profile.knn),
                         "metrics": knn.run(train_feats, test_feats, profile.knn)}
-        write_json(run_dir / "result.json", done_record(config, evals, train_stats, outputs))
+        record_progress()
     if "tokenizer" in spec.evals and "tokenizer" not in evals:
         evals["tokenizer"] = {"config": {"split": "test"}, "metrics": tokenizer_eval.run(
             method, splits.test, batch_size=profile.feature_batch, device=device, progress=progress)}
+        record_progress()
     for name in spec.evals:
         if name in evaluations.ENCODER_EVALUATIONS and not evaluations.is_current(evals.get(name), name, profile):
             evals[name] = evaluations.run_evaluation(name, encoder, splits, profile, run_dir, config["seed"],
                                                      device, progress)
-            write_json(run_dir / "result.json", done_record(config, evals, train_stats, outputs))
+            record_progress()
     return done_record(config, evals, train_stats, outputs)
 
 
