@@ -181,14 +181,22 @@ def synthetic_splits(img_size: int = 32, num_classes: int = 10, train_per_class:
     return split_holdout(train, test, holdout=len(train) // 5)
 
 
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+# the one place for the ImageNet statistics every pipeline normalises with (timm's values)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def normalize(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float, ImageNet mean/std (as the papers' pipelines)."""
     mean, std = _MEAN.to(images.device), _STD.to(images.device)
     return (images.float() / 255 - mean) / std
+
+
+def denormalize(images: Tensor) -> Tensor:
+    """The inverse of `normalize`, as float pixels in [0, 1] (not clamped)."""
+    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    return images.float() * std + mean
 
 
 def random_resized_crop_flip(images: Tensor, out_size: int, generator: torch.Generator,

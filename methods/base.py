@@ -29,6 +29,9 @@ class MIMMethod(nn.Module):
     num_views: int = 1              # augmented views per image the trainer makes (iBOT: 2 global crops)
     equal_mask_counts: bool = False     # True when the encoder drops masked patches (MAE): every
                                         # image of a batch must then hide the same number
+    # buffers the trainer averages over processes after each step (under torchrun), so every
+    # rank holds the same value: iBOT's centres of the teacher's outputs
+    synced_buffers: tuple[str, ...] = ()
 
     def __init__(self, cfg):
         super().__init__()

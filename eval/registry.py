@@ -1,0 +1,77 @@
+"""The evaluation registry: one name -> (run function, frozen config dataclass), as methods.
+
+    @register_evaluation("fewshot", FewShotConfig)
+    def run(encoder: ViT, splits: Splits, cfg: FewShotConfig, ctx: EvalContext) -> EvalResult:
+        ...
+        return EvalResult(metrics={"fewshot_top1": top1}, details={"shots": cfg.shots})
+
+Every evaluation has this one signature. It gets what a finished run saved (`takes`: the
+exported encoder, or BEiT's tokenizer for "tokenizer"), the data splits, its config (the
+profile's budget, or the config class's defaults) and an `EvalContext` with its work folder,
+the run's feature cache, seed, device and progress flag. It knows nothing of how the encoder
+was trained. The run layer caches its result under the config that produced it and calls it
+again only when that config changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from methods.registry import unknown
+
+TAKES = ("encoder", "tokenizer")
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Where and how an evaluation runs."""
+    work_dir: Path              # its own folder: checkpoints of a trained evaluation (a killed one resumes)
+    features_dir: Path          # the run's cache of frozen features, shared by the frozen protocols
+    seed: int = 0               # the run's seed: a head's initial weights, augmentation draws
+    device: Any = "cpu"
+    progress: bool = True       # progress bars
+    feature_batch: int = 1024   # batch size of feature extraction and inference
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]                       # flat and prefixed, e.g. {"knn_top1_cls": 42.3}
+    details: dict = field(default_factory=dict)     # anything else worth keeping in the record
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    name: str
+    config_cls: type
+    run: Callable[..., EvalResult]
+    takes: str = "encoder"                          # what of a finished run it evaluates (TAKES)
+    check_inputs: Callable[[Any], None] | None = None   # fails early (before any training) on missing data
+
+
+registry: dict[str, Evaluation] = {}
+
+
+def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
+                        check_inputs: Callable[[Any], None] | None = None) -> Callable:
+    """Decorator that adds `run(product, splits, cfg, ctx) -> EvalResult` under `name`;
+    registering a name twice raises."""
+    if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
+        raise TypeError(f"config of evaluation {name!r} must be a frozen dataclass")
+    if takes not in TAKES:
+        raise ValueError(f"evaluation {name!r}: takes must be one of {', '.join(TAKES)}, got {takes!r}")
+
+    def add(run: Callable) -> Callable:
+        if name in registry:
+            raise ValueError(f"evaluation {name!r} is already registered (by {registry[name].run.__module__})")
+        registry[name] = Evaluation(name, config_cls, run, takes, check_inputs)
+        return run
+
+    return add
+
+
+def get_evaluation(name: str) -> Evaluation:
+    if name not in registry:
+        raise unknown("evaluation", name, registry)
+    return registry[name]

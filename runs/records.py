@@ -1,0 +1,194 @@
+"""The run record (`result.json`) and the small files around it: one schema, written and read
+here only, versioned and validated on read; atomic writes; the config hash that names a run.
+
+Standard library only, and importing nothing of the project: every layer may use it (the
+trainer's checkpoints and the feature caches write through `atomic_write`), and `reports/`
+reads records without importing torch or any model code.
+
+    record = read_record(run_dir)         # RunRecord, None when there is none yet;
+                                          # RecordError when it does not parse or validate
+    write_record(run_dir, record)         # validated, atomic
+
+A record of schema 1 (every record so far) reads unchanged: the dataclasses below mirror its
+JSON field for field. A later schema that changes a field raises SCHEMA and converts older
+records in `RunRecord.from_dict`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+SCHEMA = 1                              # version of result.json this code writes
+STATUSES = ("done", "failed")
+RESULT_FILE = "result.json"
+
+
+class RecordError(ValueError):
+    """A record that does not parse or does not match the schema; the message names the file."""
+
+
+# ---- atomic writes -------------------------------------------------------------------------
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file beside `path` for writing; on a clean exit it is flushed to disk and
+    renamed onto `path`, so a reader sees the old file or the new one, never half of one. On
+    an error (or a kill) the temp file is removed (or left as `.<name>.tmp<pid>`, which no
+    reader opens)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_hash(config: Any) -> str:
+    """12 hex digits naming a config: a run folder (`mae-<hash>`), an evaluation's work folder."""
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- the schema ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalRecord:
+    """One evaluation of a run's product, cached with the config that produced it."""
+    config: dict                                    # the evaluation's config (its budget)
+    metrics: dict[str, float | None]                # flat, e.g. {"knn_top1_cls": 42.3}
+    details: dict = field(default_factory=dict)     # anything else worth keeping (chosen lr, ...)
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """`result.json` of a run folder."""
+    status: str                                     # one of STATUSES
+    method: str
+    seed: int
+    config_hash: str                                # of config.json: the folder's name
+    metrics: dict[str, float | None] = field(default_factory=dict)   # every evaluation's, flat
+    evals: dict[str, EvalRecord] = field(default_factory=dict)
+    train: dict | None = None                       # pre-training stats (throughput, FLOPs, ...)
+    provenance: dict = field(default_factory=dict)  # code commit, versions, machine
+    prerequisites: dict[str, str] = field(default_factory=dict)   # role -> run folder name
+    failed_evaluation: dict | None = None           # {"error", "traceback"}: a done run's last failure
+    error: str | None = None                        # a failed run's error ...
+    traceback: str | None = None                    # ... and where it came from
+    wall_seconds: float | None = None
+    schema: int = SCHEMA
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    def to_dict(self) -> dict:
+        """The JSON of result.json; empty optional fields are left out (as records always were)."""
+        out = dataclasses.asdict(self)
+        for name in ("prerequisites", "failed_evaluation", "error", "traceback", "wall_seconds"):
+            if not out[name]:
+                del out[name]
+        if self.status == "failed":
+            del out["evals"], out["train"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "record") -> "RunRecord":
+        """Validate `data` (parsed JSON) against the schema; RecordError naming `where` and the
+        first problem otherwise."""
+        def bad(problem: str) -> RecordError:
+            return RecordError(f"{where}: {problem}")
+
+        if not isinstance(data, dict):
+            raise bad(f"expected a JSON object, got {type(data).__name__}")
+        schema = data.get("schema", 0)
+        if not isinstance(schema, int) or schema < 1:
+            raise bad(f"'schema' must be an integer >= 1, got {schema!r}")
+        if schema > SCHEMA:
+            raise bad(f"written by a newer mimbench (schema {schema} > {SCHEMA}); upgrade mimbench")
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise bad(f"unknown field {extra[0]!r}")
+        for name, kind in (("status", str), ("method", str), ("seed", int), ("config_hash", str)):
+            if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
+                raise bad(f"{name!r} must be {kind.__name__}, got {data.get(name)!r}")
+        if data["status"] not in STATUSES:
+            raise bad(f"'status' must be one of {', '.join(STATUSES)}, got {data['status']!r}")
+        _check_metrics(data.get("metrics", {}), bad, "metrics")
+        evals = data.get("evals", {})
+        if not isinstance(evals, dict):
+            raise bad("'evals' must be an object")
+        parsed = {}
+        for name, entry in evals.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+                raise bad(f"evals[{name!r}] must be an object with a 'config' object")
+            unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(EvalRecord)})
+            if unknown:
+                raise bad(f"evals[{name!r}] has an unknown field {unknown[0]!r}")
+            _check_metrics(entry.get("metrics"), bad, f"evals[{name!r}].metrics")
+            parsed[name] = EvalRecord(**entry)
+        for name, kinds in (("train", (dict, type(None))), ("provenance", dict), ("prerequisites", dict),
+                            ("failed_evaluation", (dict, type(None))), ("error", (str, type(None))),
+                            ("traceback", (str, type(None))), ("wall_seconds", (int, float, type(None)))):
+            if name in data and not isinstance(data[name], kinds):
+                raise bad(f"{name!r} has the wrong type ({type(data[name]).__name__})")
+        if data["status"] == "done" and not isinstance(data.get("train"), dict):
+            raise bad("a done run needs its 'train' stats")
+        return cls(**{**data, "evals": parsed})
+
+
+def _check_metrics(metrics: Any, bad, where: str) -> None:
+    if not isinstance(metrics, dict):
+        raise bad(f"{where!r} must be an object")
+    for name, value in metrics.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not number:
+            raise bad(f"{where}[{name!r}] must be a number, got {value!r}")
+
+
+def record_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RESULT_FILE
+
+
+def read_record(run_dir: str | Path) -> RunRecord | None:
+    """The run folder's record; None when it has none yet; RecordError (one line, naming the
+    file) when it does not parse or validate - a copy cut short, a full disk, a hand edit."""
+    path = record_path(run_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecordError(f"{path}: cannot be read ({err.__class__.__name__}: {err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the file is cut "
+                          f"short or damaged - delete it to re-run the run's evaluations") from None
+    return RunRecord.from_dict(data, where=str(path))
+
+
+def write_record(run_dir: str | Path, record: RunRecord) -> None:
+    """Validate and write the run's record atomically."""
+    data = record.to_dict()
+    RunRecord.from_dict(json.loads(json.dumps(data, default=str)), where="record to write")
+    write_json(record_path(run_dir), data)
