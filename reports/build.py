@@ -6,7 +6,13 @@ Per suite and profile: table.md / table.csv / index.html (self-contained) with m
 over seeds, the paired difference to the `none` baseline per seed and whether its CI
 excludes zero, failed/missing runs shown as such, plots (metric vs mask ratio, metric vs
 pre-training FLOPs, loss curves), the run folders' figures, and the papers' numbers in
-separate, labelled columns. Reads only run records: never imports methods, engine or eval.
+separate, labelled columns. Reads only run records, through `runs.records`: never imports
+methods, engine, eval or torch.
+
+A result.json that does not parse or validate (cut short, hand-edited, from a newer mimbench) is
+named in a warning and its run listed as `unreadable`; the suite's other runs are reported, and
+the README block of such a suite is left as it was. A damaged runs.json skips its suite. Exit
+code 1 when no suite could be built for such damage, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import papers  # noqa: E402
-from reports.tables import RUNS_FROM_INDEX, ci95, format_ci, load_index, metric_columns, summarize  # noqa: E402
+from reports.tables import (RUNS_FROM_INDEX, ci95, format_ci, load_index, metric_columns,  # noqa: E402
+                            read_index, summarize, warn)
+from runs.records import RecordError  # noqa: E402
 
 BASELINE = "none"
 
@@ -168,9 +176,12 @@ def training_curves(runs: pd.DataFrame, run_root: Path) -> pd.DataFrame:
         metrics_file = run_root / run["run"] / "metrics.jsonl"
         if not metrics_file.exists():
             continue
-        for line in metrics_file.read_text().splitlines():
-            if line.strip():
+        for line in metrics_file.read_text(errors="replace").splitlines():
+            try:
                 record = json.loads(line)
+            except json.JSONDecodeError:
+                continue        # blank, or the last line of a run killed mid-write
+            if isinstance(record, dict) and "step" in record:
                 rows += [{"run": f"{run['method']} {run['setting']}", "method": run["method"],
                           "step": record["step"], "name": name, "value": value}
                          for name, value in record.items() if name not in ("step", "lr")]
@@ -207,9 +218,8 @@ def img_tag(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
 
-def build_suite(index_file: Path, out_dir: Path) -> Path:
-    runs = load_index(index_file)
-    index = json.loads(index_file.read_text())
+def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path) -> Path:
+    """The suite's report pages from its index and its runs' table (`load_index`)."""
     params = pd.DataFrame([e.get("params", {}) for e in index["runs"]])
     runs = pd.concat([runs, params], axis=1)
     metrics = metric_columns(runs)
@@ -240,7 +250,7 @@ def build_suite(index_file: Path, out_dir: Path) -> Path:
                for p in sorted((run_root / run["run"] / "figures").glob("*.png"))]
 
     status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
-        ["method", "setting", "seed", "run", "status", "missing evaluations"]]
+        ["method", "setting", "seed", "run", "status", "missing evaluations", "problem"]]
     parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
              "<p>Mean ± 95% CI (t-interval) over seeds; (n of m seeds): only n of the cell's m finished "
              "runs have that evaluation. Paper columns: "
@@ -295,15 +305,10 @@ def update_readme(readme: Path, report_dir: Path, suite: str, profile: str, mach
     return True
 
 
-def machine_of(index_file: Path) -> str:
-    """What the suite's finished runs ran on, from their records' provenance."""
-    seen = set()
-    for entry in json.loads(index_file.read_text())["runs"]:
-        result = index_file.parent / entry["run_dir"] / "result.json"
-        if result.exists():
-            prov = json.loads(result.read_text()).get("provenance", {})
-            seen.add(f"{prov.get('device', '?')}, {prov.get('cpu_count', '?')} cores, torch {prov.get('torch', '?')}")
-    return "; ".join(sorted(seen)) or "unknown"
+def machine_of(runs: pd.DataFrame) -> str:
+    """What the suite's runs ran on, from their records' provenance (`load_index`'s column)."""
+    machines = set(runs["machine"].dropna()) if "machine" in runs else set()    # no record yet: no column
+    return "; ".join(sorted(machines)) or "unknown"
 
 
 def main(argv=None) -> int:
@@ -334,16 +339,35 @@ def main(argv=None) -> int:
         print(f"error: no suite records under {args.outputs}/suites; run python -m suites.run SUITE first",
               file=sys.stderr)
         return 2
+    built = 0
     for index_file in indexes:
         suite, profile = index_file.parent.parent.name, index_file.parent.name
         try:
-            page = build_suite(index_file, Path(args.out) / suite / profile)
+            index = read_index(index_file)
+        except RecordError as err:
+            warn(f"{err}; suite {suite} ({profile}) skipped")
+            continue
+        runs = load_index(index_file, index)
+        unreadable = int((runs["status"] == "unreadable").sum())
+        if unreadable and not runs["status"].isin(["done", "failed"]).any():
+            # a page of unreadable rows only would replace the last good one: keep that
+            warn(f"{suite} ({profile}): no readable record; its report is left as it was")
+            continue
+        try:
+            page = build_suite(index_file, index, runs, Path(args.out) / suite / profile)
+            built += 1
             print(f"[report] {suite} ({profile}): {page}")
-            if args.readme and update_readme(args.readme, page.parent, suite, profile, machine_of(index_file)):
+            if args.readme and unreadable:
+                warn(f"{suite} ({profile}): {unreadable} unreadable record(s); {args.readme} left as it was")
+            elif args.readme and update_readme(args.readme, page.parent, suite, profile, machine_of(runs)):
                 print(f"[report] {suite} ({profile}) -> {args.readme}")
         except ReportError as err:
             print(f"error: {suite} ({profile}): {err}", file=sys.stderr)
             return 2
+    if not built:
+        print(f"error: no readable suite index or run record under {args.outputs}/suites (each named "
+              f"above); no report written", file=sys.stderr)
+        return 1
     return 0
 
 

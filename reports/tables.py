@@ -1,12 +1,21 @@
-"""Run records -> tables with mean and 95% confidence interval over seeds."""
+"""Run records -> tables with mean and 95% confidence interval over seeds.
+
+Records are read through `runs.records` (the one schema; stdlib only). A record that does not
+parse or validate is named in a one-line warning and its run shown as `unreadable`; the rest
+of the table is built.
+"""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from runs.records import RecordError, RunRecord, read_json, read_record, record_path
 
 
 # where run folders are, seen from a suite's index (outputs/suites/<suite>/<profile>/runs.json)
@@ -32,38 +41,67 @@ def ci95(values) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def load_index(index_file: Path) -> pd.DataFrame:
-    """One row per run of a suite: the index entries joined with each run's result.json."""
-    index = json.loads(Path(index_file).read_text())
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_index(index_file: Path) -> dict:
+    """A suite's runs.json; RecordError (one line, naming the file) when it is damaged."""
+    try:
+        index = read_json(index_file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecordError(f"{index_file}: cannot be read ({err.__class__.__name__}: {err})") from None
+    keys = ("method", "setting", "seed", "run_dir")
+    if not (isinstance(index, dict) and isinstance(index.get("suite"), str) and isinstance(index.get("profile"), str)
+            and isinstance(index.get("runs"), list) and index["runs"]
+            and all(isinstance(e, dict) and all(k in e for k in keys) for e in index["runs"])):
+        raise RecordError(f"{index_file}: not a suite index (suite, profile and a non-empty 'runs' list "
+                          f"of {', '.join(keys)})")
+    return index
+
+
+def load_index(index_file: Path, index: dict | None = None) -> pd.DataFrame:
+    """One row per run of a suite: the index entries joined with each run's record (`index`:
+    the parsed runs.json, read here when not given)."""
+    index = read_index(index_file) if index is None else index
     rows = []
     for entry in index["runs"]:
-        run_dir = Path(index_file).parent / entry["run_dir"]
+        # normalised, so that a warning names outputs/runs/NAME, not outputs/suites/S/P/../../../runs/NAME
+        run_dir = Path(os.path.normpath(Path(index_file).parent / entry["run_dir"]))
         row = {"method": entry["method"], "setting": entry["setting"], "seed": entry["seed"],
-               "run": Path(entry["run_dir"]).name, "missing evaluations": "",
+               "run": Path(entry["run_dir"]).name, "missing evaluations": "", "problem": "",
                # pre-training has logged steps but not finished (running now, or stopped)
                "status": "unfinished" if (run_dir / "metrics.jsonl").exists() else "missing"}
-        if (run_dir / "result.json").exists():
-            result = json.loads((run_dir / "result.json").read_text())
-            row["status"] = result["status"]
-            row.update(suite_metrics(result, entry.get("evals")))
-            if result["status"] == "done":   # a run shared with a suite that asked for fewer evaluations
-                row["missing evaluations"] = ", ".join(e for e in entry.get("evals", [])
-                                                       if e not in result.get("evals", {}))
-                if "failed_evaluation" in result:
-                    row["missing evaluations"] += f" (last failure: {result['failed_evaluation']['error']})"
+        try:
+            record = read_record(run_dir)
+        except RecordError as err:
+            warn(f"{err}; shown as unreadable")
+            record = None
+            row.update(status="unreadable", problem=str(err).removeprefix(f"{record_path(run_dir)}: "))
+        if record is not None:
+            row["status"] = record.status
+            row["problem"] = record.error or ""
+            prov = record.provenance
+            row["machine"] = f"{prov.get('device', '?')}, {prov.get('cpu_count', '?')} cores, torch {prov.get('torch', '?')}"
+            row.update(suite_metrics(record, entry.get("evals")))
+            if record.done:   # a run shared with a suite that asked for fewer evaluations
+                row["missing evaluations"] = ", ".join(e for e in entry.get("evals", []) if e not in record.evals)
+                if record.failed_evaluation is not None:
+                    error = record.failed_evaluation.get("error", "no message")
+                    row["missing evaluations"] += f" (last failure: {error})"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def suite_metrics(result: dict, evals: list[str] | None) -> dict:
+def suite_metrics(record: RunRecord, evals: list[str] | None) -> dict:
     """The run's metrics from the evaluations this suite asked for (a run folder shared with
     another suite may hold more), plus its pre-training figures; all of them if not recorded."""
-    metrics = result.get("metrics", {})
     if evals is None:
-        return metrics
-    kept = {k: v for k, v in metrics.items() if k.startswith("pretrain_")}
+        return dict(record.metrics)
+    kept = {k: v for k, v in record.metrics.items() if k.startswith("pretrain_")}
     for name in evals:
-        kept.update(result.get("evals", {}).get(name, {}).get("metrics", {}))
+        if name in record.evals:
+            kept.update(record.evals[name].metrics)
     return kept
 
 
@@ -74,7 +112,7 @@ def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         done = group[group["status"] == "done"]
         row = {"method": method, "setting": setting, "seeds done": len(done),
                "failed": int((group["status"] == "failed").sum()),
-               "missing": int((~group["status"].isin(["done", "failed"])).sum())}   # or unfinished
+               "missing": int((~group["status"].isin(["done", "failed"])).sum())}   # or unfinished, unreadable
         for metric in metrics:
             values = done[metric].dropna().tolist() if metric in done else []
             row[metric] = format_ci(*ci95(values), n=len(values), of=len(done))

@@ -1,5 +1,6 @@
 """The report is built from run records alone: tables with mean ± 95% CI, paired differences
 to the baseline, failed and missing runs shown as such."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,13 +12,16 @@ from scipy import stats
 
 from conftest import ROOT
 from reports.tables import ci95
+from runs.records import EvalRecord, RunRecord, config_hash, read_record, write_record
 
 
-def write_records(outputs, knn):
-    """A suite index plus result.json files: knn = {(method, setting, seed): value or 'failed'}."""
+def write_records(outputs, knn, suite="demo"):
+    """A suite index plus result.json files, written through the record schema:
+    knn = {(method, setting, seed): value or 'failed'}."""
     entries = []
     for (method, setting, seed), value in knn.items():
-        run = f"{method}-{abs(hash((method, setting, seed))) % 10**12:012d}"
+        run_hash = config_hash([suite, method, setting, seed])
+        run = f"{method}-{run_hash}"
         folder = outputs / "runs" / run
         folder.mkdir(parents=True)
         ratio = float(setting.split()[-1]) if setting[-1].isdigit() else None
@@ -25,18 +29,31 @@ def write_records(outputs, knn):
                         "params": {"mask.ratio": ratio} if ratio else {}})
         if value is None:
             continue            # missing: never ran
-        record = {"schema": 1, "method": method, "seed": seed,
-                  "status": "failed" if value == "failed" else "done",
-                  "metrics": {} if value == "failed" else {"knn_top1_cls": value, "knn_top1_mean": value - 1,
-                                                           "pretrain_flops_total": 1e15}}
-        (folder / "result.json").write_text(json.dumps(record))
+        if value == "failed":
+            record = RunRecord("failed", method, seed, run_hash, error="RuntimeError: loss is nan")
+        else:
+            record = RunRecord("done", method, seed, run_hash, train={"steps": 5},
+                               metrics={"knn_top1_cls": value, "knn_top1_mean": value - 1,
+                                        "pretrain_flops_total": 1e15})
+        write_record(folder, record)
         rows = [{"step": s, "loss": 1 / (s + 1)} for s in range(5)]
         if method == "ibot":
             rows = [{**row, "teacher_entropy_cls": 3.0 - row["step"] / 10} for row in rows]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    index = outputs / "suites" / "demo" / "cpu"
+    index = outputs / "suites" / suite / "cpu"
     index.mkdir(parents=True)
-    (index / "runs.json").write_text(json.dumps({"suite": "demo", "profile": "cpu", "runs": entries}))
+    (index / "runs.json").write_text(json.dumps({"suite": suite, "profile": "cpu", "runs": entries}))
+
+
+def edit_record(run_dir, **changes):
+    """Rewrite a run's record with some fields changed, through the schema."""
+    write_record(run_dir, dataclasses.replace(read_record(run_dir), **changes))
+
+
+def run_dirs(outputs, suite="demo"):
+    """The suite's run folders, in its index's order."""
+    index_file = outputs / "suites" / suite / "cpu" / "runs.json"
+    return [outputs / "runs" / e["run_dir"].split("/")[-1] for e in json.loads(index_file.read_text())["runs"]]
 
 
 def test_ci95_matches_scipy_on_a_known_sample():
@@ -56,8 +73,10 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
         ("pixel", "random 0.6", 0): None, ("pixel", "random 0.6", 1): 30.0,
         ("ibot", "teacher", 0): 37.0, ("ibot", "teacher", 1): 36.0,
     })
+    # the report reads records through runs.records alone: no model code, no torch, no run layer
     code = ("import sys, reports.build as b; rc = b.main(['--outputs', sys.argv[1], '--out', sys.argv[2]]); "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('methods', 'engine', 'eval', 'suites')); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('methods', 'engine', 'eval', 'suites', "
+            "'torch') or (m.startswith('runs.') and m != 'runs.records')); "
             "assert not bad, bad; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "outputs"), str(tmp_path / "report")],
                          capture_output=True, text=True, cwd=ROOT)
@@ -85,18 +104,17 @@ def test_a_metric_from_fewer_seeds_than_finished_says_so_and_the_run_is_listed(t
                             ("mae", "5 epochs", 0): 42.0, ("mae", "5 epochs", 1): 43.0})
     index_file = outputs / "suites" / "demo" / "cpu" / "runs.json"
     index = json.loads(index_file.read_text())
-    for entry in index["runs"]:
+    for entry, run_dir in zip(index["runs"], run_dirs(outputs)):
         entry["evals"] = ["knn", "linear"]
-        record_file = index_file.parent / entry["run_dir"] / "result.json"
-        record = json.loads(record_file.read_text())
-        knn = {k: v for k, v in record["metrics"].items() if k.startswith("knn")}
-        record["evals"] = {"knn": {"metrics": knn}}
+        record = read_record(run_dir)
+        knn = {k: v for k, v in record.metrics.items() if k.startswith("knn")}
+        evals, metrics = {"knn": EvalRecord({"k": 20}, knn)}, dict(record.metrics)
         if entry["seed"] == 0:
             linear = {"linear_top1_cls": 50.0 if entry["method"] == "mae" else 44.0}
             finetune = {"finetune_top1": 60.0}          # asked for by another suite sharing the run
-            record["evals"].update(linear={"metrics": linear}, finetune={"metrics": finetune})
-            record["metrics"].update(**linear, **finetune)
-        record_file.write_text(json.dumps(record))
+            evals.update(linear=EvalRecord({"epochs": 10}, linear), finetune=EvalRecord({"epochs": 10}, finetune))
+            metrics.update(**linear, **finetune)
+        edit_record(run_dir, evals=evals, metrics=metrics)
     index_file.write_text(json.dumps(index))
     out = subprocess.run([sys.executable, "-m", "reports.build", "--outputs", str(outputs),
                           "--out", str(tmp_path / "report")], capture_output=True, text=True, cwd=ROOT)
@@ -169,13 +187,10 @@ def test_paper_columns_show_the_papers_ablation_of_a_setting_else_the_methods_he
 def add_metrics(outputs, metrics):
     """Add metrics to the demo suite's records: metrics = {(method, setting, seed): {name: value}}."""
     index_file = outputs / "suites" / "demo" / "cpu" / "runs.json"
-    for entry in json.loads(index_file.read_text())["runs"]:
+    for entry, run_dir in zip(json.loads(index_file.read_text())["runs"], run_dirs(outputs)):
         extra = metrics.get((entry["method"], entry["setting"], entry["seed"]))
         if extra:
-            record_file = index_file.parent / entry["run_dir"] / "result.json"
-            record = json.loads(record_file.read_text())
-            record["metrics"].update(extra)
-            record_file.write_text(json.dumps(record))
+            edit_record(run_dir, metrics={**read_record(run_dir).metrics, **extra})
 
 
 def build_and_keep_figures(tmp_path, monkeypatch) -> dict:
@@ -314,10 +329,8 @@ def test_a_started_run_shows_as_unfinished_and_a_failed_evaluation_names_its_err
     entries = json.loads(index.read_text())["runs"]
     started = index.parent / entries[2]["run_dir"]
     (started / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')         # pre-training under way
-    shared = index.parent / entries[1]["run_dir"] / "result.json"
-    record = json.loads(shared.read_text())
-    shared.write_text(json.dumps({**record, "evals": {"knn": {}},
-                                  "failed_evaluation": {"error": "RuntimeError: probe diverged"}}))
+    edit_record(run_dirs(tmp_path / "outputs")[1], evals={"knn": EvalRecord({"k": 20}, {})},
+                failed_evaluation={"error": "RuntimeError: probe diverged"})
     index.write_text(json.dumps({"suite": "demo", "profile": "cpu",
                                  "runs": [{**e, "evals": ["knn", "linear"]} for e in entries]}))
     runs = load_index(index).set_index("seed", append=True)
@@ -325,3 +338,93 @@ def test_a_started_run_shows_as_unfinished_and_a_failed_evaluation_names_its_err
     assert runs["missing evaluations"].iloc[1] == "linear (last failure: RuntimeError: probe diverged)"
     table = summarize(load_index(index), ["knn_top1_cls"]).set_index("setting")
     assert table.loc["random 0.75", "missing"] == 1 and table.loc["random 0.75", "seeds done"] == 1
+
+
+def cut_short(run_dir):
+    """result.json as a copy cut short or a full disk leaves it."""
+    path = run_dir / "result.json"
+    path.write_text(path.read_text()[:40])
+
+
+def seed_as_text(run_dir):
+    path = run_dir / "result.json"
+    path.write_text(path.read_text().replace('"seed": 0', '"seed": "zero"'))
+
+
+def newer_schema(run_dir):
+    path = run_dir / "result.json"
+    path.write_text(path.read_text().replace('"schema": 1', '"schema": 2'))
+
+
+@pytest.mark.parametrize("damage, problem", [(cut_short, "not valid JSON"),
+                                             (seed_as_text, "'seed' must be int, got 'zero'"),
+                                             (newer_schema, "upgrade mimbench")],
+                         ids=["truncated", "wrong-type", "newer-schema"])
+def test_an_unreadable_record_is_named_and_listed_and_the_other_runs_are_reported(tmp_path, capsys,
+                                                                                    damage, problem):
+    from reports.build import main as build
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("none", "random init", 1): 35.0,
+                            ("mae", "random 0.75", 0): 42.0, ("mae", "random 0.75", 1): 43.5})
+    bad = run_dirs(outputs)[2] / "result.json"                      # mae, seed 0
+    damage(bad.parent)
+    damaged = bad.read_bytes()
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:demo/cpu -->\nold table\n<!-- /results -->\n")
+    assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report"), "--readme", str(readme)]) == 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings[0].startswith(f"warning: {bad}: ") and problem in warnings[0]
+    assert warnings[0].endswith("; shown as unreadable")
+    assert warnings[1] == f"warning: demo (cpu): 1 unreadable record(s); {readme} left as it was"
+    folder = tmp_path / "report" / "demo" / "cpu"
+    runs = pd.read_csv(folder / "runs.csv").set_index(["method", "seed"])
+    assert runs.loc[("mae", 0), "status"] == "unreadable" and problem in runs.loc[("mae", 0), "problem"]
+    table = pd.read_csv(folder / "table.csv").set_index("method")
+    assert table.loc["mae", "knn_top1_cls"] == "43.50" and table.loc["mae", "missing"] == 1
+    assert table.loc["none", "knn_top1_cls"] == "{:.2f} ± {:.2f}".format(*ci95([34.0, 35.0]))
+    page = (folder / "index.html").read_text()
+    listed = page.split("Failed, missing or incomplete runs")[1].split("<h2>")[0]
+    assert "<td>unreadable</td>" in listed and bad.parent.name in listed
+    assert bad.read_bytes() == damaged and "old table" in readme.read_text()      # nothing overwritten
+
+
+def test_when_no_record_is_readable_the_report_is_left_as_it_was_and_the_exit_code_is_1(tmp_path):
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("mae", "random 0.75", 0): 42.0})
+    for run_dir in run_dirs(outputs):
+        cut_short(run_dir)
+    earlier = tmp_path / "report" / "demo" / "cpu" / "index.html"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("the last good report")
+    out = subprocess.run([sys.executable, "-m", "reports.build", "--outputs", str(outputs),
+                          "--out", str(tmp_path / "report")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["warning"] * 3 + ["error"]
+    assert "Traceback" not in out.stderr and lines[-1].startswith("error: no readable")
+    assert earlier.read_text() == "the last good report"
+
+
+def test_a_damaged_suite_index_skips_that_suite_only(tmp_path, capsys):
+    from reports.build import main as build
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("mae", "random 0.75", 0): 42.0})
+    write_records(outputs, {("none", "random init", 0): 34.0}, suite="other")
+    index_file = outputs / "suites" / "other" / "cpu" / "runs.json"
+    index_file.write_text(index_file.read_text()[:30])
+    assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {index_file}: ") and err.endswith("suite other (cpu) skipped\n")
+    assert err.count("\n") == 1
+    assert (tmp_path / "report" / "demo" / "cpu" / "index.html").exists()
+    assert not (tmp_path / "report" / "other").exists()
+
+
+def test_a_cut_short_line_of_the_training_log_is_skipped(tmp_path):
+    from reports.build import main as build
+    outputs = tmp_path / "outputs"
+    write_records(outputs, {("none", "random init", 0): 34.0, ("mae", "random 0.75", 0): 42.0})
+    with open(run_dirs(outputs)[1] / "metrics.jsonl", "a") as log:
+        log.write('{"step": 5, "lo')                          # killed mid-write
+    assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "demo" / "cpu" / "loss_curves.png").stat().st_size > 1000
