@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from engine.trainer import count_flops
 from methods import build_method
 from methods.base import Batch
 from methods.vit import ViTConfig, patchify
@@ -68,16 +68,7 @@ class Competitor:
         return loss.detach()
 
     def count_flops(self) -> int:
-        attns = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
-        for m in attns:
-            m.fused_attn = False
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.eager_loss_fn().backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        for m in attns:
-            m.fused_attn = True
-        self.flops = int(counter.get_total_flops())
+        self.flops = count_flops(self.model, self.eager_loss_fn)    # the trainer's counting (fp32)
         return self.flops
 
     @property

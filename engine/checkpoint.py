@@ -7,13 +7,14 @@ temp files of writes cut short by a kill are removed at the next save.
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from runs.records import atomic_write
 
 PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -33,12 +34,8 @@ def checkpoint_paths(folder: Path) -> list[Path]:
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{step:08d}.pt"
-    tmp = folder / f".ckpt-{step:08d}.pt.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:     # temp file .ckpt-<step>.pt.tmp<pid>, then renamed
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     for old in checkpoint_paths(folder)[keep:]:
         old.unlink(missing_ok=True)
     # a process killed mid-write leaves its temp file (one run has one writer: any other is stale)

@@ -8,7 +8,8 @@ only through floating-point summation order, each rank's own drop-path draws, an
 averaged over a rank's masked patches (equal to the global mean when every image masks the
 same number of patches, as MAE's and the random/grid masks do). Rank 0 alone writes files.
 Per step, the ranks agree on whether the loss is finite and whether a stop signal came, so
-they all take the same branch.
+they all take the same branch; a trainable's `synced_buffers` (iBOT's centres) are averaged
+over ranks after each step, so every rank holds the same value.
 """
 from __future__ import annotations
 
@@ -72,3 +73,14 @@ def on_any_rank(*flags: bool) -> tuple[bool, ...]:
     tensor = _flags_tensor(flags)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in tensor.tolist())
+
+
+def average_buffers(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """Average the named buffers of `module` over processes, in place (no-op when run plainly).
+    The trainer calls it after each `after_step` on a Trainable's `synced_buffers`."""
+    if not names or not dist.is_initialized():
+        return
+    for name in names:
+        buffer = module.get_buffer(name)
+        dist.all_reduce(buffer)
+        buffer /= dist.get_world_size()

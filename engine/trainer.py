@@ -1,15 +1,25 @@
-"""The one pre-training loop every method uses.
+"""The one training loop: pre-training, the dVAE tokenizer, fine-tuning and segmentation.
 
-AdamW (timm's optimizer factory: no weight decay on norms and biases; the [CLS]/[M] tokens
-are decayed, as in MAE's official pre-training, not exempt as in BEiT's), timm's
-cosine schedule with linear warm-up stepped per iteration, gradient clipping, bf16
-autocast on CUDA and fp32 on CPU, optional `torch.compile`, the method's `after_step`
-hook, a tqdm bar with ETA, `metrics.jsonl`, atomic checkpoints and exact resume.
+Three things meet in a `Trainer`:
+  a `Trainable`   what is trained: `forward(batch) -> (loss, logs)` and `after_step` (an EMA
+                  teacher); a method, the dVAE, the fine-tune classifier, the mmseg segmentor
+  a `BatchSource` where step s's batch comes from: `batch_for_step(s)`, `steps_per_epoch`
+  a `TrainPlan`   how it is optimised: steps, optimizer and scheduler factories, clipping,
+                  precision, checkpoint and log cadence (built from a recipe config, never hashed)
 
-Exact resume without saving RNG streams: every source of randomness in step `s` (data
-order of its epoch, augmentation, masks, drop-path) is drawn from generators seeded by
-(seed, s). A resumed run therefore sees the same batches as an uninterrupted one, and
-with the optimizer state restored it ends with bit-identical weights on CPU.
+Pre-training passes uint8 images and a `TrainConfig`; the trainer makes the views and masks
+(`MaskedViews`) and the plan (`adamw_cosine_plan`: timm's AdamW, no weight decay on norms and
+biases - the [CLS]/[M] tokens are decayed, as in MAE's official pre-training, not exempt as in
+BEiT's - and timm's cosine schedule with linear warm-up stepped per iteration). The loop owns
+gradient clipping, bf16 autocast on CUDA and fp32 on CPU (fp16 with loss scaling on request),
+optional `torch.compile`, DDP, the buffers averaged over processes (`synced_buffers`), a tqdm bar
+with ETA, `metrics.jsonl` and TensorBoard events in `tb/`, atomic checkpoints and exact resume,
+the non-finite-loss guard and a checkpoint on SIGTERM / SIGINT.
+
+Exact resume without saving RNG streams: every source of randomness in step `s` (data order of
+its epoch, augmentation, masks, drop-path) is drawn from generators seeded by (seed, s). A
+resumed run therefore sees the same batches as an uninterrupted one, and with the optimizer
+state restored it ends with bit-identical weights on CPU.
 """
 from __future__ import annotations
 
@@ -22,21 +32,22 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from torch.nn.parallel import DistributedDataParallel
-
 from engine import distributed
-from engine.checkpoint import load_latest, save_checkpoint
+from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip
-from engine.records import read_json, write_json
-from methods.base import Batch, MIMMethod
-from methods.registry import ConfigError
+from methods.base import Batch
+from methods.registry import ConfigError, late_field
+from runs.records import read_json, write_json
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -58,8 +69,9 @@ class TrainConfig:
     compile: bool = False           # torch.compile the method (pays on GPUs; CPU compile is slow)
     max_bad_steps: int = 0          # non-finite losses to skip before stopping (0 = stop at the first)
     # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 autocasts to float16 with dynamic loss
-    # scaling (torch.amp.GradScaler: an overflowing step is skipped and the scale halved)
-    precision: str = "auto"
+    # scaling (torch.amp.GradScaler: an overflowing step is skipped and the scale halved).
+    # Added after the first runs: declared with late_field, so their names stay (runs.identity).
+    precision: str = late_field("auto")
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.blr <= 0:
@@ -84,6 +96,53 @@ class Preempted(RuntimeError):
         self.signum = signum
 
 
+# ---- the protocol ------------------------------------------------------------------------
+class Trainable(Protocol):
+    """What the trainer trains: an `nn.Module` (parameters, state_dict, to) with these members.
+    `MIMMethod` (methods/base.py), `DVAE`, `eval.finetune.Classifier` and
+    `eval.segmentation.Segmentor` provide them.
+
+    Optional member (its default when absent): `synced_buffers = ()`, names of buffers the
+    trainer averages over processes after each `after_step` under torchrun (iBOT's centres).
+    """
+    name: str                       # the progress bar's label
+    trains: bool                    # False: nothing to train (the `none` baseline)
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and logs of 0-d tensors (no host syncs in the step; the trainer logs them)."""
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (EMA teachers, schedules held in buffers)."""
+
+
+class BatchSource(Protocol):
+    """Where step s's batch comes from. `batch_for_step(s)` must depend on (seed, s) only,
+    never on the steps drawn before: that is what makes resume exact."""
+    steps_per_epoch: int
+
+    def batch_for_step(self, step: int) -> Any:
+        """The batch `Trainable.forward` receives at step `step`."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How a Trainable is optimised. Built from a recipe config (TrainConfig, FinetuneConfig,
+    SegmentationConfig), which stays the identity of the run: the plan is never hashed."""
+    total_steps: int
+    batch_size: int                 # images per optimizer step (all processes): throughput stats
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+    # (optimizer, total_steps) -> a timm scheduler: `step_update(s)` sets the lr of step s
+    make_scheduler: Callable[[torch.optim.Optimizer, int], Any]
+    checkpoint_every: int
+    log_every: int
+    clip_grad: float = 0.0          # max gradient norm (0 = off)
+    precision: str = "auto"         # PRECISIONS
+    compile: bool = False
+    max_bad_steps: int = 0          # non-finite losses to skip before stopping
+    torch_stream: int = 3           # per-step torch seed (drop path, dropout): step_seed(seed, s, this + rank)
+    desc: str = "train"             # the progress bar's label
+
+
 def total_steps(epochs: float, num_images: int, batch_size: int) -> int:
     """Optimizer steps of `epochs` passes (the last partial batch of an epoch is dropped)."""
     return round(epochs * (num_images // batch_size))
@@ -105,57 +164,69 @@ def device_autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-class Trainer:
-    def __init__(self, method: MIMMethod, images: torch.Tensor, cfg: TrainConfig, run_dir: Path,
-                 seed: int, config_hash: str, device: str | torch.device = "cpu",
-                 progress: bool = True):
-        cfg.validate()
-        self.method, self.cfg, self.seed = method, cfg, seed
-        self.run_dir, self.config_hash = Path(run_dir), config_hash
-        self.device = torch.device(device)
-        self.images = images.to(self.device)                 # uint8 (N, 3, H, W), on device
-        self.progress = progress
-        self.steps_per_epoch = len(images) // cfg.batch_size
-        if method.trains and self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the dataset "
-                              f"({len(images)} images); lower it")
-        self.total_steps = total_steps(cfg.epochs, len(images), cfg.batch_size) if method.trains else 0
-        self.world, self.rank = distributed.world_size(), distributed.rank()
-        if cfg.batch_size % self.world:
-            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} "
-                              f"processes; pick a multiple of {self.world}")
-        self.method.to(self.device)
-        if self.total_steps:
-            lr = cfg.blr * cfg.batch_size / 256
-            self.optimizer = create_optimizer_v2(method, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
-                                                 betas=(0.9, cfg.beta2), foreach=True)
-            warmup = round(cfg.warmup_frac * self.total_steps)
-            self.scheduler = CosineLRScheduler(
-                self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=lr * cfg.min_lr_frac,
-                warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, warmup_prefix=True,
-                t_in_epochs=False)
-        # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range and does not
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" and self.total_steps else None
-        model = method
-        if self.world > 1 and self.total_steps:
-            # DDP averages gradients over ranks; each rank holds an equal slice of the batch
-            model = DistributedDataParallel(method, device_ids=[self.device.index]
-                                            if self.device.type == "cuda" else None)
-        self.step_fn = torch.compile(model) if cfg.compile else model
-        self._epoch_order: tuple[int, torch.Tensor] | None = None
-        self._stop_signal: int | None = None
+def adamw_cosine_plan(cfg: TrainConfig, steps: int, layer_decay: float | None = None,
+                      desc: str = "train") -> TrainPlan:
+    """timm's AdamW (layer-wise lr decay when `layer_decay` is given: timm reads the model's
+    `group_matcher`) and linear warm-up + cosine, stepped per iteration."""
+    lr = cfg.blr * cfg.batch_size / 256
+    decay = {} if layer_decay is None else {"layer_decay": layer_decay}
 
-    # ---- data --------------------------------------------------------------------------
-    def batch_for_step(self, step: int) -> Batch:
+    def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        return create_optimizer_v2(module, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                   betas=(0.9, cfg.beta2), foreach=True, **decay)
+
+    def make_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> CosineLRScheduler:
+        warmup = round(cfg.warmup_frac * steps)
+        return CosineLRScheduler(optimizer, t_initial=max(1, steps - warmup), lr_min=lr * cfg.min_lr_frac,
+                                 warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr,
+                                 warmup_prefix=True, t_in_epochs=False)
+
+    return TrainPlan(total_steps=steps, batch_size=cfg.batch_size, make_optimizer=make_optimizer,
+                     make_scheduler=make_scheduler, checkpoint_every=cfg.checkpoint_every,
+                     log_every=cfg.log_every, clip_grad=cfg.clip_grad, precision=cfg.precision,
+                     compile=cfg.compile, max_bad_steps=cfg.max_bad_steps, desc=desc)
+
+
+# ---- batch sources -----------------------------------------------------------------------
+class EpochOrder:
+    """The dataset indices of step s: a random order per epoch, seeded by (seed, epoch); the
+    last partial batch of an epoch is dropped."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, check: bool = True):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.steps_per_epoch = num_items // batch_size
+        if check and self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({num_items} images); "
+                              f"lower it")
+        self._order: tuple[int, Tensor] | None = None        # (epoch, its permutation)
+
+    def indices(self, step: int) -> Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
+        if self._order is None or self._order[0] != epoch:
             gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
-            self._epoch_order = (epoch, torch.randperm(len(self.images), generator=gen))
-        index = self._epoch_order[1][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
+            self._order = (epoch, torch.randperm(self.num_items, generator=gen))
+        return self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
+
+
+class MaskedViews:
+    """Pre-training batches: the method's augmented views (`view_specs`) and masks
+    (`draw_masks`) of uint8 images. Under torchrun every rank draws the global batch from the
+    same step seed and keeps its own slice."""
+
+    def __init__(self, method, images: Tensor, batch_size: int, crop_scale_min: float, seed: int,
+                 device: torch.device):
+        self.method, self.crop_scale_min, self.seed, self.device = method, crop_scale_min, seed, device
+        self.images = images.to(device)                       # uint8 (N, 3, H, W), on device
+        self.order = EpochOrder(len(images), batch_size, seed, check=method.trains)   # `none`: never drawn
+        self.steps_per_epoch = self.order.steps_per_epoch
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+
+    def batch_for_step(self, step: int) -> Batch:
+        index = self.order.indices(step)
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
         uint8 = self.images[index.to(self.device)]
         views = [random_resized_crop_flip(uint8, size, gen, scale=scale)
-                 for size, scale in self.method.view_specs(self.cfg.crop_scale_min)]
+                 for size, scale in self.method.view_specs(self.crop_scale_min)]
         mask = self.method.draw_masks(len(index), gen)
         if self.world > 1:  # every rank drew the global batch; keep this rank's slice
             shard = slice(self.rank * len(index) // self.world, (self.rank + 1) * len(index) // self.world)
@@ -165,10 +236,66 @@ class Trainer:
             mask = mask.to(self.device)
         return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
 
+
+# ---- the trainer -------------------------------------------------------------------------
+class Trainer:
+    """Trains `module` on `data` by `plan`, in `run_dir` (checkpoints/, metrics.jsonl, tb/,
+    train_stats.json); `fit()` resumes from the newest checkpoint of `config_hash`.
+
+    Pre-training: `Trainer(method, uint8_images, train_config, ...)`; every other use passes a
+    BatchSource and a TrainPlan.
+    """
+
+    def __init__(self, module: Trainable, data: Tensor | BatchSource, plan: TrainConfig | TrainPlan,
+                 run_dir: Path, seed: int, config_hash: str, device: str | torch.device = "cpu",
+                 progress: bool = True):
+        self.device = torch.device(device)
+        if isinstance(data, Tensor):
+            if not isinstance(plan, TrainConfig):
+                raise TypeError("images need a TrainConfig (its crop scale); pass a BatchSource otherwise")
+            data = MaskedViews(module, data, plan.batch_size, plan.crop_scale_min, seed, self.device)
+        if isinstance(plan, TrainConfig):
+            plan.validate()
+            steps = round(plan.epochs * data.steps_per_epoch) if module.trains else 0
+            plan = adamw_cosine_plan(plan, steps, desc=f"pre-train {module.name}")
+        self.module, self.data, self.plan, self.seed = module, data, plan, seed
+        self.run_dir, self.config_hash = Path(run_dir), config_hash
+        self.progress = progress
+        self.total_steps = plan.total_steps
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if plan.batch_size % self.world:
+            raise ConfigError(f"batch_size {plan.batch_size} is not divisible by the {self.world} "
+                              f"processes; pick a multiple of {self.world}")
+        self.synced_buffers: tuple[str, ...] = getattr(module, "synced_buffers", ())
+        module.to(self.device)
+        if self.total_steps:
+            self.optimizer = plan.make_optimizer(module)
+            self.scheduler = plan.make_scheduler(self.optimizer, self.total_steps)
+        # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range and does not
+        self.scaler = torch.amp.GradScaler(self.device.type) \
+            if plan.precision == "fp16" and self.total_steps else None
+        model = module
+        if self.world > 1 and self.total_steps:
+            # DDP averages gradients over ranks; each rank holds an equal slice of the batch
+            model = DistributedDataParallel(module, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None)
+        self.step_fn = torch.compile(model) if plan.compile else model
+        self._stop_signal: int | None = None
+        self.start_step = 0                     # where the last fit() began (after resuming)
+        self.last_loss: float | None = None     # the last loss written to metrics.jsonl
+
+    @property
+    def method(self) -> Trainable:
+        """`module`, by the name pre-training code calls it."""
+        return self.module
+
+    def batch_for_step(self, step: int) -> Any:
+        return self.data.batch_for_step(step)
+
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
         state = {"config_hash": self.config_hash, "step": step,
-                 "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()}
+                 "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -179,7 +306,7 @@ class Trainer:
             if self.rank == 0:
                 self._truncate_metrics(0)
             return 0
-        self.method.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -191,7 +318,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (and a line cut
-        short by a kill)."""
+        short by a kill). TensorBoard's events of those steps are purged by the writer."""
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
@@ -207,7 +334,7 @@ class Trainer:
     # ---- measurement ---------------------------------------------------------------------
     def flops_per_step(self) -> int:
         """FLOPs of one optimizer step over the global batch (every rank counts its slice)."""
-        flops = train_flops(self.method, self.batch_for_step(0), self.device) * self.world
+        flops = train_flops(self.module, self.batch_for_step(0), self.device) * self.world
         if self.device.type == "cuda":   # counting ran unfused attention: not the training peak
             torch.cuda.reset_peak_memory_stats(self.device)
         return flops
@@ -221,94 +348,92 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.total_steps == 0:
             return {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
-        start = self.resume()
+        start = self.start_step = self.resume()
         distributed.barrier()  # no rank starts before every rank has read the checkpoint
         stats_file = self.run_dir / "train_stats.json"
         if start >= self.total_steps and stats_file.exists():
             return read_json(stats_file)   # finished earlier: its stats, not those of an empty session
         flops = self.flops_per_step()   # (also when a kill came between the last checkpoint and the stats)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        # rank 0 writes metrics (the loss of its own slice of the batch)
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
-        pending: list[dict] = []
-        data_seconds = step_seconds = 0.0
-        timed_steps = 0
+        log = MetricLog(self.run_dir, start) if self.rank == 0 else None   # rank 0's slice of the batch
+        timer = StepTimer(skip_until=start + 2)  # skip warm-up steps (allocation, compile) in timings
         bad_steps = 0
-        bar = tqdm(total=self.total_steps, initial=start, desc=f"pre-train {self.method.name}",
-                   unit="step", disable=not self.progress or self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=start, desc=self.plan.desc, unit="step",
+                   disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         try:
             for step in range(start, self.total_steps):
-                t0 = time.perf_counter()
-                self.scheduler.step_update(step)
-                batch = self.batch_for_step(step)
-                t1 = time.perf_counter()
-                # drop path etc.: one stream per rank, so ranks do not repeat each other's draws
-                torch.manual_seed(step_seed(self.seed, step, stream=3 + self.rank))
-                with device_autocast(self.device, self.cfg.precision):
-                    loss, logs = self.step_fn(batch)
-                # every rank takes the same branches (a rank skipping backward or stopping alone
-                # would hang the others): one all-reduce per step agrees on both flags
-                nonfinite, stop = distributed.on_any_rank(not torch.isfinite(loss), self._stop_signal is not None)
-                if not nonfinite:
-                    self._backward_and_step(loss, logs)
-                    self.method.after_step(step, self.total_steps)
-                    pending.append({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
-                    t2 = time.perf_counter()
-                    if step - start >= 2:  # skip warm-up steps (allocation, compile) in timings
-                        data_seconds += t1 - t0
-                        step_seconds += t2 - t0
-                        timed_steps += 1
-                else:   # skipped; the checkpoint and stop checks below still apply to this step
+                loss, stop = self._step(step, timer, log)
+                if loss is not None:   # skipped; the checkpoint and stop checks below still apply
                     bad_steps += 1
-                    if bad_steps > self.cfg.max_bad_steps:
+                    if bad_steps > self.plan.max_bad_steps:
                         raise NonFiniteLoss(self._nan_message(step, loss))
-                    self.optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
-                done = step + 1
-                checkpoint_now = done % self.cfg.checkpoint_every == 0 or done == self.total_steps or stop
-                if checkpoint_now or done % self.cfg.log_every == 0:
-                    if self.scaler is not None and pending:   # one host sync per flush, not per step
-                        pending[-1]["loss_scale"] = self.scaler.get_scale()
-                    bar.set_postfix(loss=f"{self._flush(metrics_file, pending):.4f}")
-                if checkpoint_now and self.rank == 0:
-                    save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
-                if stop and done < self.total_steps:
-                    distributed.barrier()   # rank 0's checkpoint is on disk before any rank exits
-                    signum = self._stop_signal or signal.SIGTERM   # (a rank the signal did not reach)
-                    raise Preempted(f"stopped by {signal.Signals(signum).name} at step {done}; "
-                                    f"checkpoint saved - run the same command again to resume", signum)
+                self._end_of_step(step + 1, stop, log, bar)
         finally:
             bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
+            if log is not None:
+                log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         distributed.barrier()  # the last checkpoint is on disk before any rank moves on
-        images_per_second = (timed_steps * self.cfg.batch_size / step_seconds) if step_seconds else None
-        stats = {
-            "steps": self.total_steps,
-            "images_seen": self.total_steps * self.cfg.batch_size,
-            "train_seconds_this_session": step_seconds,
-            "images_per_second": images_per_second,
-            "data_fraction": data_seconds / step_seconds if step_seconds else None,
-            "flops_per_step": flops,
-            "flops_total": flops * self.total_steps if flops else None,
-            "peak_memory_mb": peak_memory_mb(self.device),
-            "skipped_nonfinite_steps": bad_steps,
-        }
+        stats = timer.stats(self.plan.batch_size)
+        stats = {"steps": self.total_steps, "images_seen": self.total_steps * self.plan.batch_size,
+                 **stats, "flops_per_step": flops, "flops_total": flops * self.total_steps if flops else None,
+                 "peak_memory_mb": peak_memory_mb(self.device), "skipped_nonfinite_steps": bad_steps}
         if self.rank == 0:
             write_json(stats_file, stats)
         return stats
 
-    def _backward_and_step(self, loss: torch.Tensor, logs: dict) -> None:
+    def _step(self, step: int, timer: "StepTimer", log: "MetricLog | None") -> tuple[Tensor | None, bool]:
+        """One optimizer step; returns (the loss when it was non-finite and skipped, whether a
+        stop signal reached any rank)."""
+        t0 = time.perf_counter()
+        self.scheduler.step_update(step)
+        batch = self.batch_for_step(step)
+        t1 = time.perf_counter()
+        # drop path etc.: one stream per rank, so ranks do not repeat each other's draws
+        torch.manual_seed(step_seed(self.seed, step, stream=self.plan.torch_stream + self.rank))
+        with device_autocast(self.device, self.plan.precision):
+            loss, logs = self.step_fn(batch)
+        # every rank takes the same branches (a rank skipping backward or stopping alone
+        # would hang the others): one all-reduce per step agrees on both flags
+        nonfinite, stop = distributed.on_any_rank(not torch.isfinite(loss), self._stop_signal is not None)
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, stop
+        self._backward_and_step(loss, logs)
+        self.module.after_step(step, self.total_steps)
+        distributed.average_buffers(self.module, self.synced_buffers)
+        if log is not None:
+            log.add({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
+        timer.add(step, t1 - t0, time.perf_counter() - t0)
+        return None, stop
+
+    def _end_of_step(self, done: int, stop: bool, log: "MetricLog | None", bar: tqdm) -> None:
+        """Flush metrics, checkpoint, and stop on a signal, as the step count says."""
+        checkpoint_now = done % self.plan.checkpoint_every == 0 or done == self.total_steps or stop
+        if log is not None and (checkpoint_now or done % self.plan.log_every == 0):
+            if self.scaler is not None:   # one host sync per flush, not per step
+                log.note_last("loss_scale", self.scaler.get_scale())
+            self.last_loss = log.flush()
+            bar.set_postfix(loss=f"{self.last_loss:.4f}")
+        if checkpoint_now and self.rank == 0:
+            save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
+        if stop and done < self.total_steps:
+            distributed.barrier()   # rank 0's checkpoint is on disk before any rank exits
+            signum = self._stop_signal or signal.SIGTERM   # (a rank the signal did not reach)
+            raise Preempted(f"stopped by {signal.Signals(signum).name} at step {done}; "
+                            f"checkpoint saved - run the same command again to resume", signum)
+
+    def _backward_and_step(self, loss: Tensor, logs: dict) -> None:
         if self.scaler is None:
             loss.backward()
         else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)      # clip the true gradients, not the scaled ones
-        if self.cfg.clip_grad > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.method.parameters(),
-                                                               self.cfg.clip_grad, foreach=True)
+        if self.plan.clip_grad > 0:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                               self.plan.clip_grad, foreach=True)
         if self.scaler is None:
             self.optimizer.step()
         else:
@@ -316,51 +441,106 @@ class Trainer:
             self.scaler.update()                      # ... and then the scale halves
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _flush(self, metrics_file, pending: list[dict]) -> float:
-        """Write buffered step metrics (one host sync per flush, not per step); returns the
-        last loss for the progress bar."""
-        last = math.nan
-        if metrics_file is None:  # not rank 0
-            pending.clear()
-            return last
-        for row in pending:
-            clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
-            metrics_file.write(json.dumps(clean, sort_keys=True) + "\n")
-            last = clean.get("loss", last)
-        metrics_file.flush()
-        os.fsync(metrics_file.fileno())
-        pending.clear()
-        return last
-
-    def _nan_message(self, step: int, loss: torch.Tensor) -> str:
-        from engine.checkpoint import checkpoint_paths
+    def _nan_message(self, step: int, loss: Tensor) -> str:
         last = checkpoint_paths(self.run_dir / "checkpoints")
         where = last[0] if last else "none yet"
         return (f"loss is {loss.item()} at step {step}; last good checkpoint: {where}. "
-                f"Lower blr or raise max_bad_steps to skip bad steps")
+                f"Lower the learning rate or raise max_bad_steps to skip bad steps")
 
 
-def train_flops(method: MIMMethod, batch: Batch, device: torch.device) -> int:
-    """FLOPs of one forward + backward on `batch` (optimizer excluded). Attention runs
-    unfused while counting: FlopCounterMode has no formula for the CPU fused kernel, and
-    we want the FLOPs of the computation, not of a kernel."""
-    attns = [m for m in method.modules() if hasattr(m, "fused_attn")]
+class MetricLog:
+    """Rank 0's step metrics, buffered as tensors and written at flush points (one host sync
+    per flush, not per step) to `metrics.jsonl` and to TensorBoard events in `tb/` (the same
+    scalars: loss, lr and the trainable's logs). A resumed run purges the events after its
+    checkpoint, as it truncates metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, start: int):
+        from torch.utils.tensorboard import SummaryWriter   # (imports tensorboard: only when training)
+
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start or None)
+        self.pending: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+
+    def note_last(self, key: str, value: float) -> None:
+        if self.pending:
+            self.pending[-1][key] = value
+
+    def flush(self) -> float:
+        """Write the buffered rows; returns the last loss (for the progress bar)."""
+        last = math.nan
+        for row in self.pending:
+            clean = {k: (v.item() if isinstance(v, Tensor) else v) for k, v in row.items()}
+            self.file.write(json.dumps(clean, sort_keys=True) + "\n")
+            for key, value in clean.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, clean["step"])
+            last = clean.get("loss", last)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.writer.flush()
+        self.pending.clear()
+        return last
+
+    def close(self) -> None:
+        self.file.close()
+        self.writer.close()
+
+
+class StepTimer:
+    """Data and step seconds of the steps after warm-up (allocation, compile)."""
+
+    def __init__(self, skip_until: int):
+        self.skip_until = skip_until
+        self.data_seconds = self.step_seconds = 0.0
+        self.steps = 0
+
+    def add(self, step: int, data_seconds: float, step_seconds: float) -> None:
+        if step >= self.skip_until:
+            self.data_seconds += data_seconds
+            self.step_seconds += step_seconds
+            self.steps += 1
+
+    def stats(self, batch_size: int) -> dict:
+        seconds = self.step_seconds
+        return {"train_seconds_this_session": seconds,
+                "images_per_second": self.steps * batch_size / seconds if seconds else None,
+                "data_fraction": self.data_seconds / seconds if seconds else None}
+
+
+# ---- FLOPs -------------------------------------------------------------------------------
+def count_flops(model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device | None = None) -> int:
+    """FLOPs of `loss_fn().backward()` (optimizer excluded), under autocast on `device` when
+    given. Attention runs unfused while counting: FlopCounterMode has no formula for the CPU
+    fused kernel, and we want the FLOPs of the computation, not of a kernel. The model's
+    buffers (BatchNorm statistics) and gradients are as before afterwards: counting is not a
+    training step."""
+    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    buffers = [(b, b.clone()) for b in model.buffers()]
     for m in attns:
         m.fused_attn = False
     try:
         counter = FlopCounterMode(display=False)
-        with counter, device_autocast(device):
-            loss, _ = method(batch)
-            loss.backward()
-        method.zero_grad(set_to_none=True)
+        with counter, (device_autocast(device) if device is not None else nullcontext()):
+            loss_fn().backward()
         return int(counter.get_total_flops())
     finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
         for m in attns:
             m.fused_attn = True
+
+
+def train_flops(module: nn.Module, batch: Any, device: torch.device) -> int:
+    """FLOPs of one forward + backward of a Trainable on `batch`."""
+    return count_flops(module, lambda: module(batch)[0], device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-

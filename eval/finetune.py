@@ -6,15 +6,14 @@ layer-wise lr decay (timm's optimizer factory reading `ViT.group_matcher`), labe
 smoothing, mixup / cutmix (timm `Mixup`, on the batch) and RandAugment (timm, per image:
 its ops are PIL ops). The test split is read once, after the last step.
 
-`FinetuneTrainer` is `engine.trainer.Trainer` with labelled batches and a layer-decayed
-optimizer, so fine-tuning inherits its checkpoints, exact resume (every random draw of
-step s comes from generators seeded by (seed, s)), metrics.jsonl and progress bar: a
-killed fine-tune picks up from its last checkpoint when run again.
+Fine-tuning is `engine.trainer.Trainer` with a labelled batch source (`LabelledBatches`) and a
+layer-decayed optimizer (`finetune_trainer`), so it has the trainer's checkpoints, exact resume
+(every random draw of step s comes from generators seeded by (seed, s)), non-finite-loss guard,
+checkpoint on SIGTERM, metrics.jsonl, TensorBoard events and progress bar: a killed or stopped
+fine-tune picks up from its last checkpoint when run again.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,17 +23,17 @@ import torch
 from PIL import Image
 from timm.data import Mixup, rand_augment_transform
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from engine.data import ImageSet, Splits, normalize, random_resized_crop_flip
-from engine.trainer import Trainer, TrainConfig, step_seed
+from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
 from eval.features import POOLINGS
+from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.base import Batch
 from methods.registry import ConfigError
 from methods.vit import ViT, pool
+from runs.records import config_hash
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class FinetuneConfig:
                            log_every=self.log_every, compile=self.compile)
 
     def config_hash(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_hash(asdict(self))
 
 
 @dataclass
@@ -98,11 +97,11 @@ class LabelledBatch(Batch):
 
 
 class Classifier(nn.Module):
-    """The encoder with a linear head on its pooled tokens; the interface the trainer calls."""
+    """The encoder with a linear head on its pooled tokens: a `engine.trainer.Trainable`."""
 
     name = "finetune"
     trains = True
-    num_views = 1
+    synced_buffers: tuple[str, ...] = ()
 
     def __init__(self, encoder: ViT, num_classes: int, pooling: str, label_smoothing: float = 0.0):
         super().__init__()
@@ -133,42 +132,26 @@ class Classifier(nn.Module):
         return self.encoder.no_weight_decay(prefix="encoder.")
 
 
-class FinetuneTrainer(Trainer):
-    """The project's trainer on labelled images, with layer-wise lr decay."""
+class LabelledBatches:
+    """Fine-tuning's batch source: the epoch order of pre-training (`EpochOrder`), then per
+    image timm's RandAugment, the batched RandomResizedCrop + flip, and mixup / cutmix on the
+    batch. Every draw of step s comes from generators seeded by (seed, s)."""
 
-    def __init__(self, model: Classifier, data: ImageSet, cfg: FinetuneConfig, run_dir: Path, seed: int,
-                 config_hash: str, device: str | torch.device = "cpu", progress: bool = True):
-        cfg.validate()
-        super().__init__(model, data.images, cfg.train_config(), run_dir, seed, config_hash, device, progress)
-        self.ft_cfg = cfg
-        self.labels = data.labels.to(self.device)
-        self.img_size = model.encoder.cfg.img_size
-        # The base trainer built a plain AdamW; rebuild it with per-layer lr scales (which
-        # timm's scheduler multiplies into every update) and a schedule bound to it.
-        lr = cfg.blr * cfg.batch_size / 256
-        self.optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
-                                             betas=(0.9, cfg.beta2), layer_decay=cfg.layer_decay,
-                                             foreach=True)
-        warmup = round(cfg.warmup_frac * self.total_steps)
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=lr * cfg.min_lr_frac,
-            warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, warmup_prefix=True,
-            t_in_epochs=False)
-        num_classes = model.head.out_features
+    def __init__(self, data: ImageSet, cfg: FinetuneConfig, img_size: int, num_classes: int, seed: int,
+                 device: torch.device):
+        self.cfg, self.img_size, self.seed, self.device = cfg, img_size, seed, device
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.order = EpochOrder(len(data), cfg.batch_size, seed)
+        self.steps_per_epoch = self.order.steps_per_epoch
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
                            label_smoothing=cfg.label_smoothing, num_classes=num_classes) \
             if cfg.mixup or cfg.cutmix else None
         self.randaug = rand_augment_transform(cfg.randaug, {
-            "translate_const": int(self.img_size * 0.45),        # timm's default: 45% of the image
+            "translate_const": int(img_size * 0.45),             # timm's default: 45% of the image
             "img_mean": (124, 116, 104)}) if cfg.randaug else None
 
     def batch_for_step(self, step: int) -> LabelledBatch:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
-            self._epoch_order = (epoch, torch.randperm(len(self.images), generator=gen))
-        index = self._epoch_order[1][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
-        index = index.to(self.device)
+        index = self.order.indices(step).to(self.device)
         # timm's RandAugment and Mixup draw from Python's and NumPy's global generators:
         # seed them per step so that a resumed fine-tune sees the same batches.
         random.seed(step_seed(self.seed, step, stream=4))
@@ -190,6 +173,18 @@ class FinetuneTrainer(Trainer):
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(uint8.device)
 
 
+def finetune_trainer(model: Classifier, data: ImageSet, cfg: FinetuneConfig, work_dir: Path, seed: int,
+                     config_hash: str, device: str | torch.device = "cpu", progress: bool = True) -> Trainer:
+    """The project's trainer on labelled batches with a layer-decayed AdamW + warm-up/cosine
+    (the pre-training plan's factories, with timm's `layer_decay`)."""
+    cfg.validate()
+    device = torch.device(device)
+    batches = LabelledBatches(data, cfg, model.encoder.cfg.img_size, model.head.out_features, seed, device)
+    steps = total_steps(cfg.epochs, len(data), cfg.batch_size)
+    plan = adamw_cosine_plan(cfg.train_config(), steps, layer_decay=cfg.layer_decay, desc="fine-tune")
+    return Trainer(model, batches, plan, work_dir, seed, config_hash, device, progress)
+
+
 @torch.inference_mode()
 def top1(model: Classifier, data: ImageSet, batch_size: int = 1024, device: str | torch.device = "cpu") -> float:
     model.eval()
@@ -201,16 +196,17 @@ def top1(model: Classifier, data: ImageSet, batch_size: int = 1024, device: str 
     return 100.0 * correct / len(data)
 
 
-def run(vit: ViT, splits: Splits, cfg: FinetuneConfig, work_dir: Path, seed: int = 0,
-        device: str | torch.device = "cpu", progress: bool = True, eval_batch: int = 1024) -> dict:
-    """Fine-tune a copy of `vit` on the training split (resuming from `work_dir`'s
-    checkpoints), then read the test split once: {"metrics": {"finetune_top1": ...}, ...}."""
+@register_evaluation("finetune", FinetuneConfig)
+def run(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> EvalResult:
+    """Fine-tune a copy of `encoder` on the training split (resuming from `ctx.work_dir`'s
+    checkpoints), then read the test split once: metrics {"finetune_top1": ...}."""
     cfg.validate()
-    torch.manual_seed(seed)                                   # the head's initial weights
-    model = Classifier(vit.with_config(drop_path=cfg.drop_path), len(splits.train.classes),
+    torch.manual_seed(ctx.seed)                               # the head's initial weights
+    model = Classifier(encoder.with_config(drop_path=cfg.drop_path), len(splits.train.classes),
                        cfg.pooling, cfg.label_smoothing).train()
-    trainer = FinetuneTrainer(model, splits.train, cfg, Path(work_dir), seed,
-                              config_hash=f"{cfg.config_hash()}-seed{seed}", device=device, progress=progress)
+    trainer = finetune_trainer(model, splits.train, cfg, Path(ctx.work_dir), ctx.seed,
+                               config_hash=f"{cfg.config_hash()}-seed{ctx.seed}", device=ctx.device,
+                               progress=ctx.progress)
     stats = trainer.fit()
-    return {"metrics": {"finetune_top1": top1(model, splits.test, eval_batch, trainer.device)},
-            "details": {"train": stats}}
+    return EvalResult(metrics={"finetune_top1": top1(model, splits.test, ctx.feature_batch, trainer.device)},
+                      details={"train": stats})

@@ -19,14 +19,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from methods.base import Batch, MIMMethod
 from methods.masking import block_mask_per_image
-from methods.registry import ConfigError, register_method
+from methods.registry import ConfigError, late_field, register_method
 from methods.vit import ViT, ViTConfig
 
 EXPORTS = ("teacher", "student")
@@ -62,9 +61,9 @@ class IBOTConfig:
     # Multi-crop (DINO/iBOT), off by default and in every profile here: the iBOT README's ViT-S/16
     # recipe adds 10 local crops of 96 px (3/7 of 224) with area scale (0.05, 0.4). The global
     # crops keep the trainer's scale (crop_scale_min, 1).
-    local_crops_number: int = 0
-    local_crop_size: int = 0        # 0: 3/7 of the image size, rounded down to whole patches
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops_number: int = late_field(0)         # (added after the first runs: see late_field)
+    local_crop_size: int = late_field(0)            # 0: 3/7 of the image size, rounded down to whole patches
+    local_crops_scale: tuple[float, float] = late_field((0.05, 0.4))
 
     def validate(self) -> None:
         self.encoder.validate()
@@ -181,6 +180,7 @@ def min_block_patches(grid: int) -> int:
 @register_method("ibot", IBOTConfig)
 class IBOT(MIMMethod):
     num_views = 2                   # two global crops
+    synced_buffers = ("center_cls", "center_patch")   # the same centres on every rank (torchrun)
 
     def __init__(self, cfg: IBOTConfig):
         super().__init__(cfg)
@@ -283,10 +283,9 @@ class IBOT(MIMMethod):
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
         if self._batch_centres is not None:
+            # under torchrun the trainer then averages the centres over ranks (`synced_buffers`):
+            # the EMA is linear, so that equals the EMA of the batch centre averaged over ranks
             for centre, batch_centre in zip((self.center_cls, self.center_patch), self._batch_centres):
-                if dist.is_available() and dist.is_initialized():   # the same centre on every rank
-                    dist.all_reduce(batch_centre)
-                    batch_centre /= dist.get_world_size()
                 centre.mul_(self.cfg.center_momentum).add_(batch_centre, alpha=1.0 - self.cfg.center_momentum)
             self._batch_centres = None
         self.teacher_temps.copy_(torch.tensor(self.teacher_temperatures(step + 1, total_steps)))

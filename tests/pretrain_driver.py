@@ -3,6 +3,7 @@
     python tests/pretrain_driver.py RUN_DIR [--slow-checkpoint-at STEP] [--dump-state PREFIX]
     torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --dump-state PREFIX
     torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --nan-on-last-rank-at STEP
+    torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --method ibot --dump-state PREFIX
 
 --nan-on-last-rank-at makes the loss of the last rank alone non-finite at one step (with
 max_bad_steps 1, so the step is skipped). Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
@@ -26,6 +27,7 @@ from engine.trainer import Preempted, Trainer, TrainConfig  # noqa: E402
 from methods import build_method  # noqa: E402
 
 CFG = TrainConfig(epochs=3, batch_size=32, blr=1e-3, warmup_frac=0.1, checkpoint_every=4, log_every=2)
+METHODS = {"mae": {}, "ibot": dict(out_dim=128, head_hidden_dim=64, head_bottleneck_dim=32)}   # small heads
 
 
 def main() -> int:
@@ -34,11 +36,13 @@ def main() -> int:
     parser.add_argument("--slow-checkpoint-at", type=int, default=-1)
     parser.add_argument("--dump-state", default=None, help="save the final weights to PREFIX-rank<r>.pt")
     parser.add_argument("--nan-on-last-rank-at", type=int, default=-1)
+    parser.add_argument("--method", choices=sorted(METHODS), default="mae")
     args = parser.parse_args()
     distributed.init_from_env()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    method = build_method("mae", encoder={"size": "micro", "img_size": 16, "patch_size": 4})
+    method = build_method(args.method, encoder={"size": "micro", "img_size": 16, "patch_size": 4},
+                          **METHODS[args.method])
     images = synthetic_splits(img_size=16, train_per_class=32).train.images
     cfg = dataclasses.replace(CFG, max_bad_steps=1) if args.nan_on_last_rank_at >= 0 else CFG
     trainer = Trainer(method, images, cfg, Path(args.run_dir), seed=0, config_hash="driver", progress=False)

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,13 @@ def test_two_suite_processes_on_one_outputs_folder_never_run_a_run_twice(tmp_pat
             "--seeds", "3", "--outputs", str(tmp_path), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 300
     while not list((tmp_path / "runs").glob("*/metrics.jsonl")):      # the first is training
         assert first.poll() is None, "the first process ended before training"
+        if time.monotonic() > deadline:
+            first.kill()
+            pytest.fail("the first process wrote no metrics.jsonl within 300 s")
+        time.sleep(0.1)
     second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     first_out = first.communicate(timeout=600)[0]
     assert first.returncode == 0 and second.returncode == 0, second.stderr
@@ -195,6 +201,19 @@ def test_torchrun_with_two_gloo_processes_matches_a_single_process_run(tmp_path)
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == TOTAL_STEPS
     stats = [json.loads((tmp_path / run / "train_stats.json").read_text()) for run in ("single", "ddp")]
     assert stats[1]["flops_per_step"] == pytest.approx(stats[0]["flops_per_step"], rel=1e-6)
+
+
+def test_torchrun_ibot_holds_the_same_centres_on_every_rank_as_a_single_process(tmp_path):
+    """iBOT's centres are `synced_buffers`: the trainer averages them over ranks after each step."""
+    single = subprocess.run([*DRIVER, str(tmp_path / "single"), "--method", "ibot", "--dump-state",
+                             str(tmp_path / "single")], capture_output=True, text=True, cwd=ROOT)
+    assert single.returncode == 0, single.stderr
+    rank0, rank1 = torchrun_driver(tmp_path / "ddp", 29535, "--method", "ibot")
+    reference = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
+    for key in ("center_cls", "center_patch"):
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+        assert rank0[key].abs().sum() > 0
+        assert torch.allclose(rank0[key], reference[key], rtol=1e-3, atol=1e-4), key
 
 
 def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank_without_a_hang(tmp_path):

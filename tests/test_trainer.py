@@ -30,14 +30,14 @@ def test_resumed_run_ends_with_bit_identical_weights_and_metrics(tmp_path, name)
     assert stats["steps"] == 20 and stats["flops_per_step"] > 0
 
     interrupted = make_trainer(tmp_path / "resumed", name)
-    original = interrupted.method.after_step
+    original = interrupted.module.after_step
 
     def crash_at_step_12(step, total):
         original(step, total)
         if step == 12:                     # checkpoint at 10, metrics flushed to 12: both must roll back
             raise Interrupt
 
-    interrupted.method.after_step = crash_at_step_12
+    interrupted.module.after_step = crash_at_step_12
     with pytest.raises(Interrupt):
         interrupted.fit()
     assert [p.name for p in checkpoint_paths(tmp_path / "resumed" / "checkpoints")] == \
@@ -45,10 +45,31 @@ def test_resumed_run_ends_with_bit_identical_weights_and_metrics(tmp_path, name)
 
     resumed = make_trainer(tmp_path / "resumed", name)
     resumed.fit()
-    for (key, a), b in zip(full.method.state_dict().items(), resumed.method.state_dict().values()):
+    for (key, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values()):
         assert torch.equal(a, b), key
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == \
         (tmp_path / "resumed" / "metrics.jsonl").read_text()
+    # TensorBoard: the steps after the checkpoint written before the crash are purged, not doubled
+    assert tensorboard_scalars(tmp_path / "resumed") == tensorboard_scalars(tmp_path / "full")
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_in_tb_hold_the_scalars_of_metrics_jsonl(tmp_path):
+    make_trainer(tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(tmp_path)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert set(scalars) == set(rows[0]) - {"step"} >= {"loss", "lr", "grad_norm"}
+    for tag, series in scalars.items():
+        assert [step for step, _ in series] == [r["step"] for r in rows] == list(range(20)), tag
+        assert [value for _, value in series] == pytest.approx([r[tag] for r in rows], rel=1e-6), tag
 
 
 def test_metrics_log_every_step_and_the_lr_follows_warmup_then_cosine(tmp_path):
@@ -75,7 +96,7 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
     trainer = make_trainer(tmp_path, cfg=TrainConfig(epochs=1, batch_size=32, checkpoint_every=3))
-    forward = trainer.method.forward
+    forward = trainer.module.forward
 
     def nan_after_4(batch, calls=[0]):
         calls[0] += 1
@@ -91,7 +112,7 @@ def test_fp16_scales_the_loss_and_skips_an_overflowing_step_without_stopping(tmp
     cfg = TrainConfig(epochs=1, batch_size=32, blr=1e-3, checkpoint_every=5, log_every=1, precision="fp16")
     trainer = make_trainer(tmp_path, cfg=cfg)
     assert trainer.scaler is not None
-    forward = trainer.method.forward
+    forward = trainer.module.forward
     calls = []
 
     def overflow_at_step_3(batch):
@@ -116,10 +137,10 @@ def test_fp16_overflow_step_leaves_the_weights_unchanged(tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=32, blr=1e-3, checkpoint_every=50, log_every=1, precision="fp16")
     trainer = make_trainer(tmp_path, cfg=cfg)
     trainer.total_steps = 1
-    trainer.step_fn = lambda batch: (lambda loss, logs: (loss * 1e38, logs))(*trainer.method.forward(batch))
-    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    trainer.step_fn = lambda batch: (lambda loss, logs: (loss * 1e38, logs))(*trainer.module.forward(batch))
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
     trainer.fit()
-    after = trainer.method.state_dict()
+    after = trainer.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert trainer.scaler.get_scale() == 2.0 ** 15
 
