@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from runs.records import atomic_write
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 DEFAULT_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10"
 
@@ -138,9 +140,8 @@ def load_imagefolder(split_dir: str | Path, img_size: int, on_bad_image: str = "
         print(f"[data] skipped {len(files) - kept} unreadable file(s) in {split_dir}")
     images, labels = images[:kept].transpose(0, 3, 1, 2).copy(), labels[:kept]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, labels=labels)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, images=images, labels=labels)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes)
 
 
