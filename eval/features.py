@@ -1,15 +1,15 @@
 """Frozen-encoder features, extracted once per (encoder, split) and cached on disk."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from engine.data import ImageSet, normalize
 from methods.vit import ViT, pool
+from runs.records import atomic_write
 
 POOLINGS = ("cls", "mean")
 
@@ -45,9 +45,8 @@ def cached_features(vit: ViT, data: ImageSet, cache_file: Path, **kwargs) -> dic
             return feats
     feats = extract_features(vit, data, **kwargs)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
-    os.replace(tmp, cache_file)
+    with atomic_write(cache_file, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in feats.items()}))
     return feats
 
 

@@ -1,11 +1,17 @@
 """Weighted k-NN on frozen features (DINO / iBOT protocol): cosine similarity, the k
-nearest training features vote with weight exp(sim / T); top-1 on the test split."""
+nearest training features vote with weight exp(sim / T); top-1 on the test split, for the
+[CLS] and the mean-pooled features (extracted once per run and cached)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from engine.data import Splits
+from eval.features import cached_features, feature_file
+from eval.registry import EvalContext, EvalResult, register_evaluation
+from methods.vit import ViT
 
 
 @dataclass(frozen=True)
@@ -33,8 +39,19 @@ def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
     return 100.0 * correct / len(test)
 
 
-def run(train_features: dict, test_features: dict, cfg: KNNConfig = KNNConfig()) -> dict[str, float]:
+def knn_metrics(train_features: dict, test_features: dict, cfg: KNNConfig = KNNConfig()) -> dict[str, float]:
     """k-NN top-1 for every pooling present in both feature dicts: {'knn_top1_cls': ..., ...}."""
     return {f"knn_top1_{p}": knn_top1(train_features[p], train_features["labels"],
                                       test_features[p], test_features["labels"], cfg)
             for p in ("cls", "mean") if p in train_features and p in test_features}
+
+
+@register_evaluation("knn", KNNConfig)
+def run(encoder: ViT, splits: Splits, cfg: KNNConfig, ctx: EvalContext) -> EvalResult:
+    """{'knn_top1_cls', 'knn_top1_mean'} of the frozen encoder's final tokens."""
+    kw = dict(batch_size=ctx.feature_batch, device=ctx.device, progress=ctx.progress)
+    train = cached_features(encoder, splits.train, feature_file(ctx.features_dir, "train"),
+                            desc="features train", **kw)
+    test = cached_features(encoder, splits.test, feature_file(ctx.features_dir, "test"),
+                           desc="features test", **kw)
+    return EvalResult(knn_metrics(train, test, cfg))

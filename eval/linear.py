@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from engine.data import Splits
 from eval.features import POOLINGS, cached_features, feature_file, subset_positions
+from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.registry import ConfigError
 from methods.vit import ViT
 
@@ -101,11 +102,11 @@ def top1(weight: Tensor, bias: Tensor, stats: tuple[Tensor, Tensor], features: T
     return (logits.argmax(-1) == labels).double().mean(-1) * 100
 
 
-def run(vit: ViT, splits: Splits, cfg: LinearConfig, feature_dir: Path, batch_size: int = 1024,
-        device: str | torch.device = "cpu", progress: bool = True) -> dict:
+@register_evaluation("linear", LinearConfig)
+def run(vit: ViT, splits: Splits, cfg: LinearConfig, ctx: EvalContext) -> EvalResult:
     """Sweep on fit/holdout, retrain the chosen values on train, then read test once.
 
-    Returns {"metrics": {"linear_top1_<pooling>[_block<k>]": ...}, "details": {...}} with,
+    Metrics {"linear_top1_<pooling>[_block<k>]": ...}; details with,
     per pooling, the chosen lr / weight decay, whether each sits at the edge of its grid,
     and the holdout top-1 of every point of the sweep.
     """
@@ -113,7 +114,8 @@ def run(vit: ViT, splits: Splits, cfg: LinearConfig, feature_dir: Path, batch_si
     if cfg.block is not None and not -vit.cfg.depth <= cfg.block < vit.cfg.depth:
         raise ConfigError(f"linear probe block {cfg.block} out of range for a depth-{vit.cfg.depth} "
                           f"encoder; pick one in 0..{vit.cfg.depth - 1} or None (final tokens)")
-    kw = dict(batch_size=batch_size, device=device, progress=progress, block=cfg.block)
+    feature_dir = ctx.features_dir
+    kw = dict(batch_size=ctx.feature_batch, device=ctx.device, progress=ctx.progress, block=cfg.block)
     train = cached_features(vit, splits.train, feature_file(feature_dir, "train", cfg.block),
                             desc="features train", **kw)
     fit_index = subset_positions(splits.train, splits.fit)
@@ -149,4 +151,4 @@ def run(vit: ViT, splits: Splits, cfg: LinearConfig, feature_dir: Path, batch_si
     for pooling, (weight, bias, stats) in chosen.items():
         metrics[f"linear_top1_{pooling}{suffix}"] = float(
             top1(weight, bias, stats, test[pooling].float(), splits.test.labels)[0])
-    return {"metrics": metrics, "details": details}
+    return EvalResult(metrics, details)

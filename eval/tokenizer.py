@@ -9,17 +9,28 @@ images are normalised as `engine.data.normalize` does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
-from engine.data import ImageSet, normalize
+from engine.data import Splits, denormalize, normalize
+from eval.registry import EvalContext, EvalResult, register_evaluation
+from methods.registry import ConfigError
 
 
+@dataclass(frozen=True)
+class TokenizerEvalConfig:
+    split: str = "test"             # the split whose images are tokenized and decoded
+
+    def validate(self) -> None:
+        if self.split not in ("train", "test"):
+            raise ConfigError(f"tokenizer evaluation split {self.split!r} unknown; known: train, test")
+
+
+@register_evaluation("tokenizer", TokenizerEvalConfig, takes="tokenizer")
 @torch.inference_mode()
-def run(tokenizer, data: ImageSet, batch_size: int = 1024, device: str | torch.device = "cpu",
-        progress: bool = True) -> dict[str, float]:
+def run(tokenizer, splits: Splits, cfg: TokenizerEvalConfig, ctx: EvalContext) -> EvalResult:
     """Reconstruction from the argmax tokens (what stage 2 predicts) and code statistics:
 
     tokenizer_recon_mse        mean squared error on pixels in [0, 1], over the whole split
@@ -27,23 +38,23 @@ def run(tokenizer, data: ImageSet, batch_size: int = 1024, device: str | torch.d
     tokenizer_codebook_usage   fraction of the |V| codes that occur at least once
     tokenizer_perplexity       exp(entropy) of the code histogram (|V| = uniform use, 1 = collapse)
     """
+    data = getattr(splits, cfg.split)
+    device, batch_size = ctx.device, ctx.feature_batch
     tokenizer = tokenizer.eval().to(device)
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
     counts = torch.zeros(tokenizer.vocab_size, dtype=torch.float64, device=device)
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
-    for start in tqdm(range(0, len(data), batch_size), desc="tokenizer test", unit="batch", leave=False,
-                      disable=not progress):
+    for start in tqdm(range(0, len(data), batch_size), desc=f"tokenizer {cfg.split}", unit="batch", leave=False,
+                      disable=not ctx.progress):
         uint8 = data.images[start:start + batch_size].to(device)
         codes = tokenizer.tokenize(normalize(uint8))                           # (B, N)
-        recon = (tokenizer.decode(codes).float() * std + mean).clamp(0, 1)     # (B, 3, H, W) in [0, 1]
+        recon = denormalize(tokenizer.decode(codes)).clamp(0, 1)              # (B, 3, H, W) in [0, 1]
         squared_error += (recon - uint8.float() / 255).pow(2).sum(dtype=torch.float64)
         counts += torch.bincount(codes.flatten(), minlength=tokenizer.vocab_size)
     recon_mse = squared_error.item() / data.images.numel()
     probs = counts[counts > 0] / counts.sum()
-    return {
+    return EvalResult({
         "tokenizer_recon_mse": recon_mse,
         "tokenizer_psnr": 10 * math.log10(1 / recon_mse) if recon_mse > 0 else math.inf,
         "tokenizer_codebook_usage": (counts > 0).double().mean().item(),
         "tokenizer_perplexity": math.exp(-(probs * probs.log()).sum().item()),
-    }
+    })

@@ -1,7 +1,7 @@
 """What every method shares: the batch it receives and the small interface the trainer calls."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +17,29 @@ class Batch:
     views: list[Tensor] | None = None   # all augmented views (`view_specs`) when there is more than one
 
 
-class MIMMethod(nn.Module):
-    """Base class. Subclasses implement `forward(batch) -> (loss, metrics)`.
+@dataclass(frozen=True)
+class Prerequisite:
+    """A run that must be finished before a method's run starts (BEiT: its stage-1 tokenizer).
+    The run layer resolves it like any run (content-addressed, so every run needing the same
+    one shares it), executes it first, loads its product and hands it to `use_prerequisites`."""
+    method: str                                 # a registered method, e.g. "dvae"
+    overrides: dict                             # its method config (the profile's encoder is not applied)
+    train: dict = field(default_factory=dict)   # TrainConfig overrides of the profile's recipe
+    seed: int = 0
+    evals: tuple[str, ...] = ()                 # evaluations of its product, recorded with it
+
+
+PRODUCTS = ("encoder", "tokenizer")
+
+
+class Method(nn.Module):
+    """What the trainer and the run layer call on anything registered with `register_method`:
+    a MIM method (`MIMMethod`, below) or BEiT's stage-1 tokenizer (`methods.dvae.DVAE`).
+    Subclasses implement `forward(batch) -> (loss, metrics)`.
 
     The trainer owns data, optimiser, devices and loops; a method only computes a loss.
     `metrics` holds 0-d tensors (no host syncs in the step); the trainer logs them.
+    The run layer owns files: it saves what `product` names and loads prerequisites.
     """
 
     name: str = ""
@@ -32,11 +50,13 @@ class MIMMethod(nn.Module):
     # buffers the trainer averages over processes after each step (under torchrun), so every
     # rank holds the same value: iBOT's centres of the teacher's outputs
     synced_buffers: tuple[str, ...] = ()
+    # what a finished run saves and its evaluations take: "encoder" (the ViT of `export_encoder`,
+    # encoder.safetensors) or "tokenizer" (the method itself, tokenizer.safetensors: the dVAE)
+    product: str = "encoder"
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder = ViT(cfg.encoder)
 
     @property
     def mask_config(self):
@@ -68,8 +88,27 @@ class MIMMethod(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by the trainer after each optimiser step (EMA teachers)."""
 
+    def export_encoder(self) -> ViT | None:
+        """The encoder that evaluations use (None when the product is not an encoder)."""
+        return None
+
+    @classmethod
+    def prerequisites(cls, cfg) -> dict[str, Prerequisite]:
+        """Runs to finish before a run of this config, by role; none by default."""
+        return {}
+
+    def use_prerequisites(self, products: dict[str, nn.Module]) -> None:
+        """Take the products of the finished prerequisite runs, by role (called before training)."""
+
+
+class MIMMethod(Method):
+    """A pre-training method on the shared ViT (`self.encoder`), which it exports."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.encoder = ViT(cfg.encoder)
+
     def export_encoder(self) -> ViT:
-        """The encoder that evaluations use."""
         return self.encoder
 
 

@@ -5,8 +5,8 @@ trains the ViT: the encoder sees all patches with the masked ones replaced by [M
 linear head over the vocabulary predicts the tokenizer's code of every masked patch
 (cross-entropy on masked positions only). Blockwise masking at ~40% by default.
 
-The tokenizer is a run of its own: `prerequisites` names it, the suite runner trains it
-once (content-addressed like every run) and hands its folder to `use_prerequisites`.
+The tokenizer is a run of its own: `prerequisites` names it, the run layer trains it
+once (content-addressed like every run), loads it and hands it to `use_prerequisites`.
 Without that call, the method holds a randomly initialised dVAE - a valid, deterministic
 tokenizer - so it can be built and tested alone. BEiT's relative position bias is not
 implemented (absolute sin-cos positions, shared with every method); layer-scale is the
@@ -17,38 +17,36 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.base import Batch, MIMMethod
+from methods.base import Batch, MIMMethod, Prerequisite
 from methods.dvae import DVAE, TOKENIZER_FILE, DVAEConfig, TokenizerConfig, load_tokenizer
 from methods.masking import MaskConfig
-from methods.pixel import PixelConfig, PixelRegression
 from methods.registry import ConfigError, register_method
 from methods.vit import ViTConfig, init_weights
-
-TARGETS = ("tokens", "pixels")
 
 
 @dataclass(frozen=True)
 class BEiTConfig:
     encoder: ViTConfig = field(default_factory=ViTConfig)
     mask: MaskConfig = field(default_factory=lambda: MaskConfig("block", 0.4))  # BEiT: blockwise, 40%
-    target: str = "tokens"          # or "pixels": BEiT Table 4, "recover masked pixels" (the `pixel` loss)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)   # the stage-1 dVAE to train
     tokenizer_epochs: float = 5.0   # stage-1 passes over the training split; suites set it per profile
     tokenizer_blr: float = 1e-3     # stage-1 lr per 256 images; the rest of its schedule is the profile's
     tokenizer_seed: int = 0         # fixed, so every seed of stage 2 shares one tokenizer
     tokenizer_path: str = ""        # your own tokenizer.safetensors (methods.dvae format), not trained here
+    # `target` ("tokens" or "pixels") was removed: BEiT's "recover masked pixels" is the `pixel`
+    # method. Every run had "tokens", which stays in their identities (see late_field).
+    RETIRED_FIELDS: ClassVar[dict] = {"target": "tokens"}
 
     def validate(self) -> None:
         self.encoder.validate()
         self.mask.validate()
         self.tokenizer.validate()
-        if self.target not in TARGETS:
-            raise ConfigError(f"unknown BEiT target {self.target!r}; known: {', '.join(TARGETS)}")
         if self.tokenizer_epochs <= 0 or self.tokenizer_blr <= 0:
             raise ConfigError(f"tokenizer_epochs ({self.tokenizer_epochs}) and tokenizer_blr "
                               f"({self.tokenizer_blr}) must be > 0")
@@ -67,11 +65,6 @@ class BEiTConfig:
 class BEiT(MIMMethod):
     def __init__(self, cfg: BEiTConfig):
         super().__init__(cfg)
-        self.pixel_regression = None
-        if cfg.target == "pixels":
-            self.pixel_regression = PixelRegression(PixelConfig(encoder=cfg.encoder, mask=cfg.mask))
-            self.pixel_regression.encoder = self.encoder        # one encoder, the one that is exported
-            return
         if cfg.tokenizer_path:
             self.set_tokenizer(load_tokenizer(cfg.tokenizer_path))
         else:
@@ -79,25 +72,23 @@ class BEiT(MIMMethod):
         self.head = nn.Linear(cfg.encoder.embed_dim, self.tokenizer.vocab_size)
         init_weights(self.head)
 
-    @staticmethod
-    def prerequisites(cfg: BEiTConfig) -> dict[str, dict]:
-        """Runs to finish before this one (read by suites.runner): the stage-1 tokenizer, a `dvae`
-        run with BEiT's image geometry and the stage-1 budget; none when the user brings a
-        tokenizer or pixels are the target."""
-        if cfg.target == "pixels" or cfg.tokenizer_path:
+    @classmethod
+    def prerequisites(cls, cfg: BEiTConfig) -> dict[str, Prerequisite]:
+        """The stage-1 tokenizer: a `dvae` run with BEiT's image geometry and the stage-1
+        budget; none when the user brings a tokenizer."""
+        if cfg.tokenizer_path:
             return {}
-        return {"tokenizer": {
-            "method": DVAE.name,
-            "overrides": {"encoder": dataclasses.asdict(cfg.tokenizer_geometry()),
-                          "tokenizer": dataclasses.asdict(cfg.tokenizer)},
-            "train": {"epochs": cfg.tokenizer_epochs, "blr": cfg.tokenizer_blr},
-            "seed": cfg.tokenizer_seed,
-            "evals": ["tokenizer"],
-        }}
+        return {"tokenizer": Prerequisite(
+            method=DVAE.name,
+            overrides={"encoder": dataclasses.asdict(cfg.tokenizer_geometry()),
+                       "tokenizer": dataclasses.asdict(cfg.tokenizer)},
+            train={"epochs": cfg.tokenizer_epochs, "blr": cfg.tokenizer_blr},
+            seed=cfg.tokenizer_seed,
+            evals=("tokenizer",))}
 
-    def use_prerequisites(self, run_dirs: dict[str, Path]) -> None:
-        """Take the trained tokenizer from its run folder (called by the runner before training)."""
-        self.set_tokenizer(load_tokenizer(Path(run_dirs["tokenizer"]) / TOKENIZER_FILE))
+    def use_prerequisites(self, products: dict[str, nn.Module]) -> None:
+        """Take the trained tokenizer (called by the run layer before training)."""
+        self.set_tokenizer(products["tokenizer"])
 
     def set_tokenizer(self, tokenizer: DVAE) -> None:
         enc = self.cfg.encoder
@@ -112,8 +103,6 @@ class BEiT(MIMMethod):
         self.tokenizer = tokenizer.requires_grad_(False).eval()   # frozen: never in the optimizer
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.pixel_regression is not None:
-            return self.pixel_regression(batch)
         targets = self.tokenizer.tokenize(batch.images)                 # (B, N) visual tokens
         tokens = self.encoder(batch.images, mask=batch.mask)            # (B, 1+N, D)
         logits = self.head(tokens[:, 1:][batch.mask])                   # (M, V): masked positions only
@@ -122,8 +111,6 @@ class BEiT(MIMMethod):
     def reconstruct(self, batch: Batch) -> Tensor:
         """Images (B, C, H, W) for the run's figures: the tokenizer decodes the predicted tokens of
         the masked patches together with the true tokens of the visible ones."""
-        if self.pixel_regression is not None:
-            return self.pixel_regression.reconstruct(batch)
         tokens = self.tokenizer.tokenize(batch.images)                  # (B, N)
         logits = self.head(self.encoder(batch.images, mask=batch.mask)[:, 1:])   # (B, N, V)
         return self.tokenizer.decode(torch.where(batch.mask, logits.argmax(dim=-1), tokens))

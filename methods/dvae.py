@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.base import Batch
+from methods.base import Batch, Method
 from methods.registry import ConfigError, build_config, register_method
 from methods.vit import ViTConfig
 
@@ -134,18 +134,15 @@ class ConvDecoder(nn.Module):
 
 
 @register_method("dvae", DVAEConfig)
-class DVAE(nn.Module):
+class DVAE(Method):
     """A tokenizer trained like a method (same trainer, same run folders) but not a
-    `MIMMethod`: it has no ViT, so it defines the few members the trainer calls itself."""
+    `MIMMethod`: it has no ViT. Its run's product is itself (tokenizer.safetensors)."""
 
-    name: str = ""
-    trains = True
-    num_views = 1
+    product = "tokenizer"
 
     def __init__(self, cfg: DVAEConfig):
-        super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg)
         tok = cfg.tokenizer
         strides = resampling_strides(cfg.encoder.patch_size)
         dims = [tok.hidden_dim * 2 ** min(i, 2) for i in range(len(strides) + 1)]
@@ -159,12 +156,6 @@ class DVAE(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self.cfg.tokenizer.vocab_size
-
-    def view_specs(self, crop_scale_min: float) -> list[tuple[int, tuple[float, float]]]:
-        return [(self.cfg.encoder.img_size, (crop_scale_min, 1.0))]    # one crop at the image size
-
-    def draw_masks(self, batch_size: int, generator: torch.Generator) -> None:
-        return None
 
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.encoder(batch.images).float()                         # (B, V, g, g)
@@ -201,14 +192,6 @@ class DVAE(nn.Module):
         grid = math.isqrt(tokens.shape[1])
         codes = F.one_hot(tokens.view(-1, grid, grid), self.vocab_size).permute(0, 3, 1, 2)
         return self.decoder(codes.float())
-
-    def export_encoder(self) -> None:
-        """A tokenizer has no ViT encoder; encoder evaluations do not apply to it."""
-        return None
-
-    def save_artifacts(self, run_dir: Path) -> None:
-        """What a tokenizer run makes (instead of encoder.safetensors): tokenizer.safetensors."""
-        save_tokenizer(self, Path(run_dir) / TOKENIZER_FILE)
 
 
 def code_entropies(logits: Tensor) -> tuple[Tensor, Tensor]:

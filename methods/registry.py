@@ -97,3 +97,27 @@ def _coerce(value: Any, expected: type, where: str) -> Any:
 
 def config_to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---- run identity: fields added after runs existed -------------------------------------------
+IDENTITY_DEFAULT = "identity_default"       # the field metadata key `late_field` sets
+RETIRED_FIELDS = "RETIRED_FIELDS"           # class attribute: {removed field: the value it always had}
+
+
+def late_field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+               identity_default: Any = dataclasses.MISSING):
+    """A config field added after runs using the config existed. A run whose value equals
+    `identity_default` (the behaviour every earlier run had; by default the field's default)
+    leaves the field out of its identity, so run folders named before the field existed keep
+    their names and are not re-run. `runs.identity` reads it; every config field added from
+    now on is declared this way:
+
+        precision: str = late_field("auto")                           # earlier runs: auto
+        recipe: str = late_field("paper", identity_default="shared")  # earlier runs: shared
+    """
+    if identity_default is dataclasses.MISSING:
+        identity_default = default_factory() if default_factory is not dataclasses.MISSING else default
+    if identity_default is dataclasses.MISSING:
+        raise TypeError("late_field needs a default, a default_factory or an identity_default")
+    kwargs = {"default": default} if default_factory is dataclasses.MISSING else {"default_factory": default_factory}
+    return dataclasses.field(metadata={IDENTITY_DEFAULT: identity_default}, **kwargs)

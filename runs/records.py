@@ -35,21 +35,30 @@ class RecordError(ValueError):
 
 # ---- atomic writes -------------------------------------------------------------------------
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Open a temp file beside `path` for writing; on a clean exit it is flushed to disk and
-    renamed onto `path`, so a reader sees the old file or the new one, never half of one. On
-    an error (or a kill) the temp file is removed (or left as `.<name>.tmp<pid>`, which no
-    reader opens)."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write to (for writers that take a path: safetensors);
+    on a clean exit it is synced to disk and renamed onto `path`, so a reader sees the old
+    file or the new one, never half of one. On an error the temp file is removed; after a
+    kill it is left as `.<name>.tmp<pid>`, which no reader opens."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """`atomic_path` as an open file: `with atomic_write(p) as f: f.write(...)`."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -145,6 +154,9 @@ class RunRecord:
             if unknown:
                 raise bad(f"evals[{name!r}] has an unknown field {unknown[0]!r}")
             _check_metrics(entry.get("metrics"), bad, f"evals[{name!r}].metrics")
+            if not isinstance(entry.get("details", {}), dict) or \
+                    not isinstance(entry.get("seconds"), (int, float, type(None))):
+                raise bad(f"evals[{name!r}] has a 'details' that is not an object or 'seconds' that is not a number")
             parsed[name] = EvalRecord(**entry)
         for name, kinds in (("train", (dict, type(None))), ("provenance", dict), ("prerequisites", dict),
                             ("failed_evaluation", (dict, type(None))), ("error", (str, type(None))),
@@ -182,8 +194,9 @@ def read_record(run_dir: str | Path) -> RunRecord | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RecordError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the file is cut "
-                          f"short or damaged - delete it to re-run the run's evaluations") from None
+        raise RecordError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); the file is cut short "
+                          f"or damaged - delete it and run the suite again: it finds the run's checkpoints "
+                          f"and finished evaluations and writes the record anew") from None
     return RunRecord.from_dict(data, where=str(path))
 
 

@@ -1,6 +1,6 @@
 """How big must MAE's decoder be? Depth at the profile's width (MAE Table 1a: linear probing
 rises with depth, fine-tuning is flat) and width at depth 2 (Table 1b)."""
-from suites.runner import RunSpec
+from runs.identity import RunSpec
 
 DESCRIPTION = "MAE decoder depth and width (MAE Table 1a/1b), with the none baseline; k-NN"
 

@@ -1,19 +1,9 @@
 """Which masking? MAE's mask ratio and strategy (MAE Fig. 5, Table 1f), random vs blockwise masking for
 pixel regression (BEiT Table 4, SimMIM) and for BEiT's visual tokens (BEiT Table 4),
 against the no-pre-training baseline."""
-from suites.runner import RunSpec
+from runs.identity import RunSpec
 
 DESCRIPTION = "mask ratio (MAE) and mask strategy (pixel, BEiT), with the none baseline; k-NN"
-
-# BEiT's stage-1 tokenizer per profile: one dVAE run, trained once and shared by both BEiT cells
-# and all their seeds. smoke: a tiny codebook, seconds; imagenet: BEiT's |V| = 8192, untested here.
-BEIT_TOKENIZER = {
-    "smoke": dict(tokenizer={"vocab_size": 64, "hidden_dim": 16}, tokenizer_epochs=2.0),
-    "cpu": dict(tokenizer_epochs=2.0),
-    "gpu": dict(tokenizer={"hidden_dim": 64}, tokenizer_epochs=30.0),
-    "imagenet": dict(tokenizer={"vocab_size": 8192, "hidden_dim": 64}, tokenizer_epochs=30.0,
-                     tokenizer_blr=1e-4),
-}
 
 
 def grid(profile) -> list[RunSpec]:
@@ -30,8 +20,8 @@ def grid(profile) -> list[RunSpec]:
     # the paper's [0.1, 0.5], its code's fixed 0.3, and a higher range
     runs += [RunSpec("ibot", f"block {low}-{high}", {"mask_ratio_range": (low, high)})
              for low, high in ((0.1, 0.5), (0.3, 0.3), (0.4, 0.8))]
-    runs += [RunSpec("beit", f"{strategy} 0.4", {"mask": {"strategy": strategy, "ratio": 0.4},
-                                                 **BEIT_TOKENIZER[profile.name]})
+    # (BEiT's stage-1 tokenizer settings are the profile's: Profile.method_defaults["beit"])
+    runs += [RunSpec("beit", f"{strategy} 0.4", {"mask": {"strategy": strategy, "ratio": 0.4}})
              for strategy in ("block", "random")]
     return runs
 

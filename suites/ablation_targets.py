@@ -1,8 +1,7 @@
 """What to predict for the masked patches? BEiT's visual tokens vs raw pixels vs per-patch
 normalised pixels (BEiT Table 4, MAE Table 1d), with the masking of each paper held fixed:
 BEiT's blockwise 40% for the token-vs-pixel question, MAE's random 75% for raw-vs-normalised."""
-from suites.ablation_masking import BEIT_TOKENIZER
-from suites.runner import RunSpec
+from runs.identity import RunSpec
 
 DESCRIPTION = "prediction targets: BEiT tokens vs raw vs normalised pixels (BEiT T4, MAE T1d); k-NN"
 
@@ -12,7 +11,7 @@ BLOCK_40 = {"strategy": "block", "ratio": 0.4}
 def grid(profile) -> list[RunSpec]:
     return [
         RunSpec("none", "random init"),
-        RunSpec("beit", "tokens, block 0.4", {"mask": BLOCK_40, **BEIT_TOKENIZER[profile.name]}),
+        RunSpec("beit", "tokens, block 0.4", {"mask": BLOCK_40}),
         RunSpec("pixel", "raw pixels, block 0.4", {"mask": BLOCK_40, "norm_pix_loss": False}),
         RunSpec("pixel", "norm. pixels, block 0.4", {"mask": BLOCK_40, "norm_pix_loss": True}),
         RunSpec("mae", "raw pixels, random 0.75", {"norm_pix_loss": False}),

@@ -9,9 +9,8 @@ papers' default masking, every evaluation, against the no-pre-training baseline,
 """
 from __future__ import annotations
 
-from suites.ablation_masking import BEIT_TOKENIZER
-from suites.cost import flops_per_image
-from suites.runner import RunSpec, resolve
+from runs.cost import flops_per_image
+from runs.identity import RunSpec, resolve
 
 DESCRIPTION = "MAE vs pixel vs BEiT vs iBOT at paper defaults, matched in epochs and in FLOPs; all evaluations"
 
@@ -20,7 +19,8 @@ REFERENCE = "mae"    # its epochs-matched run sets the FLOPs budget
 
 
 def paper_defaults(profile) -> dict[str, dict]:
-    return {"mae": {}, "pixel": {}, "beit": dict(BEIT_TOKENIZER[profile.name]), "ibot": {}}
+    """Each method at its config's defaults (and the profile's method_defaults)."""
+    return {"mae": {}, "pixel": {}, "beit": {}, "ibot": {}}
 
 
 def grid(profile) -> list[RunSpec]:
@@ -41,4 +41,4 @@ def grid(profile) -> list[RunSpec]:
 
 def _cell_flops_per_image(spec: RunSpec, profile) -> float:
     config = resolve(spec, profile, seed=0, data={"name": "synthetic", "img_size": profile.encoder["img_size"]})
-    return flops_per_image(config["method"], config["method_config"])
+    return flops_per_image(config.method, config.method_config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.trainer import TrainConfig
+from eval.registry import get_evaluation
 from eval.finetune import FinetuneConfig
 from eval.knn import KNNConfig
 from eval.linear import LinearConfig
@@ -37,13 +38,25 @@ class Profile:
     knn: KNNConfig = field(default_factory=KNNConfig)
     eval_budget: EvalBudget = field(default_factory=EvalBudget)
     feature_batch: int = 1024
-    method_defaults: dict = field(default_factory=dict)   # per-method overrides at this scale
+    # per-method config overrides at this scale, e.g. {"mae": {"decoder_dim": 128}}: the one place
+    # for them (a method a profile does not name runs at its config's defaults)
+    method_defaults: dict = field(default_factory=dict)
     # Sustained training FLOP/s assumed by the cost estimate of `--dry-run`. The CPU figure
     # is what a nano MAE step reaches on the 2-core development machine (~100 GFLOP/s,
     # ~55% of its measured fp32 matmul peak); the GPU ones assume ~40% of bf16 peak.
     flops_per_second: float = 100e9
 
+    def eval_config(self, name: str):
+        """The config of evaluation `name` at this profile's budget; a registered evaluation
+        the profile does not budget runs at its config class's defaults."""
+        if name == "knn":
+            return self.knn
+        budgeted = getattr(self.eval_budget, name, None)
+        return budgeted if budgeted is not None else get_evaluation(name).config_cls()
 
+
+# BEiT's stage-1 tokenizer at each profile: one dVAE run, trained once and shared by every BEiT
+# cell and seed. smoke: a tiny codebook, seconds; imagenet: BEiT's |V| = 8192, untested here.
 PROFILES = {
     "smoke": Profile(
         name="smoke", data="synthetic",
@@ -51,7 +64,8 @@ PROFILES = {
         train=TrainConfig(epochs=2, batch_size=64, blr=1e-3, warmup_frac=0.1, checkpoint_every=8,
                           log_every=4),
         seeds=1, feature_batch=256,
-        method_defaults={"mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)},
+        method_defaults={"mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
+                         "beit": dict(tokenizer={"vocab_size": 64, "hidden_dim": 16}, tokenizer_epochs=2.0)},
         # every code path once, in seconds; CamVid (real) at a toy size
         eval_budget=EvalBudget(
             linear=LinearConfig(epochs=5, batch_size=128),
@@ -72,7 +86,8 @@ PROFILES = {
         # small inference batches stay in cache: nano features at batch 64 ran 1.5x faster than
         # at 1024 (one thread, measured in one process)
         feature_batch=64,
-        method_defaults={"mae": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4)},
+        method_defaults={"mae": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
+                         "beit": dict(tokenizer_epochs=2.0)},
         eval_budget=EvalBudget(
             linear=LinearConfig(),      # 30 epochs on cached features: seconds
             # Two epochs (~8 min on an idle 2-core machine): a short schedule on a small model
@@ -95,7 +110,8 @@ PROFILES = {
         train=TrainConfig(epochs=100, batch_size=512, blr=1e-3, warmup_frac=0.05, clip_grad=0.0,
                           checkpoint_every=500),
         seeds=3, feature_batch=4096,
-        method_defaults={"mae": dict(decoder_dim=192, decoder_depth=4, decoder_heads=6)},
+        method_defaults={"mae": dict(decoder_dim=192, decoder_depth=4, decoder_heads=6),
+                         "beit": dict(tokenizer={"hidden_dim": 64}, tokenizer_epochs=30.0)},
         eval_budget=EvalBudget(
             linear=LinearConfig(batch_size=4096, epochs=90),
             # the BEiT/MAE recipe on CIFAR-10: 100 epochs, mixup/cutmix, RandAugment, layer decay
@@ -114,7 +130,9 @@ PROFILES = {
                           checkpoint_every=1000, compile=True),
         seeds=1, feature_batch=512,
         method_defaults={"mae": dict(decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                                     encoder=dict(drop_path=0.0))},
+                                     encoder=dict(drop_path=0.0)),
+                         "beit": dict(tokenizer={"vocab_size": 8192, "hidden_dim": 64}, tokenizer_epochs=30.0,
+                                      tokenizer_blr=1e-4)},
         # the papers' protocols: MAE's linear probe (90 epochs, batch 16384), BEiT/MAE
         # fine-tuning and UperNet on ADE20K (the EvalBudget defaults)
         eval_budget=EvalBudget(linear=LinearConfig(epochs=90, batch_size=16384)),

@@ -26,16 +26,16 @@ from pathlib import Path
 
 from engine import distributed
 from engine.data import DataError
-from engine.records import read_json, write_json
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, summarize
-from suites import slurm
-from suites.cost import estimate_seconds
+from runs import slurm
+from runs.cost import estimate_seconds
+from runs.execute import RunSkipped, check_inputs, execute, read_result, stale_evaluations
+from runs.identity import Run, data_descriptor, resolve
+from runs.records import read_json, write_json
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
-from suites.runner import (RunSkipped, data_descriptor, execute, read_result, resolve, run_dir_for,
-                           stale_evaluations)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,29 +102,30 @@ def slurm_options(args: argparse.Namespace) -> slurm.SlurmOptions | None:
 
 
 def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
-         data: str | None) -> list[tuple]:
-    """[(spec, seed, config)] for every run of the suite that `only` keeps (all without it),
-    in grid order."""
-    grid = plan_grid(suite_name, profile_name, seeds, data)
+         data: str | None, check_data: bool = True) -> list[Run]:
+    """Every run of the suite that `only` keeps (all without it), in grid order."""
+    grid = plan_grid(suite_name, profile_name, seeds, data, check_data)
     return keep_only(grid, only, suite_name) if only else grid
 
 
-def plan_grid(suite_name: str, profile_name: str, seeds: int | None, data: str | None) -> list[tuple]:
-    """[(spec, seed, config)] for every run of the suite's whole grid."""
+def plan_grid(suite_name: str, profile_name: str, seeds: int | None, data: str | None,
+              check_data: bool = True) -> list[Run]:
+    """Every run of the suite's whole grid. `check_data=False` (--dry-run) names the runs
+    without looking at the data folder."""
     suite = get_suite(suite_name)
     profile = get_profile(profile_name)
     seeds = profile.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    descriptor = data_descriptor(profile, data)
-    return [(spec, seed, resolve(spec, profile, seed, descriptor))
+    descriptor = data_descriptor(profile, data, check=check_data)
+    return [Run(spec, seed, resolve(spec, profile, seed, descriptor))
             for spec in suite.grid(profile) for seed in range(seeds)]
 
 
-def keep_only(grid: list[tuple], only: str, suite_name: str) -> list[tuple]:
+def keep_only(grid: list[Run], only: str, suite_name: str) -> list[Run]:
     """The runs of `grid` whose cells `--only` keeps."""
-    kept = select([spec for spec, seed, _ in grid if seed == 0], only, suite_name)
-    return [run for run in grid if run[0] in kept]
+    kept = select([run.spec for run in grid if run.seed == 0], only, suite_name)
+    return [run for run in grid if run.spec in kept]
 
 
 def select(specs: list, only: str, suite_name: str) -> list:
@@ -175,23 +176,23 @@ def run_state(run_dir: Path, spec, profile) -> str:
     record = read_result(run_dir)
     if record is None:
         return "to run"
-    if record["status"] != "done":
-        return record["status"]
+    if not record.done:
+        return record.status
     stale = stale_evaluations(record, spec.evals, profile)
     return "to evaluate: " + ", ".join(stale) if stale else "done"
 
 
-def print_plan(suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
+def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Path) -> None:
     profile = get_profile(profile_name)
     total = left = 0.0
     print(f"suite {suite_name}, profile {profile_name}: {len(runs)} runs")
-    for spec, seed, config in runs:
-        seconds = estimate_seconds(config, profile)
-        state = run_state(run_dir_for(outputs, config), spec, profile)
+    for run in runs:
+        seconds = estimate_seconds(run.config, profile)
+        state = run_state(run.config.folder(outputs), run.spec, profile)
         total += seconds
         left += seconds if state in ("to run", "failed") else 0.0     # pre-training still to do
-        print(f"  {spec.method:6s} {spec.setting:22s} seed {seed}  ~{seconds / 60:7.1f} min  "
-              f"{run_dir_for(outputs, config).name}  [{state}]")
+        print(f"  {run.spec.method:6s} {run.spec.setting:22s} seed {run.seed}  ~{seconds / 60:7.1f} min  "
+              f"{run.name}  [{state}]")
     print(f"estimated pre-training: {left / 3600:.2f} h left of {total / 3600:.2f} h for these runs "
           f"at {profile.flops_per_second / 1e9:.0f} GFLOP/s (plus a minute or two of evaluation per run; "
           f"fine-tuning and segmentation take longer)")
@@ -215,8 +216,8 @@ def list_suites(cost_profile: str) -> None:
                         "img_size": profile.encoder["img_size"]}
                 total = 0.0
                 for spec in specs:
-                    config = resolve(spec, profile, 0, data, check_inputs=False)
-                    key = json.dumps(config, sort_keys=True)
+                    config = resolve(spec, profile, 0, data)
+                    key = json.dumps(config.to_dict(), sort_keys=True)
                     if key not in costs:
                         costs[key] = estimate_seconds(config, profile)
                     total += costs[key] * profile.seeds
@@ -230,27 +231,27 @@ def format_hours(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
-def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[tuple], outputs: Path) -> None:
+def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[Run], outputs: Path) -> None:
     """runs.json: the suite's runs with their grid settings, as the table reads them. Finished
     runs of the same cells at other seeds, listed by an earlier command (e.g. `--seeds 3` before
     `--seeds 2`), stay listed: a table never loses a finished seed to a smaller --seeds."""
     suite_dir.mkdir(parents=True, exist_ok=True)
-    entries = [{"method": spec.method, "setting": spec.setting, "seed": seed,
-                "params": flatten(spec.overrides), "evals": list(spec.evals),
-                "run_dir": str(RUNS_FROM_INDEX / run_dir_for(outputs, c).name)}
-               for spec, seed, c in runs]
+    entries = [{"method": run.spec.method, "setting": run.spec.setting, "seed": run.seed,
+                "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
+                "run_dir": str(RUNS_FROM_INDEX / run.name)}
+               for run in runs]
     kept, dropped = earlier_finished_runs(suite_dir, runs)
     if kept:
         print(f"runs.json also lists {len(kept)} finished run(s) of other seeds from earlier commands")
     if dropped:
         print(f"runs.json no longer lists {dropped} finished run(s) of an earlier command (another "
               f"--data or grid); their folders stay in {outputs}/runs")
-    order = {(spec.method, spec.setting): i for i, (spec, _, _) in enumerate(runs)}
+    order = {(run.spec.method, run.spec.setting): i for i, run in enumerate(runs)}
     entries = sorted(entries + kept, key=lambda e: (order[(e["method"], e["setting"])], e["seed"]))
     write_json(suite_dir / "runs.json", {"suite": suite_name, "profile": profile_name, "runs": entries})
 
 
-def earlier_finished_runs(suite_dir: Path, runs: list[tuple]) -> tuple[list[dict], int]:
+def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict], int]:
     """Entries of the existing runs.json to keep (finished, same cell and config but another
     seed) and how many finished ones are dropped (another config, e.g. other --data)."""
     index_file = suite_dir / "runs.json"
@@ -260,15 +261,15 @@ def earlier_finished_runs(suite_dir: Path, runs: list[tuple]) -> tuple[list[dict
     def unseeded(config: dict) -> str:
         return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
 
-    cells = {(spec.method, spec.setting): unseeded(c) for spec, _, c in runs}
-    listed = {(spec.method, spec.setting, seed) for spec, seed, _ in runs}
+    cells = {(run.spec.method, run.spec.setting): unseeded(run.config.to_dict()) for run in runs}
+    listed = {(run.spec.method, run.spec.setting, run.seed) for run in runs}
     kept, dropped = [], 0
     for entry in read_json(index_file)["runs"]:
         run_dir = suite_dir / entry["run_dir"]
         if (entry["method"], entry["setting"], entry["seed"]) in listed:
             continue
         record = read_result(run_dir)
-        if record is None or record["status"] != "done" or not (run_dir / "config.json").exists():
+        if record is None or not record.done or not (run_dir / "config.json").exists():
             continue
         if cells.get((entry["method"], entry["setting"])) == unseeded(read_json(run_dir / "config.json")):
             kept.append(entry)
@@ -297,7 +298,7 @@ def table_command(args: argparse.Namespace) -> str:
 
 
 def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs: list[slurm.PlannedJob],
-                    runs: list[tuple], grid: list[tuple], outputs: Path, suite_dir: Path) -> int:
+                    runs: list[Run], grid: list[Run], outputs: Path, suite_dir: Path) -> int:
     if jobs:
         slurm.cluster()   # no sbatch here: say so before writing anything
     write_index(suite_dir, args.suite, args.profile, grid, outputs)
@@ -340,9 +341,14 @@ def main(argv=None) -> int:
     outputs = Path(args.outputs)
     # the suite's index (and so its table) lists the whole grid, whatever --only picked to run:
     # processes running different cells side by side then write the same index
-    grid = plan_grid(args.suite, args.profile, args.seeds, args.data)
+    grid = plan_grid(args.suite, args.profile, args.seeds, args.data, check_data=not args.dry_run)
     runs = keep_only(grid, args.only, args.suite) if args.only else grid
     options = slurm_options(args)
+    profile = get_profile(args.profile)
+    if not args.dry_run:
+        check_outputs(outputs)
+        if not args.table_only:
+            check_inputs(runs, profile)       # e.g. CamVid for segmentation: before any training
     jobs = slurm.plan_jobs(runs, get_profile(args.profile), outputs, args.device, not args.no_progress,
                            "skip" if args.skip_bad_images else "error") if options else []
     suite_dir = outputs / "suites" / args.suite / args.profile
@@ -360,17 +366,16 @@ def main(argv=None) -> int:
         return submit_to_slurm(args, options, jobs, runs, grid, outputs, suite_dir)
     distributed.init_from_env()       # under torchrun: join the process group
     device = distributed.default_device(args.device)
-    profile = get_profile(args.profile)
     if distributed.is_main():
         write_index(suite_dir, args.suite, args.profile, grid, outputs)
 
     failed, skipped, started = [], [], time.time()
-    for i, (spec, seed, config) in enumerate(runs, 1):
-        name = run_dir_for(outputs, config).name
+    for i, run in enumerate(runs, 1):
+        name = run.name
         if distributed.is_main():
-            print(f"[{i}/{len(runs)}] {spec.method} {spec.setting} seed {seed} -> {name}", flush=True)
+            print(f"[{i}/{len(runs)}] {run.spec.method} {run.spec.setting} seed {run.seed} -> {name}", flush=True)
         try:
-            execute(config, spec, profile, outputs, device=device, progress=not args.no_progress,
+            execute(run, profile, outputs, device=device, progress=not args.no_progress,
                     on_bad_image="skip" if args.skip_bad_images else "error")
         except RunSkipped as err:
             skipped.append(name)
@@ -394,6 +399,18 @@ def main(argv=None) -> int:
         print(f"{len(failed)} run(s) FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_outputs(outputs: Path) -> None:
+    """--outputs can be created and written (before any work: a run must not end unsaved)."""
+    probe = outputs / f".write-test-{os.getpid()}"
+    try:
+        outputs.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--outputs {outputs} cannot be created or written ({err.strerror or err}); "
+                          f"pass a folder you can write to, e.g. --outputs outputs") from None
 
 
 def cli(argv=None) -> int:

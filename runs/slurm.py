@@ -5,7 +5,7 @@
 
 One job per run that is not done. A job has one task per GPU; the tasks join one DDP
 process group (submitit's TorchDistributedEnvironment exports the variables torchrun would,
-which `engine.distributed.init_from_env` reads) and call `runner.execute` for the run, so a
+which `engine.distributed.init_from_env` reads) and call `runs.execute.execute` for the run, so a
 job writes the same run folder a local run does: the same command without `--slurm` then
 finds every run done and only writes the table.
 
@@ -38,8 +38,8 @@ from filelock import FileLock, Timeout
 
 from engine import distributed
 from methods.registry import ConfigError
-from suites.profiles import Profile
-from suites.runner import RunSpec, execute, is_done, run_dir_for, run_prerequisites
+from runs.execute import execute, is_done, run_prerequisites
+from runs.identity import Run
 
 CLUSTER_ENV = "MIMBENCH_SUBMITIT_CLUSTER"
 # How often submitit requeues a job that hit its time limit before giving up (preemptions do
@@ -96,9 +96,9 @@ def parse_extra(pairs: list[str]) -> dict:
 class RunJob(submitit.helpers.Checkpointable):
     """What one job does: finish one run of the plan, or (prerequisites_only) the runs it requires."""
 
-    def __init__(self, config: dict, spec: RunSpec, profile: Profile, outputs: Path, device: str | None,
+    def __init__(self, run: Run, profile, outputs: Path, device: str | None,
                  progress: bool, on_bad_image: str, prerequisites_only: bool = False):
-        self.config, self.spec, self.profile = config, spec, profile
+        self.run, self.profile = run, profile
         self.outputs = Path(outputs).resolve()    # the job may start in another directory
         self.device, self.progress, self.on_bad_image = device, progress, on_bad_image
         self.prerequisites_only = prerequisites_only
@@ -106,17 +106,17 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         device = join_process_group(self.device)
         if self.prerequisites_only:
-            dirs = run_prerequisites(self.config, self.profile, self.outputs, device, self.progress,
-                                     self.on_bad_image)
-            return f"done: {', '.join(d.name for d in dirs.values())}"
-        run_dir = run_dir_for(self.outputs, self.config)
+            run_prerequisites(self.run.config, self.profile, self.outputs, device, self.progress,
+                              self.on_bad_image)
+            return f"done: {', '.join(need.config.name for need in self.run.config.requires.values())}"
+        run_dir = self.run.config.folder(self.outputs)
         if held_elsewhere(run_dir):
             message = f"{run_dir.name} is running in another process (submitted twice?); nothing to do here"
             print(message, flush=True)
             return message
-        result = execute(self.config, self.spec, self.profile, self.outputs, device=device,
+        record = execute(self.run, self.profile, self.outputs, device=device,
                          progress=self.progress, on_bad_image=self.on_bad_image)
-        status = result.get("status", "done")    # ranks > 0 get no record back: rank 0 alone writes it
+        status = record.status if record else "done"   # ranks > 0 get no record back: rank 0 alone writes it
         return f"{run_dir.name}: {status} (rank {distributed.rank()} of {distributed.world_size()})"
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
@@ -142,7 +142,7 @@ def held_elsewhere(run_dir: Path) -> bool:
     held = False
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(run_dir / ".lock"))    # the lock `runner.execute` takes
+        lock = FileLock(str(run_dir / ".lock"))    # the lock `runs.execute.execute` takes
         try:
             lock.acquire(timeout=0)
             lock.release()
@@ -159,31 +159,29 @@ class PlannedJob:
     after: int | None      # index of the planned job it must wait for
 
 
-def plan_jobs(runs: list[tuple], profile: Profile, outputs: Path, device: str | None, progress: bool,
+def plan_jobs(runs: list[Run], profile, outputs: Path, device: str | None, progress: bool,
               on_bad_image: str) -> list[PlannedJob]:
     """One job per run of `runs` not done, each run's unfinished prerequisites in one job before it."""
     jobs: list[PlannedJob] = []
-    prerequisite_job: dict[str, int] = {}      # config["requires"] as JSON -> index of its job
-    for spec, seed, config in runs:
-        if is_done(run_dir_for(outputs, config), spec.evals, profile):
+    prerequisite_job: dict[str, int] = {}      # the required runs' names -> index of their job
+    for run in runs:
+        if is_done(run.config.folder(outputs), run.spec.evals, profile):
             continue
         after = None
-        needs = config.get("requires", {})
-        unfinished = [run_dir_for(outputs, need["config"]) for need in needs.values()
-                      if not is_done(run_dir_for(outputs, need["config"]), tuple(need["evals"]))]
+        unfinished = [need.config.folder(outputs) for need in run.config.requires.values()
+                      if not is_done(need.config.folder(outputs), need.evals)]
         if unfinished:
-            key = json.dumps(needs, sort_keys=True)
+            key = json.dumps(sorted(need.config.name for need in run.config.requires.values()))
             if key not in prerequisite_job:
                 prerequisite_job[key] = len(jobs)
                 jobs.append(PlannedJob(
-                    f"prerequisites of {spec.method} {spec.setting} seed {seed}: "
+                    f"prerequisites of {run.spec.method} {run.spec.setting} seed {run.seed}: "
                     f"{', '.join(d.name for d in unfinished)}", unfinished[0],
-                    RunJob(config, spec, profile, outputs, device, progress, on_bad_image,
-                           prerequisites_only=True), None))
+                    RunJob(run, profile, outputs, device, progress, on_bad_image, prerequisites_only=True), None))
             after = prerequisite_job[key]
-        run_dir = run_dir_for(outputs, config)
-        jobs.append(PlannedJob(f"{spec.method} {spec.setting} seed {seed} -> {run_dir.name}", run_dir,
-                               RunJob(config, spec, profile, outputs, device, progress, on_bad_image), after))
+        run_dir = run.config.folder(outputs)
+        jobs.append(PlannedJob(f"{run.spec.method} {run.spec.setting} seed {run.seed} -> {run_dir.name}", run_dir,
+                               RunJob(run, profile, outputs, device, progress, on_bad_image), after))
     return jobs
 
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from engine.data import ImageSet, normalize  # noqa: E402
+from engine.data import ImageSet, denormalize, normalize  # noqa: E402
 from methods.base import Batch, MIMMethod  # noqa: E402
 from methods.vit import patchify, unpatchify  # noqa: E402
 
@@ -30,9 +30,7 @@ def fixed_images(test: ImageSet) -> torch.Tensor:
 
 def to_display(images: torch.Tensor) -> torch.Tensor:
     """Normalised (B, 3, H, W) -> (B, H, W, 3) in [0, 1]."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+    return denormalize(images.cpu()).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 @torch.no_grad()

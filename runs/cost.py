@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 
 from engine.data import list_images
-from engine.trainer import TrainConfig, total_steps, train_flops
-from methods import build_method
+from engine.trainer import total_steps, train_flops
+from methods import registry
 from methods.base import Batch
+from runs.identity import RunConfig, config_from_record
 
 TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}   # without a folder to count
 
 
 @lru_cache(maxsize=64)
 def _flops_per_image(method: str, method_config_json: str) -> float:
-    model = build_method(method, **json.loads(method_config_json))
+    model = registry[method][0](config_from_record(method, json.loads(method_config_json)))
     enc = model.cfg.encoder
     views = [torch.randn(2, enc.in_chans, size, size) for size, _ in model.view_specs(0.2)]
     mask = model.draw_masks(2, torch.Generator().manual_seed(0))
@@ -27,14 +28,18 @@ def _flops_per_image(method: str, method_config_json: str) -> float:
 
 
 def flops_per_image(method: str, method_config: dict) -> float:
-    """Training FLOPs (forward + backward) per image of one step of `method`."""
+    """Training FLOPs (forward + backward) per image of one step of `method`, given the
+    identity record of its config (RunConfig.method_config)."""
     return _flops_per_image(method, json.dumps(method_config, sort_keys=True))
 
 
-def images_seen(config: dict) -> int:
-    train = TrainConfig(**config["train"])
-    data = config["data"]
-    num_train = count_train_images(data["path"]) if "path" in data else TRAIN_IMAGES[data["name"]]
+def images_seen(config: RunConfig) -> int:
+    train = config.train_config()
+    data = config.data
+    if "path" in data and (Path(data["path"]) / "train").is_dir():
+        num_train = count_train_images(data["path"])
+    else:   # not there (a --dry-run elsewhere): the known size of the named dataset, else ImageNet's
+        num_train = TRAIN_IMAGES.get(data["name"], TRAIN_IMAGES["imagenet"])
     return total_steps(train.epochs, num_train, train.batch_size) * train.batch_size
 
 
@@ -43,13 +48,13 @@ def count_train_images(root: str) -> int:
     return len(list_images(Path(root) / "train")[1])
 
 
-def pretrain_flops(config: dict) -> float:
+def pretrain_flops(config: RunConfig) -> float:
     """FLOPs of a resolved run's whole pre-training (0 for methods that do not train)."""
-    if config["train"] is None:
+    if config.train is None:
         return 0.0
-    return flops_per_image(config["method"], config["method_config"]) * images_seen(config)
+    return flops_per_image(config.method, config.method_config) * images_seen(config)
 
 
-def estimate_seconds(config: dict, profile) -> float:
+def estimate_seconds(config: RunConfig, profile) -> float:
     """Pre-training wall time at the profile's assumed sustained FLOP/s."""
     return pretrain_flops(config) / profile.flops_per_second

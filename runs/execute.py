@@ -1,0 +1,293 @@
+"""Execute one run: its prerequisites, pre-training (resuming), its product, its evaluations, its
+record. A run is a folder `outputs/runs/<method>-<hash>` (`runs.identity`):
+
+    config.json          the resolved config (RunConfig.to_dict)
+    metrics.jsonl, tb/   per-step loss / lr / monitors (and TensorBoard event files)
+    checkpoints/         the last two checkpoints (atomic)
+    encoder.safetensors  the exported encoder, timm key names (tokenizer runs: tokenizer.safetensors)
+    figures/             reconstructions and attention maps
+    features/            cached frozen features per split
+    evals/<name>-<hash>/ an evaluation's working files (checkpoints) and, once finished, its record
+    result.json          the run record (runs.records.RunRecord)
+
+Prerequisites (BEiT's tokenizer) are declared by the method (`Method.prerequisites`); they run
+first, like any run and content-addressed, so every run asking for the same one shares a single
+folder; their products are loaded here and handed to `method.use_prerequisites`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from engine import distributed
+from engine.data import Splits, load_splits, synthetic_splits
+from engine.trainer import Preempted, Trainer
+from eval.registry import EvalContext, get_evaluation
+from methods import registry
+from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from methods.registry import ConfigError
+from methods.vit import load_encoder, save_encoder
+from runs.figures import write_figures
+from runs.identity import Run, RunConfig, RunSpec
+from runs.records import (EvalRecord, RecordError, RunRecord, atomic_path, config_hash, read_json,
+                          read_record, write_json, write_record)
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+class RunSkipped(Exception):
+    """Another process holds this run's lock."""
+
+
+@lru_cache(maxsize=4)
+def load_data(data_json: str, on_bad_image: str = "error", progress: bool = True) -> Splits:
+    data = json.loads(data_json)
+    if data["name"] == "synthetic":
+        return synthetic_splits(img_size=data["img_size"])
+    return load_splits(data["path"], data["img_size"], on_bad_image=on_bad_image, progress=progress)
+
+
+def source_commit() -> str | None:
+    """The git commit of the code this process runs, with "+dirty" for uncommitted changes
+    to tracked files; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=5).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return (commit + "+dirty" if git("status", "--porcelain", "--untracked-files=no") else commit) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# read when the code is loaded, not when a record is written hours later (the checkout may
+# have moved on meanwhile)
+SOURCE_COMMIT = source_commit()
+
+
+def provenance() -> dict:
+    import timm
+
+    return {"git_commit": SOURCE_COMMIT, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+# ---- state of a run folder -----------------------------------------------------------------
+def read_result(run_dir: Path) -> RunRecord | None:
+    """The folder's record; a newer schema or a damaged file is a ConfigError (one line)."""
+    try:
+        return read_record(run_dir)
+    except RecordError as err:
+        raise ConfigError(f"{err}; or use another --outputs folder") from None
+
+
+def stale_evaluations(record: RunRecord, evals: tuple[str, ...], profile=None) -> list[str]:
+    """The evaluations in `evals` that a finished run's record lacks (or, given a profile, holds
+    at another config than the profile's)."""
+    return [name for name in evals if name not in record.evals or (
+        profile is not None and not is_current(record.evals[name], name, profile))]
+
+
+def is_current(record: EvalRecord | None, name: str, profile) -> bool:
+    """Whether a recorded evaluation was produced with this profile's config of it."""
+    return record is not None and record.config == json.loads(json.dumps(eval_config_dict(name, profile)))
+
+
+def eval_config_dict(name: str, profile) -> dict:
+    return dataclasses.asdict(profile.eval_config(name))
+
+
+def is_done(run_dir: Path, evals: tuple[str, ...], profile=None) -> bool:
+    """Finished with every evaluation in `evals` (and, given a profile, each at its budget)."""
+    record = read_result(run_dir)
+    return record is not None and record.done and not stale_evaluations(record, evals, profile)
+
+
+def check_inputs(runs: list[Run], profile) -> None:
+    """Fail before any training when an evaluation's inputs are missing (segmentation data)."""
+    for name in sorted({name for run in runs for name in run.spec.evals}):
+        evaluation = get_evaluation(name)
+        if evaluation.check_inputs is not None:
+            evaluation.check_inputs(profile.eval_config(name))
+
+
+# ---- products ------------------------------------------------------------------------------
+def save_product(method, run_dir: Path) -> None:
+    """What a finished pre-training leaves for its evaluations (and for runs needing it)."""
+    if method.product == "tokenizer":
+        save_tokenizer(method, run_dir / TOKENIZER_FILE)
+    else:
+        with atomic_path(run_dir / ENCODER_FILE) as tmp:
+            save_encoder(method.export_encoder(), tmp)
+
+
+def load_product(run_dir: Path, product: str):
+    """The saved product of a finished run, as evaluations take it."""
+    if product == "tokenizer":
+        return load_tokenizer(run_dir / TOKENIZER_FILE)
+    return load_encoder(run_dir / ENCODER_FILE)
+
+
+# ---- executing -----------------------------------------------------------------------------
+def execute(run: Run, profile, outputs: Path, device: str = "cpu", progress: bool = True,
+            on_bad_image: str = "error") -> RunRecord | None:
+    """Run (or resume, or skip) one run; its record (None on ranks > 0). A failure is recorded
+    in result.json (status, error, traceback) and re-raised."""
+    run_dir = run.config.folder(outputs)
+    distributed.barrier()  # under torchrun: rank 0 has finished writing the previous run
+    if not distributed.is_main():
+        # other ranks only take part in pre-training; rank 0 owns the lock, records and evaluations
+        if not is_done(run_dir, run.spec.evals, profile):
+            train_and_evaluate(run, profile, run_dir, device, False, on_bad_image)
+        distributed.barrier()
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
+    try:
+        return _execute_locked(run, profile, run_dir, device, progress, on_bad_image)
+    finally:
+        lock.release()
+        distributed.barrier()
+
+
+def _execute_locked(run: Run, profile, run_dir: Path, device: str, progress: bool,
+                    on_bad_image: str) -> RunRecord:
+    if is_done(run_dir, run.spec.evals, profile):
+        return read_result(run_dir)
+    config = run.config.to_dict()
+    if (run_dir / "config.json").exists():
+        if read_json(run_dir / "config.json") != json.loads(json.dumps(config)):
+            raise ConfigError(f"{run_dir}/config.json differs from this run's config; "
+                              f"move the folder away or use another --outputs")
+    else:
+        write_json(run_dir / "config.json", config)
+    started = time.time()
+    try:
+        record = train_and_evaluate(run, profile, run_dir, device, progress, on_bad_image)
+    except Preempted:
+        raise  # not a failure: the checkpoint is written, the same command resumes
+    except Exception as err:
+        failure = {"error": f"{err.__class__.__name__}: {err}", "traceback": traceback.format_exc()}
+        previous = read_result(run_dir)
+        if previous is not None and previous.done:
+            # pre-training (and the evaluations before this one) finished: keep them, for this
+            # suite's rerun and for every other suite sharing the run
+            write_record(run_dir, dataclasses.replace(previous, failed_evaluation=failure))
+        else:
+            write_record(run_dir, RunRecord(status="failed", method=run.config.method, seed=run.config.seed,
+                                            config_hash=run.config.hash, provenance=provenance(), **failure))
+        raise
+    record = dataclasses.replace(record, wall_seconds=time.time() - started)
+    write_record(run_dir, record)
+    return record
+
+
+def train_and_evaluate(run: Run, profile, run_dir: Path, device: str, progress: bool,
+                       on_bad_image: str) -> RunRecord | None:
+    config = run.config
+    splits = load_data(json.dumps(config.data, sort_keys=True), on_bad_image, progress)
+    torch.manual_seed(config.seed)            # the encoder's initial weights
+    method = config.build_method()
+    previous = read_result(run_dir)
+    train_stats = previous.train if previous is not None and previous.done else None
+    evals = dict(previous.evals) if previous is not None else {}
+    outputs = run_dir.parent.parent
+
+    def record_progress() -> RunRecord:
+        """result.json after pre-training and after each evaluation: a later failure or stop keeps them."""
+        record = done_record(config, evals, train_stats, outputs)
+        write_record(run_dir, record)
+        return record
+
+    if train_stats is None:
+        if config.requires:
+            method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress, on_bad_image))
+        trainer = Trainer(method, splits.train.images, config.train_config() or profile.train, run_dir,
+                          seed=config.seed, config_hash=config.hash, device=device, progress=progress)
+        train_stats = trainer.fit()
+        if not distributed.is_main():
+            return None
+        save_product(method, run_dir)
+        if method.product == "encoder":
+            write_figures(method, splits.test, run_dir, device=device)
+        record_progress()
+    product = load_product(run_dir, method.product)   # evaluated as saved (iBOT: its teacher)
+
+    for name in run.spec.evals:
+        if not is_current(evals.get(name), name, profile):
+            evals[name] = evaluate(name, product, splits, profile, run_dir, config.seed, device, progress)
+            record_progress()
+    return done_record(config, evals, train_stats, outputs)
+
+
+def evaluate(name: str, product, splits: Splits, profile, run_dir: Path, seed: int, device: str,
+             progress: bool) -> EvalRecord:
+    """One evaluation of a run's product at the profile's config of it. Its record is kept in
+    its work folder too, so a run stopped during a later evaluation keeps the finished ones."""
+    evaluation = get_evaluation(name)
+    cfg = profile.eval_config(name)
+    config = eval_config_dict(name, profile)
+    work_dir = Path(run_dir) / "evals" / f"{name}-{config_hash(config)}"
+    cached = read_eval_cache(work_dir)
+    if cached is not None:                      # finished before the run was stopped
+        return cached
+    started = time.time()
+    ctx = EvalContext(work_dir=work_dir, features_dir=Path(run_dir) / "features", seed=seed, device=device,
+                      progress=progress, feature_batch=profile.feature_batch)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluation.run(product, splits, cfg, ctx)
+    record = EvalRecord(config=json.loads(json.dumps(config)), metrics=result.metrics, details=result.details,
+                        seconds=time.time() - started)
+    write_json(work_dir / "result.json", dataclasses.asdict(record))
+    return record
+
+
+def read_eval_cache(work_dir: Path) -> EvalRecord | None:
+    """An evaluation's finished record in its work folder; None when absent or damaged (it then
+    runs again, from its checkpoints)."""
+    try:
+        return EvalRecord(**read_json(work_dir / "result.json"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def done_record(config: RunConfig, evals: dict[str, EvalRecord], train_stats: dict, outputs: Path) -> RunRecord:
+    """The record of a run whose pre-training finished, with the evaluations done so far."""
+    metrics = {name: value for e in evals.values() for name, value in e.metrics.items()}
+    for key in ("images_per_second", "flops_total"):
+        if train_stats.get(key) is not None:
+            metrics[f"pretrain_{key}"] = train_stats[key]
+    return RunRecord(status="done", method=config.method, seed=config.seed, config_hash=config.hash,
+                     metrics=metrics, evals=evals, train=train_stats, provenance=provenance(),
+                     prerequisites={role: need.config.name for role, need in config.requires.items()})
+
+
+def run_prerequisites(config: RunConfig, profile, outputs: Path, device: str, progress: bool,
+                      on_bad_image: str) -> dict:
+    """Finish the runs `config` requires (or find them finished); their products by role."""
+    products = {}
+    for role, need in config.requires.items():
+        run = Run(RunSpec(need.config.method, role, evals=need.evals), need.config.seed, need.config)
+        run_dir = need.config.folder(outputs)
+        state = "done, reused" if is_done(run_dir, run.spec.evals) else "running it first"
+        print(f"  {role}: {run_dir.name} ({state})", flush=True)
+        budget = dataclasses.replace(profile, train=need.config.train_config())
+        execute(run, budget, outputs, device, progress, on_bad_image)
+        products[role] = load_product(run_dir, registry[need.config.method][0].product)
+    return products

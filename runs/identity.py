@@ -1,0 +1,232 @@
+"""What a run is: a grid cell (`RunSpec`) at a profile and seed, resolved into the full config
+its folder is named by (`RunConfig`).
+
+A run's identity is the hash of its resolved config, and a promise: a run folder named today
+keeps its name through later code changes, so finished work is never silently re-run.
+
+- `IDENTITY_VERSION` is hashed into every config (as "schema"). Raising it renames every run;
+  don't, unless that is the point.
+- A config field added later is declared with `methods.registry.late_field`: a run holding the
+  field's identity default leaves it out of its identity (`identity_record`).
+- A field removed later is listed in its config class's `RETIRED_FIELDS` with the value every
+  run had; it stays in the identity and is dropped again when the config is rebuilt.
+- tests/test_run_identity.py pins the names of every cell of every suite's `cpu`, `smoke` and
+  `gpu` grids: a change that renames a run fails there first.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.data import check_dataset_root, data_root
+from engine.trainer import TrainConfig
+from eval.registry import get_evaluation
+from methods import method_config, registry
+from methods.base import Prerequisite
+from methods.registry import IDENTITY_DEFAULT, RETIRED_FIELDS, ConfigError, build_config, unknown
+from runs.records import config_hash
+
+IDENTITY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of a suite's grid (seeds are added by the suite runner)."""
+    method: str
+    setting: str = "default"                        # label shown in tables, e.g. "random 0.75"
+    overrides: dict = field(default_factory=dict)   # method config overrides
+    evals: tuple[str, ...] = ("knn",)               # registered evaluations (eval.registry)
+    train: dict = field(default_factory=dict)       # TrainConfig overrides, e.g. {"epochs": 2.5}
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A resolved prerequisite: the run another run needs finished first."""
+    config: "RunConfig"
+    evals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved config of one run: what its folder name is the hash of (`to_dict`)."""
+    method: str
+    method_config: dict                 # identity record of the method's config
+    train: dict | None                  # identity record of the TrainConfig; None: does not train
+    seed: int
+    data: dict                          # {"name", "img_size"[, "path"]}
+    requires: dict[str, Requirement] = field(default_factory=dict)   # role -> prerequisite run
+
+    def to_dict(self) -> dict:
+        """config.json, and what the name hashes. `requires` appears only for methods with
+        prerequisites, so other runs keep the names they had before prerequisites existed."""
+        out = {"schema": IDENTITY_VERSION, "method": self.method, "method_config": self.method_config,
+               "train": self.train, "seed": self.seed, "data": self.data}
+        if self.requires:
+            out["requires"] = {role: {"config": need.config.to_dict(), "evals": list(need.evals)}
+                               for role, need in self.requires.items()}
+        return out
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+    @property
+    def name(self) -> str:
+        """The run's folder name: `<method>-<12 hex digits>`."""
+        return f"{self.method}-{self.hash}"
+
+    def folder(self, outputs: str | Path) -> Path:
+        return Path(outputs) / "runs" / self.name
+
+    def build_method_config(self):
+        return config_from_record(self.method, self.method_config)
+
+    def build_method(self):
+        """The method, freshly initialised from this config (seed torch first)."""
+        return registry[self.method][0](self.build_method_config())
+
+    def train_config(self) -> TrainConfig | None:
+        return None if self.train is None else build_from_record(TrainConfig, self.train, "train config")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a suite: its grid cell, seed and resolved config."""
+    spec: RunSpec
+    seed: int
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+# ---- identity records ----------------------------------------------------------------------
+def identity_record(cfg) -> dict:
+    """`dataclasses.asdict(cfg)` as a run's identity holds it: fields declared with `late_field`
+    left out where they hold their identity default, retired fields put back with the value
+    they always had (nested configs alike)."""
+    record = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if IDENTITY_DEFAULT in f.metadata and same_json(value, f.metadata[IDENTITY_DEFAULT]):
+            continue
+        record[f.name] = identity_record(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    record.update(copy.deepcopy(getattr(type(cfg), RETIRED_FIELDS, {})))
+    return record
+
+
+def config_values(config_cls: type, record: dict, where: str) -> dict:
+    """The inverse of `identity_record` as plain values for `build_config`: retired fields
+    dropped (an error if one holds another value than the one every run had), late fields
+    left out of the record given back their identity default."""
+    values = dict(record)
+    for name, always in getattr(config_cls, RETIRED_FIELDS, {}).items():
+        if name in values and not same_json(values.pop(name), always):
+            raise ConfigError(f"{where}: field {name!r} was removed from {config_cls.__name__} (every run had "
+                              f"{always!r}); this config cannot be rebuilt by this version of mimbench")
+    for f in dataclasses.fields(config_cls):
+        if f.name not in values and IDENTITY_DEFAULT in f.metadata:
+            values[f.name] = copy.deepcopy(f.metadata[IDENTITY_DEFAULT])
+        default = nested_default(config_cls, f)
+        if default is not None and isinstance(values.get(f.name), dict):
+            values[f.name] = config_values(type(default), values[f.name], f"{where}.{f.name}")
+    return values
+
+
+def nested_default(config_cls: type, f: dataclasses.Field):
+    """The default of a field when it is a nested config dataclass, else None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = None if f.default is dataclasses.MISSING else f.default
+    return default if dataclasses.is_dataclass(default) else None
+
+
+def build_from_record(config_cls: type, record: dict, where: str):
+    return build_config(config_cls, config_values(config_cls, record, where), where=where)
+
+
+def config_from_record(method: str, record: dict):
+    """The method's config from the identity record of a run (config.json)."""
+    if method not in registry:
+        raise unknown("method", method, registry)
+    config_cls = registry[method][1]
+    return build_config(config_cls, config_values(config_cls, record, f"method {method!r}"),
+                        where=f"method {method!r}")
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON (a tuple and a list of the same values are the same to a hash)."""
+    import json
+
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+# ---- resolving a grid cell -----------------------------------------------------------------
+def deep_merge(base: dict, *updates: dict) -> dict:
+    out = dict(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = deep_merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def data_descriptor(profile, data: str | None, check: bool = True) -> dict:
+    """The run's data as its identity holds it. `data` is --data (None: the profile's own);
+    `check=False` describes it without looking at the folder (cost listings)."""
+    if data is None and profile.data == "user":
+        raise ConfigError(f"profile {profile.name!r} needs --data PATH (an ImageFolder with train/ and test/)")
+    if data is None and profile.data == "synthetic":
+        return {"name": "synthetic", "img_size": profile.encoder["img_size"]}
+    path = Path(data) if data else data_root() / "cifar10"
+    if check:
+        path = check_dataset_root(path)
+    return {"name": path.name, "path": str(path.resolve()), "img_size": profile.encoder["img_size"]}
+
+
+def check_evaluations(method: str, evals: tuple[str, ...]) -> None:
+    """Every evaluation is registered and takes what this method's runs make."""
+    product = registry[method][0].product
+    for name in evals:
+        evaluation = get_evaluation(name)
+        if evaluation.takes != product:
+            raise ConfigError(f"method {method!r} cannot take the {name!r} evaluation: it evaluates a "
+                              f"{evaluation.takes}, and {method} runs make a {product}; fix the RunSpec's evals")
+
+
+def resolve(spec: RunSpec, profile, seed: int, data: dict) -> RunConfig:
+    """The full config of a run (what its name is the hash of). Reads no files: an
+    evaluation's inputs are checked by `runs.execute.check_inputs` before anything runs."""
+    if spec.method not in registry:
+        raise unknown("method", spec.method, registry)
+    check_evaluations(spec.method, spec.evals)
+    method_cls = registry[spec.method][0]
+    overrides = deep_merge({"encoder": profile.encoder}, profile.method_defaults.get(spec.method, {}),
+                           spec.overrides)
+    cfg = method_config(spec.method, **overrides)
+    if spec.train and not method_cls.trains:
+        raise ConfigError(f"method {spec.method!r} does not train; drop the RunSpec's train overrides")
+    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **spec.train},
+                         where=f"train config of {spec.method!r} ({spec.setting})")
+    requires = {role: resolve_prerequisite(need, profile, data)
+                for role, need in method_cls.prerequisites(cfg).items()}
+    # the untrained baseline does not depend on the training budget: share it across profiles
+    return RunConfig(method=spec.method, method_config=identity_record(cfg),
+                     train=identity_record(train) if method_cls.trains else None,
+                     seed=seed, data=data, requires=requires)
+
+
+def resolve_prerequisite(need: Prerequisite, profile, data: dict) -> Requirement:
+    """A prerequisite's config comes from the method's hook alone (plus data and the
+    profile's training recipe with the hook's train overrides), not from the profile's
+    encoder or method defaults."""
+    budget = dataclasses.replace(profile, encoder={}, method_defaults={})
+    spec = RunSpec(need.method, "prerequisite", need.overrides, tuple(need.evals), need.train)
+    return Requirement(resolve(spec, budget, need.seed, data), spec.evals)

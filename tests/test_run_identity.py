@@ -1,0 +1,113 @@
+"""A finished run must never be lost to a code change: its folder name (the hash of its
+resolved config) is pinned here for every cell of every suite at the cpu, smoke and gpu
+profiles, with the names the code printed before the run layer moved to runs/ (tests/data/
+run_names.json, from `python -m suites.run SUITE --profile P --dry-run` at commit 367d41d)."""
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import ROOT
+from methods import registry
+from methods.beit import BEiTConfig
+from methods.registry import ConfigError, late_field
+from runs.execute import eval_config_dict
+from runs.identity import config_from_record, config_values, identity_record, resolve
+from runs.records import config_hash
+from suites.profiles import get_profile
+from suites.registry import SUITES, get_suite
+
+PINNED = json.loads((ROOT / "tests" / "data" / "run_names.json").read_text())
+PROFILES = ("cpu", "smoke", "gpu")
+
+
+def data_of(profile):
+    """The data descriptor the names were made with: the shipped CIFAR-10 where it sat then
+    (a run's identity holds its data's resolved path, so the pins name that path)."""
+    if profile.data == "synthetic":
+        return {"name": "synthetic", "img_size": profile.encoder["img_size"]}
+    return {"name": "cifar10", "path": PINNED["data_path"], "img_size": profile.encoder["img_size"]}
+
+
+def grid_runs(suite: str, profile_name: str) -> list:
+    profile = get_profile(profile_name)
+    return [(spec, seed, resolve(spec, profile, seed, data_of(profile)))
+            for spec in get_suite(suite).grid(profile) for seed in range(profile.seeds)]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_run_of_every_grid_keeps_its_folder_name(suite, profile):
+    names = [[spec.method, spec.setting, seed, config.name] for spec, seed, config in grid_runs(suite, profile)]
+    assert names == PINNED["runs"][profile][suite]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_beits_tokenizer_run_keeps_its_folder_name(profile):
+    tokenizers = {need.config.name for suite in SUITES for _, _, config in grid_runs(suite, profile)
+                  for need in config.requires.values()}
+    assert tokenizers == {PINNED["prerequisites"][profile]["tokenizer"]}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_finished_evaluations_keep_their_cache_names(profile):
+    budget = get_profile(profile)
+    names = {name: config_hash(eval_config_dict(name, budget)) for name in PINNED["evaluation_configs"][profile]}
+    assert names == PINNED["evaluation_configs"][profile]
+    # the tokenizer evaluation was recorded with {"split": "test"} before it had a config class
+    assert eval_config_dict("tokenizer", budget) == {"split": "test"}
+
+
+def test_the_pins_cover_every_registered_method():
+    """A method registered later has no pinned run yet: pin it (add its suite's cells to
+    tests/data/run_names.json from the code that first ran them)."""
+    pinned = {row[0] for suites in PINNED["runs"].values() for rows in suites.values() for row in rows}
+    pinned |= {name.split("-")[0] for roles in PINNED["prerequisites"].values() for name in roles.values()}
+    assert set(registry) <= pinned, f"no pinned run names for: {', '.join(sorted(set(registry) - pinned))}"
+
+
+def test_dry_run_prints_the_pinned_names_without_the_data(capsys):
+    """--dry-run names every run (and costs it) without reading the data folder."""
+    from suites.run import cli
+
+    assert cli(["ablation_masking", "--dry-run", "--data", PINNED["data_path"], "--outputs", "/nonexistent"]) == 0
+    printed = capsys.readouterr().out
+    for _, _, _, name in PINNED["runs"]["cpu"]["ablation_masking"]:
+        assert f"  {name}  [to run]" in printed
+
+
+# ---- the mechanism: late and retired fields -----------------------------------------------
+@dataclass(frozen=True)
+class Before:
+    ratio: float = 0.75
+
+
+@dataclass(frozen=True)
+class After:
+    ratio: float = 0.75
+    scale: tuple = late_field(default_factory=lambda: (0.2, 1.0))          # a default_factory field
+    recipe: str = late_field("paper", identity_default="shared")            # earlier runs: "shared"
+
+
+def test_a_late_field_holding_what_earlier_runs_did_leaves_their_identity_unchanged():
+    assert identity_record(After(recipe="shared")) == identity_record(Before())
+    assert config_hash(identity_record(After(recipe="shared"))) == config_hash(dataclasses.asdict(Before()))
+    assert identity_record(After()) == {"ratio": 0.75, "recipe": "paper"}    # new runs: a new name
+    assert identity_record(After(scale=(0.5, 1.0), recipe="shared")) == {"ratio": 0.75, "scale": (0.5, 1.0)}
+    # a record written before the field existed rebuilds the config those runs had
+    assert After(**config_values(After, identity_record(Before()), "test")) == After(recipe="shared")
+
+
+def test_a_retired_field_stays_in_the_identity_and_is_dropped_when_the_config_is_rebuilt():
+    record = identity_record(BEiTConfig())
+    assert record["target"] == "tokens"            # BEiT's removed `target`: every run had "tokens"
+    assert config_from_record("beit", record) == BEiTConfig()
+    with pytest.raises(ConfigError, match="field 'target' was removed from BEiTConfig"):
+        config_from_record("beit", {**record, "target": "pixels"})
+
+
+def test_every_methods_default_config_round_trips_through_its_identity():
+    for name, (_, config_cls) in registry.items():
+        cfg = config_cls()
+        assert config_from_record(name, json.loads(json.dumps(identity_record(cfg)))) == cfg, name
