@@ -250,12 +250,11 @@ class Trainer:
                  run_dir: Path, seed: int, config_hash: str, device: str | torch.device = "cpu",
                  progress: bool = True):
         self.device = torch.device(device)
-        if isinstance(data, Tensor):
-            if not isinstance(plan, TrainConfig):
-                raise TypeError("images need a TrainConfig (its crop scale); pass a BatchSource otherwise")
-            data = MaskedViews(module, data, plan.batch_size, plan.crop_scale_min, seed, self.device)
-        if isinstance(plan, TrainConfig):
+        if isinstance(data, Tensor) != isinstance(plan, TrainConfig):
+            raise TypeError("pass uint8 images with a TrainConfig (pre-training), or a BatchSource with a TrainPlan")
+        if isinstance(plan, TrainConfig):      # pre-training: the method's views and masks, AdamW + cosine
             plan.validate()
+            data = MaskedViews(module, data, plan.batch_size, plan.crop_scale_min, seed, self.device)
             steps = round(plan.epochs * data.steps_per_epoch) if module.trains else 0
             plan = adamw_cosine_plan(plan, steps, desc=f"pre-train {module.name}")
         self.module, self.data, self.plan, self.seed = module, data, plan, seed

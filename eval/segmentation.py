@@ -6,8 +6,11 @@ four feature maps of the ViT (`eval.mmseg_vit.MimbenchViT`, registered in mmseg'
 transforms (RandomResize 0.5-2.0, RandomCrop with cat_max_ratio 0.75, flip,
 PhotoMetricDistortion); AdamW with layer-wise lr decay and linear warm-up + poly decay
 (timm's optimizer groups and scheduler, as the rest of the project); mIoU from mmseg's
-`IoUMetric`. The loop is a plain one around mmengine's `train_step` / `test_step`,
-checkpointed through `engine.checkpoint`, so a killed run resumes.
+`IoUMetric`. Training is the project's one loop (`engine.trainer.Trainer`) on the segmentor
+wrapped as a Trainable (`Segmentor`: data_preprocessor, then mmseg's summed losses), so a
+segmentation has the trainer's checkpoints and exact resume after a kill, the non-finite-loss
+guard, a checkpoint on SIGTERM, metrics.jsonl and TensorBoard events; evaluation is mmengine's
+`test_step`.
 
 Datasets: CamVid (the SegNet 11-class release kept at ../shared/datasets/camvid, read in
 place; label 11 is void and ignored) is the default; ADE20K goes through mmseg's
@@ -18,8 +21,6 @@ mmseg is imported only when a segmentation runs: profiles and suites stay import
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import warnings
@@ -31,15 +32,19 @@ import numpy as np
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import PolyLRScheduler
+from torch import nn
 from tqdm import tqdm
 
-from engine.checkpoint import load_latest, save_checkpoint
-from engine.data import DataError
-from engine.trainer import step_seed
+from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits
+from engine.trainer import Trainer, TrainPlan, step_seed
+from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.registry import ConfigError
 from methods.vit import ViT
+from runs.records import config_hash
 
 DEFAULT_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
+TORCH_STREAM = 8      # the per-iteration torch seed (dropout, drop path) of segmentation's step seeds
+LOG_EVERY = 20        # iterations between flushes of metrics.jsonl
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist")
 
@@ -105,7 +110,7 @@ class SegmentationConfig:
             raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1] (1 = no decay)")
 
     def config_hash(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return config_hash(asdict(self))
 
 
 def dataset_root(cfg: SegmentationConfig) -> Path:
@@ -175,8 +180,8 @@ def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore
     loss = dict(type="CrossEntropyLoss", use_sigmoid=False, avg_non_ignore=True)
     return dict(
         type="EncoderDecoder",
-        data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
-                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_val=0,
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=[255 * m for m in IMAGENET_MEAN],
+                               std=[255 * s for s in IMAGENET_STD], bgr_to_rgb=True, pad_val=0,
                                seg_pad_val=ignore_index, size=(cfg.crop_size, cfg.crop_size),
                                test_cfg=dict(size_divisor=32)),
         backbone=dict(type="MimbenchViT", encoder=encoder, drop_path=cfg.drop_path, norm_cfg=norm_cfg),
@@ -221,7 +226,7 @@ def seed_everything_for(seed: int, iteration: int) -> None:
     iteration, so a resumed run sees the same crops."""
     random.seed(step_seed(seed, iteration, stream=6))
     np.random.seed(step_seed(seed, iteration, stream=7) % 2**32)
-    torch.manual_seed(step_seed(seed, iteration, stream=8))
+    torch.manual_seed(step_seed(seed, iteration, stream=TORCH_STREAM))
 
 
 @lru_cache(maxsize=4)
@@ -235,40 +240,72 @@ def sample_indices(seed: int, first: int, count: int, size: int) -> list[int]:
     return [int(epoch_permutation(seed, k // size, size)[k % size]) for k in range(first, first + count)]
 
 
-def train(model, dataset, cfg: SegmentationConfig, work_dir: Path, seed: int = 0, progress: bool = True) -> dict:
-    """Iterations of mmengine's `train_step`, checkpointed; resumes from `work_dir`."""
-    from mmengine.dataset import pseudo_collate
-    from mmengine.optim import OptimWrapper
+class SegBatches:
+    """Segmentation's batch source: the items of `sample_indices` through mmseg's training
+    pipeline, collated by mmengine (the segmentor's data_preprocessor runs in its forward)."""
 
-    optimizer = torch.optim.AdamW(layer_decay_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
-    warmup = min(cfg.warmup_iters, cfg.iterations // 2)
-    scheduler = PolyLRScheduler(optimizer, t_initial=max(1, cfg.iterations - warmup), power=1.0,
-                                warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-6, warmup_prefix=True,
-                                t_in_epochs=False)
-    optim_wrapper = OptimWrapper(optimizer)
-    config_hash = f"{cfg.config_hash()}-seed{seed}"
-    state, _ = load_latest(work_dir / "checkpoints", config_hash)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.steps_per_epoch = max(1, len(dataset) // batch_size)   # batches run across epoch ends
+
+    def batch_for_step(self, step: int) -> dict:
+        from mmengine.dataset import pseudo_collate
+
+        seed_everything_for(self.seed, step)
+        index = sample_indices(self.seed, step * self.batch_size, self.batch_size, len(self.dataset))
+        return pseudo_collate([self.dataset[i] for i in index])
+
+
+class Segmentor(nn.Module):
+    """The mmseg EncoderDecoder as an `engine.trainer.Trainable`: `forward` runs its
+    data_preprocessor, then `loss`, and returns the sum of mmseg's losses (`parse_losses`, as
+    mmengine's `train_step`). Checkpoints hold the EncoderDecoder's own state-dict keys."""
+
+    name = "segmentation"
+    trains = True
+    synced_buffers: tuple[str, ...] = ()
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        data = self.model.data_preprocessor(batch, True)
+        total, log_vars = self.model.parse_losses(self.model.loss(data["inputs"], data["data_samples"]))
+        return total, {key: value.detach() for key, value in log_vars.items()}   # loss, decode.loss_ce, ...
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def train_plan(cfg: SegmentationConfig) -> TrainPlan:
+    """AdamW (betas 0.9, 0.999) on the layer-decay groups; linear warm-up + poly decay; fp32
+    (no autocast, as mmseg's configs); no clipping."""
+    def make_optimizer(segmentor: Segmentor) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(layer_decay_param_groups(segmentor.model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+
+    def make_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> PolyLRScheduler:
+        warmup = min(cfg.warmup_iters, steps // 2)
+        return PolyLRScheduler(optimizer, t_initial=max(1, steps - warmup), power=1.0, warmup_t=warmup,
+                               warmup_lr_init=cfg.lr * 1e-6, warmup_prefix=True, t_in_epochs=False)
+
+    return TrainPlan(total_steps=cfg.iterations, batch_size=cfg.batch_size, make_optimizer=make_optimizer,
+                     make_scheduler=make_scheduler, checkpoint_every=cfg.checkpoint_every, log_every=LOG_EVERY,
+                     precision="fp32", torch_stream=TORCH_STREAM, desc="segmentation")
+
+
+def segmentation_trainer(model, dataset, cfg: SegmentationConfig, work_dir: Path, seed: int = 0,
+                         device: str | torch.device = "cpu", progress: bool = True) -> Trainer:
+    """The project's trainer on the segmentor; resumes from `work_dir`'s checkpoints."""
     model.train()
-    losses = []
-    for iteration in tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations,
-                          desc="segmentation", unit="it", disable=not progress, leave=False):
-        scheduler.step_update(iteration)
-        seed_everything_for(seed, iteration)
-        index = sample_indices(seed, iteration * cfg.batch_size, cfg.batch_size, len(dataset))
-        batch = pseudo_collate([dataset[i] for i in index])
-        log_vars = model.train_step(batch, optim_wrapper)
-        losses.append(float(torch.as_tensor(log_vars["loss"]).detach()))
-        done = iteration + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            save_checkpoint(work_dir / "checkpoints", done, {
-                "config_hash": config_hash, "step": done,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    return {"iterations": cfg.iterations, "resumed_at": start, "final_loss": losses[-1] if losses else None}
+    return Trainer(Segmentor(model), SegBatches(dataset, cfg.batch_size, seed), train_plan(cfg), work_dir, seed,
+                   config_hash=f"{cfg.config_hash()}-seed{seed}", device=device, progress=progress)
 
 
 @torch.inference_mode()
@@ -287,20 +324,29 @@ def evaluate(model, dataset, ignore_index: int, progress: bool = True) -> dict[s
     return {k.removeprefix("seg/"): float(v) for k, v in evaluator.evaluate(len(dataset)).items()}
 
 
-def run(vit: ViT, cfg: SegmentationConfig, work_dir: Path, seed: int = 0, device: str | torch.device = "cpu",
-        progress: bool = True) -> dict:
-    """Train the segmentor on a copy of `vit` and evaluate it once:
-    {"metrics": {"seg_miou": ..., "seg_macc": ..., "seg_aacc": ...}, "details": {...}}."""
+def check_inputs(cfg: SegmentationConfig) -> None:
+    """Fails before any training: a bad config, or a dataset folder mmseg cannot read."""
     cfg.validate()
     dataset_root(cfg)
-    device = torch.device(device)
-    torch.manual_seed(seed)                              # the heads' initial weights
-    model = build_segmentor(vit.with_config(), cfg).to(device)
+
+
+@register_evaluation("segmentation", SegmentationConfig, check_inputs=check_inputs)
+def run(encoder: ViT, splits: Splits | None, cfg: SegmentationConfig, ctx: EvalContext) -> EvalResult:
+    """Train the segmentor on a copy of `encoder` and evaluate it once (`splits` is not used:
+    the dataset is the config's): metrics seg_miou, seg_macc, seg_aacc. Images are evaluated
+    one at a time, whole (`ctx.feature_batch` is not used): a batch would pad each image to the
+    largest of its batch and so change the predictions near its border."""
+    check_inputs(cfg)
+    torch.manual_seed(ctx.seed)                          # the heads' initial weights
+    model = build_segmentor(encoder.with_config(), cfg).to(torch.device(ctx.device))
     train_pipeline, test_pipeline = pipelines(cfg)
     train_set = build_dataset(cfg, cfg.train_split, train_pipeline)
     eval_set = build_dataset(cfg, cfg.eval_split, test_pipeline, indices=cfg.eval_images)
-    stats = train(model, train_set, cfg, Path(work_dir), seed, progress)
-    scores = evaluate(model, eval_set, DATASETS[cfg.dataset].ignore_index, progress)
-    return {"metrics": {"seg_miou": scores["mIoU"], "seg_macc": scores["mAcc"], "seg_aacc": scores["aAcc"]},
-            "details": {"dataset": cfg.dataset, "train": stats, "eval_images": len(eval_set),
-                        "train_images": len(train_set)}}
+    trainer = segmentation_trainer(model, train_set, cfg, Path(ctx.work_dir), ctx.seed, ctx.device, ctx.progress)
+    stats = trainer.fit()
+    scores = evaluate(model, eval_set, DATASETS[cfg.dataset].ignore_index, ctx.progress)
+    train = {**stats, "iterations": cfg.iterations, "resumed_at": trainer.start_step,
+             "final_loss": trainer.last_loss}
+    return EvalResult(metrics={"seg_miou": scores["mIoU"], "seg_macc": scores["mAcc"], "seg_aacc": scores["aAcc"]},
+                      details={"dataset": cfg.dataset, "train": train, "eval_images": len(eval_set),
+                               "train_images": len(train_set)})

@@ -11,13 +11,31 @@ from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 
+from engine.trainer import NonFiniteLoss  # noqa: E402
 from eval import segmentation  # noqa: E402
 from eval.mmseg_vit import MimbenchViT, default_out_indices  # noqa: E402
+from eval.registry import EvalContext, get_evaluation  # noqa: E402
 from eval.segmentation import SegmentationConfig  # noqa: E402
 from methods.vit import ViT, ViTConfig  # noqa: E402
 
 TINY = dict(scale=(64, 48), crop_size=32, iterations=1, batch_size=2, channels=16, aux_channels=16,
             warmup_iters=0, checkpoint_every=1)
+
+
+def context(work_dir):
+    return EvalContext(work_dir=work_dir, features_dir=work_dir / "features", progress=False)
+
+
+def micro_vit():
+    torch.manual_seed(0)
+    return ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
+
+
+# Smoke values, CPU fp32, seed 0, the same before segmentation moved onto the one trainer (mmseg
+# rounds them to 2 decimals): a change here changes segmentation's numbers. One iteration on three
+# random ADE20K-layout images gets no pixel right; three on CamVid get some.
+PINNED_ADE20K = {"seg_miou": 0.0, "seg_macc": 0.0, "seg_aacc": 0.0}
+PINNED_CAMVID_3_ITERATIONS = {"seg_miou": 2.56, "seg_macc": 11.52, "seg_aacc": 15.04}
 
 
 def test_out_indices_are_the_blocks_at_a_third_a_half_three_quarters_and_the_end():
@@ -88,12 +106,11 @@ def test_ade20k_fixture_trains_one_iteration_and_evaluates_through_the_same_path
     root = tmp_path / "ADEChallengeData2016"
     make_ade20k_fixture(root)
     cfg = SegmentationConfig(dataset="ade20k", data_root=str(root), **TINY)
-    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
-    result = segmentation.run(vit, cfg, tmp_path / "work", progress=False)
+    result = get_evaluation("segmentation").run(micro_vit(), None, cfg, context(tmp_path / "work"))
 
-    assert 0 <= result["metrics"]["seg_miou"] <= 100
-    assert result["details"]["train"]["iterations"] == 1
-    assert result["details"]["eval_images"] == 3
+    assert result.metrics == pytest.approx(PINNED_ADE20K, rel=1e-6)
+    assert result.details["train"]["iterations"] == 1 and result.details["train"]["steps"] == 1
+    assert result.details["eval_images"] == 3
     # reduce_zero_label: ADE20K's "other" (0) is ignored (255), class k becomes k - 1
     sample = segmentation.build_dataset(cfg, "test", segmentation.pipelines(cfg)[1])[0]["data_samples"]
     labels = sample.gt_sem_seg.data
@@ -103,8 +120,9 @@ def test_ade20k_fixture_trains_one_iteration_and_evaluates_through_the_same_path
 
 def test_a_killed_segmentation_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
     cfg = SegmentationConfig(dataset="camvid", eval_images=1, **{**TINY, "iterations": 3, "checkpoint_every": 2})
-    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
-    segmentation.run(vit, cfg, tmp_path / "straight", progress=False)
+    straight = segmentation.run(micro_vit(), None, cfg, context(tmp_path / "straight"))
+    assert straight.metrics == pytest.approx(PINNED_CAMVID_3_ITERATIONS, rel=1e-6)
+    assert straight.metrics["seg_miou"] <= straight.metrics["seg_macc"]     # IoU <= accuracy, class by class
 
     real = segmentation.sample_indices
 
@@ -115,12 +133,42 @@ def test_a_killed_segmentation_resumes_to_the_weights_of_an_uninterrupted_one(tm
 
     monkeypatch.setattr(segmentation, "sample_indices", killed_at_iteration_2)
     with pytest.raises(KeyboardInterrupt):
-        segmentation.run(vit, cfg, tmp_path / "killed", progress=False)
+        segmentation.run(micro_vit(), None, cfg, context(tmp_path / "killed"))
     monkeypatch.setattr(segmentation, "sample_indices", real)
-    resumed = segmentation.run(vit, cfg, tmp_path / "killed", progress=False)
-    assert resumed["details"]["train"]["resumed_at"] == 2
+    resumed = segmentation.run(micro_vit(), None, cfg, context(tmp_path / "killed"))
+    assert resumed.details["train"]["resumed_at"] == 2
+    assert resumed.metrics == straight.metrics
 
     final = [torch.load(tmp_path / d / "checkpoints" / "ckpt-00000003.pt", weights_only=True)["model"]
              for d in ("straight", "killed")]
     for name in final[0]:
         assert torch.equal(final[0][name], final[1][name]), name
+
+
+def test_a_nonfinite_segmentation_loss_stops_with_the_trainers_message(tmp_path, monkeypatch):
+    cfg = SegmentationConfig(dataset="camvid", eval_images=1, **{**TINY, "iterations": 4, "checkpoint_every": 2})
+    real_batch, real_forward = segmentation.SegBatches.batch_for_step, segmentation.Segmentor.forward
+    current = []
+
+    def batch_for_step(self, step):
+        current.append(step)
+        return real_batch(self, step)
+
+    def nan_at_step_3(self, batch):
+        loss, logs = real_forward(self, batch)
+        return (loss * float("nan") if current[-1] == 3 else loss), logs
+
+    monkeypatch.setattr(segmentation.SegBatches, "batch_for_step", batch_for_step)
+    monkeypatch.setattr(segmentation.Segmentor, "forward", nan_at_step_3)
+    with pytest.raises(NonFiniteLoss, match=r"^loss is nan at step 3; last good checkpoint: .*ckpt-00000002\.pt\. "
+                                            r"Lower the learning rate or raise max_bad_steps"):
+        segmentation.run(micro_vit(), None, cfg, context(tmp_path))
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2                           # steps 0 and 1, flushed with the checkpoint at 2
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_check_inputs_names_a_missing_dataset_folder_before_any_work(tmp_path):
+    cfg = SegmentationConfig(dataset="ade20k", data_root=str(tmp_path / "nowhere"))
+    with pytest.raises(Exception, match=r"nowhere has no (images|annotations)/(training|validation)/; expected"):
+        get_evaluation("segmentation").check_inputs(cfg)
