@@ -402,15 +402,19 @@ def main(argv=None) -> int:
 
 
 def check_outputs(outputs: Path) -> None:
-    """--outputs can be created and written (before any work: a run must not end unsaved)."""
-    probe = outputs / f".write-test-{os.getpid()}"
-    try:
-        outputs.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--outputs {outputs} cannot be created or written ({err.strerror or err}); "
-                          f"pass a folder you can write to, e.g. --outputs outputs") from None
+    """--outputs can be created and written (checked before any work, creating nothing: a run
+    must not train for hours and then find it cannot save)."""
+    existing = outputs.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ConfigError(f"--outputs {outputs} cannot be created or written ({problem}); pass a folder "
+                      f"you can write to, e.g. --outputs outputs")
 
 
 def cli(argv=None) -> int:

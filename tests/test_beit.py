@@ -11,9 +11,10 @@ from methods.base import Batch
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.registry import ConfigError
 from methods.vit import ViT, ViTConfig
-from suites.ablation_masking import BEIT_TOKENIZER
+from runs.execute import execute
+from runs.identity import Run, RunSpec, data_descriptor, resolve
+from runs.records import read_record
 from suites.profiles import get_profile
-from suites.runner import RunSpec, data_descriptor, execute, resolve, run_dir_for
 
 MICRO_TOKENIZER = {"vocab_size": 64, "hidden_dim": 8}
 
@@ -101,16 +102,6 @@ def test_beit_defaults_to_blockwise_masking_at_forty_percent_and_freezes_its_tok
     assert beit.head.out_features == 64
 
 
-def test_pixel_target_routes_to_the_pixel_method_on_the_same_encoder_and_needs_no_tokenizer():
-    beit = build_method("beit", **micro_overrides(target="pixels"))
-    assert beit.pixel_regression.encoder is beit.encoder
-    assert type(beit).prerequisites(beit.cfg) == {}
-    gen = torch.Generator().manual_seed(0)
-    loss, _ = beit(Batch(images(4), beit.draw_masks(4, gen)))
-    loss.backward()
-    assert beit.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
-
-
 def test_beit_takes_a_users_tokenizer_checkpoint_and_names_a_bad_one(tmp_path):
     dvae = micro_dvae()
     save_tokenizer(dvae, tmp_path / TOKENIZER_FILE)
@@ -126,36 +117,36 @@ def test_beit_takes_a_users_tokenizer_checkpoint_and_names_a_bad_one(tmp_path):
     save_tokenizer(micro_dvae(16, 8), tmp_path / "patch8.safetensors")
     with pytest.raises(ConfigError, match="one token per 8px patch .* the ViT uses 4px patches"):
         build_method("beit", **micro_overrides(tokenizer_path=str(tmp_path / "patch8.safetensors")))
-    with pytest.raises(ConfigError, match="unknown BEiT target 'logits'; known: tokens, pixels"):
-        build_method("beit", target="logits")
+    with pytest.raises(ConfigError, match="unknown config field 'target'"):   # removed: the pixel method
+        build_method("beit", target="pixels")
 
 
 def test_a_smoke_tokenizer_is_trained_once_and_reused_by_a_second_beit_run(tmp_path):
     profile = get_profile("smoke")
     data = data_descriptor(profile, None)
-    specs = [RunSpec("beit", strategy, {"mask": {"strategy": strategy}, **BEIT_TOKENIZER["smoke"]})
-             for strategy in ("block", "random")]
+    # the tokenizer's settings are the profile's (Profile.method_defaults["beit"])
+    specs = [RunSpec("beit", strategy, {"mask": {"strategy": strategy}}) for strategy in ("block", "random")]
     configs = [resolve(spec, profile, seed=0, data=data) for spec in specs]
     # every BEiT cell and seed asks for the same tokenizer run
-    assert configs[0]["requires"] == configs[1]["requires"] == resolve(specs[0], profile, 1, data)["requires"]
-    tokenizer_dir = run_dir_for(tmp_path, configs[0]["requires"]["tokenizer"]["config"])
+    assert configs[0].requires == configs[1].requires == resolve(specs[0], profile, 1, data).requires
+    tokenizer_dir = configs[0].requires["tokenizer"].config.folder(tmp_path)
 
-    first = execute(configs[0], specs[0], profile, tmp_path, progress=False)
+    first = execute(Run(specs[0], 0, configs[0]), profile, tmp_path, progress=False)
     tokenizer_file = tokenizer_dir / TOKENIZER_FILE
     stamps = {p: p.stat().st_mtime_ns for p in (tokenizer_file, tokenizer_dir / "result.json")}
-    second = execute(configs[1], specs[1], profile, tmp_path, progress=False)
+    second = execute(Run(specs[1], 0, configs[1]), profile, tmp_path, progress=False)
 
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert [r.split("-")[0] for r in runs] == ["beit", "beit", "dvae"]
-    assert first["prerequisites"] == second["prerequisites"] == {"tokenizer": tokenizer_dir.name}
+    assert first.prerequisites == second.prerequisites == {"tokenizer": tokenizer_dir.name}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "the tokenizer was trained again"
-    record = json.loads((tokenizer_dir / "result.json").read_text())
-    assert record["status"] == "done" and record["train"]["steps"] == 20
+    record = read_record(tokenizer_dir)
+    assert record.done and record.train["steps"] == 20
     for name in ("tokenizer_psnr", "tokenizer_codebook_usage", "tokenizer_perplexity", "tokenizer_recon_mse"):
-        assert record["metrics"][name] > 0
+        assert record.metrics[name] > 0
     # stage 2 trained against the stage-1 weights, not a fresh random tokenizer
     trained = load_tokenizer(tokenizer_file).state_dict()
     for config in configs:
-        checkpoint = sorted((run_dir_for(tmp_path, config) / "checkpoints").glob("ckpt-*.pt"))[-1]
+        checkpoint = sorted((config.folder(tmp_path) / "checkpoints").glob("ckpt-*.pt"))[-1]
         model = torch.load(checkpoint, weights_only=True)["model"]
         assert all(torch.equal(model[f"tokenizer.{k}"], v) for k, v in trained.items())

@@ -1,50 +1,113 @@
-"""Evaluations wired into runs: chosen per RunSpec, budgeted per profile, cached in result.json."""
+"""Evaluations wired into runs through the registry: chosen per RunSpec, budgeted per profile,
+cached in result.json; every registered evaluation is tested the moment it registers."""
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from eval.linear import LinearConfig
-from methods.registry import UnknownNameError
-from suites import evaluations, runner
+from eval.registry import EvalContext, EvalResult, registry
+from methods.registry import ConfigError, UnknownNameError
+from runs import execute as runs_execute
+from runs.execute import execute, is_done
+from runs.identity import Run, RunSpec, data_descriptor, resolve
+from runs.records import read_record
 from suites.profiles import get_profile
-from suites.runner import RunSpec, data_descriptor, execute, resolve
 
 SMOKE = get_profile("smoke")
 
 
-def run_once(spec: RunSpec, outputs, profile=SMOKE) -> dict:
+def run_once(spec: RunSpec, outputs, profile=SMOKE):
     config = resolve(spec, profile, seed=0, data=data_descriptor(profile, None))
-    return execute(config, spec, profile, outputs, progress=False)
+    return execute(Run(spec, 0, config), profile, outputs, progress=False)
 
 
+def replace_evaluation(monkeypatch, name, run):
+    """Swap a registered evaluation's function for this test (the registry holds the function)."""
+    monkeypatch.setitem(registry, name, dataclasses.replace(registry[name], run=run))
+
+
+def product_spec(name: str) -> RunSpec:
+    """A smoke run whose product this evaluation takes."""
+    method = "dvae" if registry[name].takes == "tokenizer" else "none"
+    return RunSpec(method, evals=(name,))
+
+
+# ---- every registered evaluation ---------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(registry))
+def test_every_registered_evaluation_runs_in_a_smoke_run_and_is_recorded(name, tmp_path, monkeypatch):
+    evaluation = registry[name]
+    assert dataclasses.is_dataclass(evaluation.config_cls) and evaluation.config_cls.__dataclass_params__.frozen
+    record = run_once(product_spec(name), tmp_path)
+    entry = record.evals[name]
+    assert entry.config == json.loads(json.dumps(dataclasses.asdict(SMOKE.eval_config(name))))
+    assert entry.metrics and all(isinstance(v, float) and math.isfinite(v) for v in entry.metrics.values())
+    assert set(entry.metrics) <= set(record.metrics)
+    json.dumps(entry.details)                                  # details must be JSON
+    assert read_record(next(tmp_path.glob(f"runs/{record.method}-*"))).evals[name] == entry
+    # a second call finds it done and runs nothing
+    replace_evaluation(monkeypatch, name, lambda *a: pytest.fail(f"{name} ran again"))
+    assert run_once(product_spec(name), tmp_path).evals[name] == entry
+
+
+def test_a_new_evaluation_registers_in_one_decorator_and_runs_through_the_runner(tmp_path, monkeypatch):
+    from eval.registry import register_evaluation
+
+    @dataclasses.dataclass(frozen=True)
+    class NormConfig:
+        pooling: str = "cls"
+
+    try:
+        @register_evaluation("feature_norm", NormConfig)
+        def run(encoder, splits, cfg: NormConfig, ctx: EvalContext) -> EvalResult:
+            with torch.no_grad():
+                tokens = encoder(torch.zeros(2, 3, 16, 16))
+            return EvalResult({"feature_norm": float(tokens[:, 0].norm(dim=-1).mean())}, {"images": 2})
+
+        with pytest.raises(ValueError, match="'feature_norm' is already registered"):
+            register_evaluation("feature_norm", NormConfig)(run)
+        record = run_once(RunSpec("none", evals=("knn", "feature_norm")), tmp_path)
+        assert record.evals["feature_norm"].config == {"pooling": "cls"}     # the config class's defaults
+        assert record.metrics["feature_norm"] > 0 and record.evals["feature_norm"].details == {"images": 2}
+    finally:
+        registry.pop("feature_norm", None)
+
+
+def test_an_evaluation_config_must_be_a_frozen_dataclass():
+    from eval.registry import register_evaluation
+
+    @dataclasses.dataclass
+    class Mutable:
+        k: int = 1
+
+    with pytest.raises(TypeError, match="must be a frozen dataclass"):
+        register_evaluation("mutable", Mutable)
+
+
+# ---- the runner and the records ----------------------------------------------------------------
 def test_all_evaluations_of_a_random_init_encoder_run_in_the_smoke_profile(tmp_path):
     result = run_once(RunSpec("none", evals=("knn", "linear", "finetune", "segmentation")), tmp_path)
-    assert result["status"] == "done"
-    for metric in ("knn_top1_cls", "linear_top1_cls", "linear_top1_mean", "finetune_top1", "seg_miou"):
-        assert 0 <= result["metrics"][metric] <= 100, metric
-    assert result["evals"]["segmentation"]["details"]["dataset"] == "camvid"
-    assert result["evals"]["linear"]["config"] == dataclasses.asdict(SMOKE.eval_budget.linear)
+    assert result.done
+    assert result.evals["segmentation"].details["dataset"] == "camvid"
+    assert result.evals["linear"].config == json.loads(json.dumps(dataclasses.asdict(SMOKE.eval_budget.linear)))
     on_disk = json.loads(next(tmp_path.glob("runs/*/result.json")).read_text())
-    assert on_disk["metrics"] == result["metrics"]
+    assert on_disk["metrics"] == result.metrics
+    assert 0 < result.metrics["seg_miou"] <= result.metrics["seg_aacc"]      # mean IoU <= pixel accuracy
 
 
 def test_adding_an_evaluation_to_a_finished_run_runs_only_the_new_one(tmp_path, monkeypatch):
     first = run_once(RunSpec("none", evals=("knn",)), tmp_path)
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("k-NN ran again")
-
-    monkeypatch.setattr(runner.knn, "run", must_not_run)
+    replace_evaluation(monkeypatch, "knn", lambda *a: pytest.fail("k-NN ran again"))
     second = run_once(RunSpec("none", evals=("knn", "linear")), tmp_path)
-    assert second["evals"]["knn"] == first["evals"]["knn"]
-    assert "linear_top1_cls" in second["metrics"]
+    assert second.evals["knn"] == first.evals["knn"]
+    assert "linear_top1_cls" in second.metrics
 
-    monkeypatch.setattr(evaluations, "run_evaluation", must_not_run)
+    replace_evaluation(monkeypatch, "linear", lambda *a: pytest.fail("the linear probe ran again"))
     third = run_once(RunSpec("none", evals=("knn", "linear")), tmp_path)   # all done: nothing runs
-    assert third["metrics"] == second["metrics"]
+    assert third.metrics == second.metrics
 
 
 def test_an_evaluation_added_to_a_finished_ibot_run_gets_the_saved_teacher(tmp_path, monkeypatch):
@@ -54,11 +117,11 @@ def test_an_evaluation_added_to_a_finished_ibot_run_gets_the_saved_teacher(tmp_p
     saved = load_file(next(tmp_path.glob("runs/ibot-*/encoder.safetensors")))   # all but [M]
     seen = {}
 
-    def record_encoder(name, encoder, *args, **kwargs):
-        seen[name] = encoder.state_dict()
-        return {"config": evaluations.eval_config(name, SMOKE), "metrics": {}}
+    def record_encoder(encoder, splits, cfg, ctx):
+        seen["linear"] = encoder.state_dict()
+        return EvalResult({})
 
-    monkeypatch.setattr(evaluations, "run_evaluation", record_encoder)
+    replace_evaluation(monkeypatch, "linear", record_encoder)
     run_once(RunSpec("ibot", evals=("knn", "linear")), tmp_path)
     assert all(torch.equal(seen["linear"][k], saved[k]) for k in saved)
 
@@ -66,9 +129,9 @@ def test_an_evaluation_added_to_a_finished_ibot_run_gets_the_saved_teacher(tmp_p
 def test_a_changed_knn_config_reruns_knn(tmp_path):
     run_once(RunSpec("none", evals=("knn",)), tmp_path)
     other = dataclasses.replace(SMOKE, knn=dataclasses.replace(SMOKE.knn, k=3))
-    assert not runner.is_done(next(tmp_path.glob("runs/none-*")), ("knn",), other)
+    assert not is_done(next(tmp_path.glob("runs/none-*")), ("knn",), other)
     result = run_once(RunSpec("none", evals=("knn",)), tmp_path, other)
-    assert result["evals"]["knn"]["config"]["k"] == 3
+    assert result.evals["knn"].config["k"] == 3
 
 
 def test_a_changed_budget_reruns_only_that_evaluation(tmp_path, monkeypatch):
@@ -76,11 +139,12 @@ def test_a_changed_budget_reruns_only_that_evaluation(tmp_path, monkeypatch):
     cheaper = dataclasses.replace(SMOKE, eval_budget=dataclasses.replace(
         SMOKE.eval_budget, linear=LinearConfig(epochs=2, batch_size=128, lrs=(0.1, 1.0))))
     ran = []
-    real = evaluations.run_evaluation
-    monkeypatch.setattr(evaluations, "run_evaluation", lambda name, *a, **k: ran.append(name) or real(name, *a, **k))
+    for name in ("knn", "linear"):
+        real = registry[name].run
+        replace_evaluation(monkeypatch, name, lambda *a, _n=name, _r=real: ran.append(_n) or _r(*a))
     result = run_once(RunSpec("none", evals=("knn", "linear")), tmp_path, cheaper)
     assert ran == ["linear"]
-    assert len(result["evals"]["linear"]["details"]["cls"]["sweep"]) == 2 * 3
+    assert len(result.evals["linear"].details["cls"]["sweep"]) == 2 * 3
 
 
 def test_an_unknown_evaluation_is_a_one_line_error_listing_the_known_ones():
@@ -88,71 +152,100 @@ def test_an_unknown_evaluation_is_a_one_line_error_listing_the_known_ones():
         resolve(RunSpec("none", evals=("knn", "linaer")), SMOKE, 0, data_descriptor(SMOKE, None))
     message = str(err.value)
     assert message.startswith("unknown evaluation 'linaer'; known: ")
-    assert all(name in message for name in ("finetune", "knn", "linear", "segmentation"))
+    assert all(name in message for name in ("finetune", "knn", "linear", "segmentation", "tokenizer"))
     assert "\n" not in message
 
 
+def test_an_evaluation_of_the_wrong_product_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot take the 'tokenizer' evaluation: it evaluates a tokenizer"):
+        resolve(RunSpec("mae", evals=("tokenizer",)), SMOKE, 0, data_descriptor(SMOKE, None))
+    with pytest.raises(ConfigError, match="cannot take the 'knn' evaluation"):
+        resolve(RunSpec("dvae", evals=("knn",)), SMOKE, 0, data_descriptor(SMOKE, None))
+
+
 def test_segmentation_on_ade20k_without_the_data_fails_before_any_training(tmp_path, monkeypatch):
+    from runs.execute import check_inputs
+
     monkeypatch.delenv("MIMBENCH_ADE20K", raising=False)
     ade = dataclasses.replace(SMOKE, eval_budget=dataclasses.replace(
         SMOKE.eval_budget, segmentation=dataclasses.replace(SMOKE.eval_budget.segmentation, dataset="ade20k")))
+    spec = RunSpec("none", evals=("segmentation",))
+    # naming and costing the run (--list, --dry-run) needs no data
+    config = resolve(spec, ade, 0, data_descriptor(ade, None))
+    assert config.method == "none"
     with pytest.raises(Exception, match="needs the ADEChallengeData2016/ folder; set MIMBENCH_ADE20K="):
-        resolve(RunSpec("none", evals=("segmentation",)), ade, 0, data_descriptor(ade, None))
-    # a cost listing (--list) resolves the grid without the data
-    assert resolve(RunSpec("none", evals=("segmentation",)), ade, 0, data_descriptor(ade, None),
-                   check_inputs=False)["method"] == "none"
+        check_inputs([Run(spec, 0, config)], ade)
 
 
 def test_a_run_stopped_during_a_later_evaluation_keeps_the_finished_ones(tmp_path, monkeypatch):
-    from eval import finetune
-
-    def killed(*args, **kwargs):
+    def killed(*args):
         raise KeyboardInterrupt        # the process is stopped during fine-tuning
 
-    monkeypatch.setattr(finetune, "run", killed)
+    replace_evaluation(monkeypatch, "finetune", killed)
     with pytest.raises(KeyboardInterrupt):
         run_once(RunSpec("none", evals=("knn", "linear", "finetune")), tmp_path)
     monkeypatch.undo()
 
-    from eval import linear
-    monkeypatch.setattr(linear, "run", lambda *a, **k: pytest.fail("the finished linear probe ran again"))
+    replace_evaluation(monkeypatch, "linear", lambda *a: pytest.fail("the finished linear probe ran again"))
     result = run_once(RunSpec("none", evals=("knn", "linear", "finetune")), tmp_path)
-    assert {"linear_top1_cls", "finetune_top1"} <= set(result["metrics"])
+    assert {"linear_top1_cls", "finetune_top1"} <= set(result.metrics)
 
 
 def test_a_failed_evaluation_keeps_the_finished_run_and_its_earlier_evaluations(tmp_path, monkeypatch):
     """A run another suite finished must not turn into a failed run when this suite's extra
     evaluation fails: its record, pre-training and k-NN stay, the failure is added beside them."""
     first = run_once(RunSpec("mae", evals=("knn",)), tmp_path)
-    from eval import linear
 
-    def broken(*args, **kwargs):
+    def broken(*args):
         raise RuntimeError("probe diverged")
 
-    monkeypatch.setattr(linear, "run", broken)
+    replace_evaluation(monkeypatch, "linear", broken)
     with pytest.raises(RuntimeError):
         run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
-    on_disk = json.loads(next(tmp_path.glob("runs/mae-*/result.json")).read_text())
-    assert on_disk["status"] == "done" and on_disk["evals"]["knn"] == first["evals"]["knn"]
-    assert on_disk["train"] == first["train"]
-    assert on_disk["failed_evaluation"]["error"] == "RuntimeError: probe diverged"
-    assert runner.is_done(next(tmp_path.glob("runs/mae-*")), ("knn",), SMOKE)
+    on_disk = read_record(next(tmp_path.glob("runs/mae-*")))
+    assert on_disk.done and on_disk.evals["knn"] == first.evals["knn"]
+    assert on_disk.train == first.train
+    assert on_disk.failed_evaluation["error"] == "RuntimeError: probe diverged"
+    assert is_done(next(tmp_path.glob("runs/mae-*")), ("knn",), SMOKE)
 
     monkeypatch.undo()
     again = run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
-    assert "linear_top1_cls" in again["metrics"] and "failed_evaluation" not in again
+    assert "linear_top1_cls" in again.metrics and again.failed_evaluation is None
 
 
 def test_a_failure_after_pretraining_keeps_the_pretrained_encoder_as_done(tmp_path, monkeypatch):
     """Pre-training is recorded as soon as it ends: an evaluation failing in the same call
     leaves a done run that a rerun evaluates without training again."""
-    from eval import linear
-    monkeypatch.setattr(linear, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("probe diverged")))
+    replace_evaluation(monkeypatch, "linear", lambda *a: (_ for _ in ()).throw(RuntimeError("probe diverged")))
     with pytest.raises(RuntimeError):
         run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
-    on_disk = json.loads(next(tmp_path.glob("runs/mae-*/result.json")).read_text())
-    assert on_disk["status"] == "done" and on_disk["train"]["steps"] > 0 and "knn" in on_disk["evals"]
+    on_disk = read_record(next(tmp_path.glob("runs/mae-*")))
+    assert on_disk.done and on_disk.train["steps"] > 0 and "knn" in on_disk.evals
     monkeypatch.undo()
-    monkeypatch.setattr(runner.Trainer, "fit", lambda self: pytest.fail("pre-training ran again"))
+    monkeypatch.setattr(runs_execute.Trainer, "fit", lambda self: pytest.fail("pre-training ran again"))
     again = run_once(RunSpec("mae", evals=("knn", "linear")), tmp_path)
-    assert "linear_top1_cls" in again["metrics"]
+    assert "linear_top1_cls" in again.metrics
+
+
+def test_a_damaged_run_record_is_a_one_line_error_naming_the_file(tmp_path):
+    run_once(RunSpec("none", evals=("knn",)), tmp_path)
+    record = next(tmp_path.glob("runs/none-*/result.json"))
+    record.write_text(record.read_text()[:40])                  # a copy cut short
+    with pytest.raises(ConfigError, match=r"result.json: not valid JSON .* delete it and run the suite again"):
+        run_once(RunSpec("none", evals=("knn",)), tmp_path)
+    record.unlink()                                             # ... as the message says
+    again = run_once(RunSpec("none", evals=("knn",)), tmp_path)
+    assert again.done and "knn_top1_cls" in again.metrics      # from the evaluation's own record
+
+
+def test_readme_add_an_evaluation_snippet_registers_one_the_runner_runs(tmp_path):
+    from test_methods import readme_snippet
+
+    try:
+        exec(readme_snippet("Adding an evaluation"), {})
+        assert registry["centroid"].config_cls().pooling == "cls"
+        record = run_once(RunSpec("none", evals=("knn", "centroid")), tmp_path)
+        # a nearest-centroid classifier on the synthetic classes beats chance (10 classes)
+        assert record.metrics["centroid_top1_cls"] > 10 and record.evals["centroid"].details == {"classes": 10}
+    finally:
+        registry.pop("centroid", None)

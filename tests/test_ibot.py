@@ -298,9 +298,9 @@ def test_multi_crop_adds_local_views_that_train_the_student_cls_only(tmp_path):
 
 
 def test_multi_crop_fields_at_their_defaults_leave_run_names_unchanged():
-    from suites.runner import method_record
+    from runs.identity import identity_record
 
-    default = method_record("ibot", build_method("ibot").cfg)
+    default = identity_record(build_method("ibot").cfg)
     assert "local_crops_number" not in default and "mask_ratio_range" in default
-    multi = method_record("ibot", build_method("ibot", local_crops_number=4).cfg)
+    multi = identity_record(build_method("ibot", local_crops_number=4).cfg)
     assert multi["local_crops_number"] == 4 and "local_crops_scale" not in multi

@@ -5,9 +5,15 @@ import torch
 from engine.data import ImageSet, synthetic_splits
 from eval import linear
 from eval.features import subset_positions
+from eval.registry import EvalContext
 from methods.vit import ViT, ViTConfig
 
 FAST = linear.LinearConfig(epochs=8, batch_size=128)
+
+
+def ctx(folder):
+    """Features cached in `folder` (as a run caches them in <run>/features)."""
+    return EvalContext(work_dir=folder, features_dir=folder, progress=False)
 
 
 class WatchedImageSet(ImageSet):
@@ -40,32 +46,32 @@ def test_the_test_split_is_read_only_after_every_sweep_and_retrain(encoder, tmp_
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(linear, "train_linear", logged_train)
-    result = linear.run(encoder, splits, FAST, tmp_path, progress=False)
+    result = linear.run(encoder, splits, FAST, ctx(tmp_path))
 
     assert log.count("train_linear") == 2 * 2             # (sweep + retrain) x (cls, mean)
     first_test_read = log.index("test")
     assert first_test_read > max(i for i, event in enumerate(log) if event == "train_linear")
-    assert set(result["metrics"]) == {"linear_top1_cls", "linear_top1_mean"}
-    assert all(0 <= v <= 100 for v in result["metrics"].values())
+    assert set(result.metrics) == {"linear_top1_cls", "linear_top1_mean"}
+    assert all(0 <= v <= 100 for v in result.metrics.values())
 
 
 def test_the_choice_does_not_depend_on_the_test_split(encoder, tmp_path):
     splits = synthetic_splits(img_size=16)
-    first = linear.run(encoder, splits, FAST, tmp_path / "a", progress=False)
+    first = linear.run(encoder, splits, FAST, ctx(tmp_path / "a"))
     gen = torch.Generator().manual_seed(1)
     splits.test = ImageSet(torch.randint(0, 256, splits.test.images.shape, dtype=torch.uint8, generator=gen),
                            splits.test.labels[torch.randperm(len(splits.test), generator=gen)],
                            splits.test.classes)
-    second = linear.run(encoder, splits, FAST, tmp_path / "b", progress=False)
-    assert first["details"] == second["details"]          # same sweep, same choice
-    assert first["metrics"] != second["metrics"]          # but the test split was really read
+    second = linear.run(encoder, splits, FAST, ctx(tmp_path / "b"))
+    assert first.details == second.details          # same sweep, same choice
+    assert first.metrics != second.metrics          # but the test split was really read
 
 
 def test_probe_learns_the_synthetic_classes_and_records_the_whole_sweep(encoder, tmp_path):
     splits = synthetic_splits(img_size=16)
-    result = linear.run(encoder, splits, FAST, tmp_path, progress=False)
-    assert result["metrics"]["linear_top1_mean"] > 60      # 10 classes: chance is 10%
-    details = result["details"]["mean"]
+    result = linear.run(encoder, splits, FAST, ctx(tmp_path))
+    assert result.metrics["linear_top1_mean"] > 60      # 10 classes: chance is 10%
+    details = result.details["mean"]
     assert len(details["sweep"]) == len(FAST.lrs) * len(FAST.weight_decays)
     assert details["holdout_top1"] == max(point["holdout_top1"] for point in details["sweep"])
     assert (details["lr"], details["weight_decay"]) in {(p["lr"], p["weight_decay"]) for p in details["sweep"]}
@@ -74,19 +80,19 @@ def test_probe_learns_the_synthetic_classes_and_records_the_whole_sweep(encoder,
 def test_a_grid_that_is_too_low_is_flagged_at_its_edge(encoder, tmp_path):
     splits = synthetic_splits(img_size=16)
     cfg = linear.LinearConfig(lrs=(1e-5, 1e-4), weight_decays=(0.0,), epochs=2, batch_size=128)
-    result = linear.run(encoder, splits, cfg, tmp_path, progress=False)
-    for details in result["details"].values():
+    result = linear.run(encoder, splits, cfg, ctx(tmp_path))
+    for details in result.details.values():
         assert details["lr"] == 1e-4 and details["lr_at_edge"]
 
 
 def test_a_chosen_block_is_probed_and_named_in_the_metric(encoder, tmp_path):
     splits = synthetic_splits(img_size=16)
     cfg = linear.LinearConfig(poolings=("mean",), block=0, epochs=2, batch_size=128)
-    result = linear.run(encoder, splits, cfg, tmp_path, progress=False)
-    assert set(result["metrics"]) == {"linear_top1_mean_block0"}
+    result = linear.run(encoder, splits, cfg, ctx(tmp_path))
+    assert set(result.metrics) == {"linear_top1_mean_block0"}
     assert (tmp_path / "train-block0.safetensors").exists()
     with pytest.raises(Exception, match="block 5 out of range for a depth-2 encoder"):
-        linear.run(encoder, splits, linear.LinearConfig(block=5), tmp_path, progress=False)
+        linear.run(encoder, splits, linear.LinearConfig(block=5), ctx(tmp_path))
 
 
 def test_fit_and_holdout_are_found_inside_train_and_foreign_images_are_refused():

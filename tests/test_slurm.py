@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from submitit.core.utils import DelayedSubmission
 
-from suites import slurm
+from runs import slurm
 from suites.profiles import get_profile
 from suites.run import cli, plan
 
@@ -121,7 +121,7 @@ def test_sbatch_scripts_ask_for_the_gpus_and_beit_runs_wait_for_the_one_tokenize
 
     # at its time limit a job resubmits the same call; the run folder carries the progress
     job = DelayedSubmission.load(folder / "102_submitted.pkl").function
-    assert job.checkpoint().function is job and job.config["method"] == "beit"
+    assert job.checkpoint().function is job and job.run.config.method == "beit"
 
 
 def test_dry_run_lists_the_jobs_and_submits_nothing(tmp_path, capsys):

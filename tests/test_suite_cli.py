@@ -104,7 +104,7 @@ def test_records_name_the_commit_of_the_code_that_ran():
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if head.returncode != 0:
         pytest.skip("not a git checkout")
-    from suites.runner import SOURCE_COMMIT, provenance
+    from runs.execute import SOURCE_COMMIT, provenance
 
     commit, _, dirty = SOURCE_COMMIT.partition("+")
     assert commit == head.stdout.strip() and dirty in ("", "dirty")
@@ -112,15 +112,17 @@ def test_records_name_the_commit_of_the_code_that_ran():
 
 
 def test_dry_run_state_names_the_evaluations_a_pretrained_run_still_needs(tmp_path):
+    from runs.identity import RunSpec
+    from runs.records import EvalRecord, RunRecord, write_record
     from suites.run import run_state
-    from suites.runner import RunSpec
     spec = RunSpec("mae", "random 0.75", evals=("knn", "linear", "finetune"))
     assert run_state(tmp_path / "absent", spec, None) == "to run"
-    record = {"schema": 1, "status": "done", "evals": {"knn": {"metrics": {"knn_top1_cls": 40.0}}}}
-    (tmp_path / "result.json").write_text(json.dumps(record))
+    record = RunRecord(status="done", method="mae", seed=0, config_hash="0" * 12, train={"steps": 1},
+                       evals={"knn": EvalRecord(config={}, metrics={"knn_top1_cls": 40.0})})
+    write_record(tmp_path, record)
     assert run_state(tmp_path, spec, None) == "to evaluate: linear, finetune"
     assert run_state(tmp_path, RunSpec("mae", "random 0.75"), None) == "done"
-    (tmp_path / "result.json").write_text(json.dumps({**record, "status": "failed"}))
+    write_record(tmp_path, RunRecord(status="failed", method="mae", seed=0, config_hash="0" * 12, error="x"))
     assert run_state(tmp_path, spec, None) == "failed"
 
 
@@ -145,3 +147,21 @@ def test_only_keeps_a_setting_whose_name_has_a_comma(tmp_path):
     assert lines == [["none", "random", "init", "seed"], ["pixel", "raw", "pixels,", "block"]]
     empty = run_cli("ablation_targets", "--only", ",", "--dry-run", outputs=tmp_path)
     assert empty.returncode == 2 and "names nothing" in empty.stderr
+
+
+def test_outputs_that_cannot_be_created_is_a_one_line_error_and_exit_code_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=blocker / "sub")
+    assert out.returncode == 2, out.stderr
+    assert f"--outputs {blocker / 'sub'} cannot be created or written" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_outputs_that_cannot_be_written_is_a_one_line_error_and_exit_code_2(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=locked)
+    assert out.returncode == 2 and "cannot be created or written" in out.stderr
