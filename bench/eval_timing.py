@@ -1,7 +1,7 @@
 """Wall-clock seconds of the two evaluation pieces every run pays, timed as the suite
 runner calls them at the `cpu` profile (its encoder, k-NN config and feature batch):
 
-    k-NN                `eval.knn.run` on cached train x test features, both poolings
+    k-NN                `eval.knn.knn_metrics` on cached train x test features, both poolings
                         ([CLS] and mean), random features of the encoder's width, 10 classes
     feature extraction  `eval.features.cached_features` of the train and the test split
                         (random uint8 images) through a fresh encoder, cache in a temp dir
@@ -41,7 +41,7 @@ def knn_seconds(num_train: int, num_test: int, seed: int = 0) -> float:
 
     train, test = features(num_train), features(num_test)
     t0 = time.perf_counter()
-    knn.run(train, test, profile.knn)
+    knn.knn_metrics(train, test, profile.knn)
     return time.perf_counter() - t0
 
 

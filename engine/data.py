@@ -26,7 +26,13 @@ from tqdm import tqdm
 from runs.records import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
-DEFAULT_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10"
+DATA_ROOT_ENV = "MIMBENCH_DATA"
+
+
+def data_root() -> Path:
+    """The folder of the shipped datasets (cifar10/, camvid/): $MIMBENCH_DATA, or
+    ../shared/datasets beside the repository."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "datasets")
 
 
 class DataError(Exception):
