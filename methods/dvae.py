@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -220,12 +219,10 @@ def code_perplexity(codes: Tensor, vocab_size: int) -> Tensor:
 
 
 def save_tokenizer(dvae: DVAE, path: Path) -> None:
-    """Write the weights with the DVAEConfig in the metadata, atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write the weights with the DVAEConfig in the metadata (the run layer writes it through
+    a temp file and a rename: `runs.execute.save_product`)."""
     state = {k: v.detach().cpu().contiguous() for k, v in dvae.state_dict().items()}
-    save_file(state, str(tmp), metadata={"dvae_config": json.dumps(asdict(dvae.cfg))})
-    os.replace(tmp, path)
+    save_file(state, str(path), metadata={"dvae_config": json.dumps(asdict(dvae.cfg))})
 
 
 def load_tokenizer(path: str | Path) -> DVAE:

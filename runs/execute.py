@@ -127,7 +127,8 @@ def check_inputs(runs: list[Run], profile) -> None:
 def save_product(method, run_dir: Path) -> None:
     """What a finished pre-training leaves for its evaluations (and for runs needing it)."""
     if method.product == "tokenizer":
-        save_tokenizer(method, run_dir / TOKENIZER_FILE)
+        with atomic_path(run_dir / TOKENIZER_FILE) as tmp:
+            save_tokenizer(method, tmp)
     else:
         with atomic_path(run_dir / ENCODER_FILE) as tmp:
             save_encoder(method.export_encoder(), tmp)
