@@ -222,12 +222,13 @@ def train_and_evaluate(run: Run, profile, run_dir: Path, device: str, progress: 
         trainer = Trainer(method, splits.train.images, config.train_config() or profile.train, run_dir,
                           seed=config.seed, config_hash=config.hash, device=device, progress=progress)
         train_stats = trainer.fit()
-        if not distributed.is_main():
-            return None
-        save_product(method, run_dir)
-        if method.product == "encoder":
-            write_figures(method, splits.test, run_dir, device=device)
-        record_progress()
+        if distributed.is_main():
+            save_product(method, run_dir)
+            if method.product == "encoder":
+                write_figures(method, splits.test, run_dir, device=device)
+            record_progress()
+    if not distributed.is_main():
+        return None     # ranks > 0 take part in pre-training only; rank 0 evaluates and records
     product = load_product(run_dir, method.product)   # evaluated as saved (iBOT: its teacher)
 
     for name in run.spec.evals:
