@@ -35,14 +35,13 @@ from timm.scheduler import PolyLRScheduler
 from torch import nn
 from tqdm import tqdm
 
-from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits
+from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits, data_root
 from engine.trainer import Trainer, TrainPlan, step_seed
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.registry import ConfigError
 from methods.vit import ViT
 from runs.records import config_hash
 
-DEFAULT_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
 TORCH_STREAM = 8      # the per-iteration torch seed (dropout, drop path) of segmentation's step seeds
 LOG_EVERY = 20        # iterations between flushes of metrics.jsonl
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -79,7 +78,7 @@ class SegmentationConfig:
     """Defaults: MAE's UperNet on ADE20K (512 crops, batch 16, lr 1e-4, layer decay 0.65,
     1500 warm-up iterations, poly decay, drop path 0.1, UPerHead width 768)."""
     dataset: str = "ade20k"             # one of DATASETS
-    data_root: str | None = None        # default: ../shared/datasets/camvid; ade20k: $MIMBENCH_ADE20K
+    data_root: str | None = None        # default: $MIMBENCH_DATA/camvid (../shared/datasets); ade20k: $MIMBENCH_ADE20K
     train_split: str = "train"
     eval_split: str = "test"            # ADE20K's "test" is its validation set, as in the papers
     scale: tuple[int, int] = (2048, 512)    # (long, short) resize bound (mmseg's ADE20K)
@@ -119,7 +118,7 @@ def dataset_root(cfg: SegmentationConfig) -> Path:
     if cfg.data_root:
         root = Path(cfg.data_root).expanduser()
     elif cfg.dataset == "camvid":
-        root = DEFAULT_CAMVID
+        root = data_root() / "camvid"              # $MIMBENCH_DATA or ../shared/datasets
     elif os.environ.get("MIMBENCH_ADE20K"):
         root = Path(os.environ["MIMBENCH_ADE20K"]).expanduser()
     else:

@@ -52,7 +52,8 @@ def test_the_test_split_is_read_only_after_every_sweep_and_retrain(encoder, tmp_
     first_test_read = log.index("test")
     assert first_test_read > max(i for i, event in enumerate(log) if event == "train_linear")
     assert set(result.metrics) == {"linear_top1_cls", "linear_top1_mean"}
-    assert all(0 <= v <= 100 for v in result.metrics.values())
+    # the values of this micro ViT (deterministic on CPU; within one of the 320 test images)
+    assert result.metrics == pytest.approx({"linear_top1_cls": 94.0625, "linear_top1_mean": 96.875}, abs=0.32)
 
 
 def test_the_choice_does_not_depend_on_the_test_split(encoder, tmp_path):

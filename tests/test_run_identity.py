@@ -111,3 +111,17 @@ def test_every_methods_default_config_round_trips_through_its_identity():
     for name, (_, config_cls) in registry.items():
         cfg = config_cls()
         assert config_from_record(name, json.loads(json.dumps(identity_record(cfg)))) == cfg, name
+
+
+def test_mimbench_data_moves_the_data_root_of_cifar10_and_camvid(tmp_path, monkeypatch):
+    from engine.data import DataError
+    from eval.segmentation import dataset_root
+    from runs.identity import data_descriptor
+
+    monkeypatch.setenv("MIMBENCH_DATA", str(tmp_path))
+    cpu = get_profile("cpu")
+    assert data_descriptor(cpu, None, check=False)["path"] == str((tmp_path / "cifar10").resolve())
+    with pytest.raises(DataError, match=str(tmp_path / "cifar10")):
+        data_descriptor(cpu, None)
+    with pytest.raises(DataError, match=f"camvid folder {tmp_path / 'camvid'} has no"):
+        dataset_root(cpu.eval_budget.segmentation)
