@@ -14,16 +14,22 @@ over ranks after each step, so every rank holds the same value.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+COLLECTIVE_TIMEOUT_HOURS = 48
 
 
 def init_from_env() -> None:
     """Join the process group torchrun describes in the environment (no-op when run plainly)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # rank 0 runs a run's evaluations alone (a fine-tune can take hours) while the other
+        # ranks wait for it in a barrier: the default 10-30 min would end them
+        dist.init_process_group(backend, timeout=timedelta(hours=COLLECTIVE_TIMEOUT_HOURS))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 

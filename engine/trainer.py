@@ -140,6 +140,9 @@ class TrainPlan:
     compile: bool = False
     max_bad_steps: int = 0          # non-finite losses to skip before stopping
     torch_stream: int = 3           # per-step torch seed (drop path, dropout): step_seed(seed, s, this + rank)
+    # False: this process trains alone even under torchrun (the evaluations, which rank 0 runs
+    # while the other ranks wait): no DDP, no collectives
+    distributed: bool = True
     desc: str = "train"             # the progress bar's label
 
 
@@ -261,7 +264,7 @@ class Trainer:
         self.run_dir, self.config_hash = Path(run_dir), config_hash
         self.progress = progress
         self.total_steps = plan.total_steps
-        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.world, self.rank = (distributed.world_size(), distributed.rank()) if plan.distributed else (1, 0)
         if plan.batch_size % self.world:
             raise ConfigError(f"batch_size {plan.batch_size} is not divisible by the {self.world} "
                               f"processes; pick a multiple of {self.world}")
@@ -348,7 +351,7 @@ class Trainer:
         if self.total_steps == 0:
             return {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
         start = self.start_step = self.resume()
-        distributed.barrier()  # no rank starts before every rank has read the checkpoint
+        self._barrier()  # no rank starts before every rank has read the checkpoint
         stats_file = self.run_dir / "train_stats.json"
         if start >= self.total_steps and stats_file.exists():
             return read_json(stats_file)   # finished earlier: its stats, not those of an empty session
@@ -374,7 +377,7 @@ class Trainer:
                 log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        distributed.barrier()  # the last checkpoint is on disk before any rank moves on
+        self._barrier()  # the last checkpoint is on disk before any rank moves on
         stats = timer.stats(self.plan.batch_size)
         stats = {"steps": self.total_steps, "images_seen": self.total_steps * self.plan.batch_size,
                  **stats, "flops_per_step": flops, "flops_total": flops * self.total_steps if flops else None,
@@ -396,17 +399,24 @@ class Trainer:
             loss, logs = self.step_fn(batch)
         # every rank takes the same branches (a rank skipping backward or stopping alone
         # would hang the others): one all-reduce per step agrees on both flags
-        nonfinite, stop = distributed.on_any_rank(not torch.isfinite(loss), self._stop_signal is not None)
+        nonfinite, stop = not torch.isfinite(loss), self._stop_signal is not None
+        if self.world > 1:
+            nonfinite, stop = distributed.on_any_rank(nonfinite, stop)
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             return loss, stop
         self._backward_and_step(loss, logs)
         self.module.after_step(step, self.total_steps)
-        distributed.average_buffers(self.module, self.synced_buffers)
+        if self.world > 1:
+            distributed.average_buffers(self.module, self.synced_buffers)
         if log is not None:
             log.add({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
         timer.add(step, t1 - t0, time.perf_counter() - t0)
         return None, stop
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            distributed.barrier()
 
     def _end_of_step(self, done: int, stop: bool, log: "MetricLog | None", bar: tqdm) -> None:
         """Flush metrics, checkpoint, and stop on a signal, as the step count says."""
@@ -419,7 +429,7 @@ class Trainer:
         if checkpoint_now and self.rank == 0:
             save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
         if stop and done < self.total_steps:
-            distributed.barrier()   # rank 0's checkpoint is on disk before any rank exits
+            self._barrier()   # rank 0's checkpoint is on disk before any rank exits
             signum = self._stop_signal or signal.SIGTERM   # (a rank the signal did not reach)
             raise Preempted(f"stopped by {signal.Signals(signum).name} at step {done}; "
                             f"checkpoint saved - run the same command again to resume", signum)

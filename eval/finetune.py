@@ -15,7 +15,7 @@ fine-tune picks up from its last checkpoint when run again.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +182,7 @@ def finetune_trainer(model: Classifier, data: ImageSet, cfg: FinetuneConfig, wor
     batches = LabelledBatches(data, cfg, model.encoder.cfg.img_size, model.head.out_features, seed, device)
     steps = total_steps(cfg.epochs, len(data), cfg.batch_size)
     plan = adamw_cosine_plan(cfg.train_config(), steps, layer_decay=cfg.layer_decay, desc="fine-tune")
+    plan = replace(plan, distributed=False)     # rank 0 alone runs evaluations
     return Trainer(model, batches, plan, work_dir, seed, config_hash, device, progress)
 
 

@@ -296,7 +296,8 @@ def train_plan(cfg: SegmentationConfig) -> TrainPlan:
 
     return TrainPlan(total_steps=cfg.iterations, batch_size=cfg.batch_size, make_optimizer=make_optimizer,
                      make_scheduler=make_scheduler, checkpoint_every=cfg.checkpoint_every, log_every=LOG_EVERY,
-                     precision="fp32", torch_stream=TORCH_STREAM, desc="segmentation")
+                     precision="fp32", torch_stream=TORCH_STREAM, desc="segmentation",
+                     distributed=False)     # rank 0 alone runs evaluations
 
 
 def segmentation_trainer(model, dataset, cfg: SegmentationConfig, work_dir: Path, seed: int = 0,
@@ -309,18 +310,19 @@ def segmentation_trainer(model, dataset, cfg: SegmentationConfig, work_dir: Path
 
 @torch.inference_mode()
 def evaluate(model, dataset, ignore_index: int, progress: bool = True) -> dict[str, float]:
-    """mIoU, mAcc, aAcc (%) from mmseg's IoUMetric through mmengine's Evaluator."""
+    """mIoU, mAcc, aAcc (%) from mmseg's IoUMetric. Its scores are computed here, not through
+    mmengine's Evaluator, which gathers results over every process: under torchrun rank 0
+    evaluates alone while the other ranks wait, so a collective there would hang."""
     from mmengine.dataset import pseudo_collate
-    from mmengine.evaluator import Evaluator
     from mmseg.evaluation import IoUMetric
 
-    evaluator = Evaluator([IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index, prefix="seg")])
-    evaluator.dataset_meta = dataset.metainfo
+    metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index)
+    metric.dataset_meta = dataset.metainfo
     model.eval()
     for i in tqdm(range(len(dataset)), desc="segmentation eval", unit="img", disable=not progress, leave=False):
         batch = pseudo_collate([dataset[i]])
-        evaluator.process(data_samples=model.test_step(batch), data_batch=batch)
-    return {k.removeprefix("seg/"): float(v) for k, v in evaluator.evaluate(len(dataset)).items()}
+        metric.process(batch, [sample.to_dict() for sample in model.test_step(batch)])   # as Evaluator passes them
+    return {name: float(value) for name, value in metric.compute_metrics(metric.results).items()}
 
 
 def check_inputs(cfg: SegmentationConfig) -> None:

@@ -224,3 +224,16 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank_without_a_hang(tm
     final_state(tmp_path / "ddp")          # the skipped last step still ends with the final checkpoint
     stats = json.loads((tmp_path / "ddp" / "train_stats.json").read_text())
     assert stats["skipped_nonfinite_steps"] == 1
+
+
+def test_torchrun_runs_every_evaluation_on_rank_0_while_the_other_rank_waits(tmp_path):
+    """Evaluations train on rank 0 alone (no DDP, no collectives): under torchrun a run with
+    fine-tuning and segmentation finishes instead of hanging in rank 0's collectives."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+                "-m", "suites.run", "compare_methods", "--profile", "smoke", "--only", "none",
+                "--outputs", str(tmp_path), "--no-progress"]
+    out = subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("none-*/result.json")]
+    assert set(record["evals"]) == {"knn", "linear", "finetune", "segmentation"}
