@@ -39,14 +39,19 @@ from methods.registry import ConfigError
 from methods.vit import load_encoder, save_encoder
 from runs.figures import write_figures
 from runs.identity import Run, RunConfig, RunSpec
-from runs.records import (EvalRecord, RecordError, RunRecord, atomic_path, config_hash, read_json,
-                          read_record, write_json, write_record)
+from runs.records import (EvalRecord, NewerSchemaError, RecordError, RunRecord, atomic_path, config_hash,
+                          read_json, read_record, write_json, write_record)
 
 ENCODER_FILE = "encoder.safetensors"
 
 
 class RunSkipped(Exception):
     """Another process holds this run's lock."""
+
+
+class UnreadableRecord(RuntimeError):
+    """A run folder's result.json does not parse or validate: that run fails (its file is left
+    as it is), the others go on."""
 
 
 @lru_cache(maxsize=4)
@@ -86,11 +91,14 @@ def provenance() -> dict:
 
 # ---- state of a run folder -----------------------------------------------------------------
 def read_result(run_dir: Path) -> RunRecord | None:
-    """The folder's record; a newer schema or a damaged file is a ConfigError (one line)."""
+    """The folder's record. A record of a newer mimbench is a ConfigError (it stops the suite:
+    every run of this outputs folder is suspect); a damaged one is UnreadableRecord."""
     try:
         return read_record(run_dir)
+    except NewerSchemaError as err:
+        raise ConfigError(f"{err}, or use another --outputs folder") from None
     except RecordError as err:
-        raise ConfigError(f"{err}; or use another --outputs folder") from None
+        raise UnreadableRecord(str(err)) from None
 
 
 def stale_evaluations(record: RunRecord, evals: tuple[str, ...], profile=None) -> list[str]:

@@ -33,6 +33,10 @@ class RecordError(ValueError):
     """A record that does not parse or does not match the schema; the message names the file."""
 
 
+class NewerSchemaError(RecordError):
+    """A record written by a newer mimbench (a higher SCHEMA)."""
+
+
 # ---- atomic writes -------------------------------------------------------------------------
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -132,7 +136,8 @@ class RunRecord:
         if not isinstance(schema, int) or schema < 1:
             raise bad(f"'schema' must be an integer >= 1, got {schema!r}")
         if schema > SCHEMA:
-            raise bad(f"written by a newer mimbench (schema {schema} > {SCHEMA}); upgrade mimbench")
+            raise NewerSchemaError(f"{where}: written by a newer mimbench (schema {schema} > {SCHEMA}); "
+                                   f"upgrade mimbench")
         known = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(data) - known)
         if extra:

@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 
 from engine import distributed
 from methods.registry import ConfigError
-from runs.execute import execute, is_done, run_prerequisites
+from runs.execute import UnreadableRecord, execute, is_done, run_prerequisites
 from runs.identity import Run
 
 CLUSTER_ENV = "MIMBENCH_SUBMITIT_CLUSTER"
@@ -165,8 +165,11 @@ def plan_jobs(runs: list[Run], profile, outputs: Path, device: str | None, progr
     jobs: list[PlannedJob] = []
     prerequisite_job: dict[str, int] = {}      # the required runs' names -> index of their job
     for run in runs:
-        if is_done(run.config.folder(outputs), run.spec.evals, profile):
-            continue
+        try:
+            if is_done(run.config.folder(outputs), run.spec.evals, profile):
+                continue
+        except UnreadableRecord:
+            pass    # submitted: its job fails naming the damaged file
         after = None
         unfinished = [need.config.folder(outputs) for need in run.config.requires.values()
                       if not is_done(need.config.folder(outputs), need.evals)]

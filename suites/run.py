@@ -31,7 +31,7 @@ from methods.registry import ConfigError, UnknownNameError
 from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, summarize
 from runs import slurm
 from runs.cost import estimate_seconds
-from runs.execute import RunSkipped, check_inputs, execute, read_result, stale_evaluations
+from runs.execute import RunSkipped, UnreadableRecord, check_inputs, execute, read_result, stale_evaluations
 from runs.identity import Run, data_descriptor, resolve
 from runs.records import read_json, write_json
 from suites.profiles import PROFILES, get_profile
@@ -172,8 +172,12 @@ def flatten(overrides: dict, prefix: str = "") -> dict:
 
 
 def run_state(run_dir: Path, spec, profile) -> str:
-    """What a run folder holds for this grid cell: done, to evaluate (named), to run, failed."""
-    record = read_result(run_dir)
+    """What a run folder holds for this grid cell: done, to evaluate (named), to run, failed,
+    unreadable (a damaged result.json)."""
+    try:
+        record = read_result(run_dir)
+    except UnreadableRecord:
+        return "unreadable"
     if record is None:
         return "to run"
     if not record.done:
@@ -190,7 +194,7 @@ def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Pat
         seconds = estimate_seconds(run.config, profile)
         state = run_state(run.config.folder(outputs), run.spec, profile)
         total += seconds
-        left += seconds if state in ("to run", "failed") else 0.0     # pre-training still to do
+        left += seconds if state in ("to run", "failed", "unreadable") else 0.0   # pre-training still to do
         print(f"  {run.spec.method:6s} {run.spec.setting:22s} seed {run.seed}  ~{seconds / 60:7.1f} min  "
               f"{run.name}  [{state}]")
     print(f"estimated pre-training: {left / 3600:.2f} h left of {total / 3600:.2f} h for these runs "
@@ -268,7 +272,10 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
         run_dir = suite_dir / entry["run_dir"]
         if (entry["method"], entry["setting"], entry["seed"]) in listed:
             continue
-        record = read_result(run_dir)
+        try:
+            record = read_result(run_dir)
+        except UnreadableRecord:
+            record = None            # not listed; the run's own cell names it
         if record is None or not record.done or not (run_dir / "config.json").exists():
             continue
         if cells.get((entry["method"], entry["setting"])) == unseeded(read_json(run_dir / "config.json")):
@@ -382,6 +389,9 @@ def main(argv=None) -> int:
             print(f"  skipped: {err}")
         except (DataError, UnknownNameError, ConfigError):
             raise  # bad input: stop the whole suite (exit 2), nothing else would work either
+        except UnreadableRecord as err:      # the file is left as it is
+            failed.append(name)
+            print(f"  FAILED: {err}", file=sys.stderr)
         except Preempted as err:
             print(f"stopped: {err}", file=sys.stderr)
             return 128 + (err.signum or 0)

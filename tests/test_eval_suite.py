@@ -12,7 +12,7 @@ from eval.linear import LinearConfig
 from eval.registry import EvalContext, EvalResult, registry
 from methods.registry import ConfigError, UnknownNameError
 from runs import execute as runs_execute
-from runs.execute import execute, is_done
+from runs.execute import UnreadableRecord, execute, is_done
 from runs.identity import Run, RunSpec, data_descriptor, resolve
 from runs.records import read_record
 from suites.profiles import get_profile
@@ -238,7 +238,7 @@ def test_a_damaged_run_record_is_a_one_line_error_naming_the_file(tmp_path):
     run_once(RunSpec("none", evals=("knn",)), tmp_path)
     record = next(tmp_path.glob("runs/none-*/result.json"))
     record.write_text(record.read_text()[:40])                  # a copy cut short
-    with pytest.raises(ConfigError, match=r"result.json: not valid JSON .* delete it and run the suite again"):
+    with pytest.raises(UnreadableRecord, match=r"result.json: not valid JSON .* delete it and run the suite again"):
         run_once(RunSpec("none", evals=("knn",)), tmp_path)
     record.unlink()                                             # ... as the message says
     again = run_once(RunSpec("none", evals=("knn",)), tmp_path)

@@ -194,3 +194,20 @@ def test_outputs_that_cannot_be_written_is_a_one_line_error_and_exit_code_2(tmp_
     locked.mkdir(mode=0o500)
     out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=locked)
     assert out.returncode == 2 and "cannot be created or written" in out.stderr
+
+
+def test_a_damaged_record_fails_its_run_only_and_is_left_as_it_is(tmp_path):
+    done = run_cli("ablation_masking", "--profile", "smoke", "--only", "none", outputs=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [record] = (tmp_path / "runs").glob("none-*/result.json")
+    damaged = record.read_text()[:50]
+    record.write_text(damaged)                              # a copy cut short
+    plan = run_cli("ablation_masking", "--profile", "smoke", "--only", "none,mae:random 0.75", "--dry-run",
+                   outputs=tmp_path)
+    assert "[unreadable]" in plan.stdout
+    out = run_cli("ablation_masking", "--profile", "smoke", "--only", "none,mae:random 0.75", outputs=tmp_path)
+    assert out.returncode == 1
+    assert f"FAILED: {record}: not valid JSON" in out.stderr
+    assert record.read_text() == damaged                    # nothing overwritten
+    [mae] = (tmp_path / "runs").glob("mae-*/result.json")   # the other run still ran
+    assert json.loads(mae.read_text())["status"] == "done"
