@@ -33,8 +33,6 @@ Results go to bench/results.json (git-ignored) or --out. lightly is optional:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -46,6 +44,7 @@ from bench.eval_timing import TARGET_TEST, TARGET_TRAIN, eval_results
 from bench.steps import Competitor, matmul_peak, measure, our_method, timm_full_token
 from methods import registry
 from methods.vit import ViTConfig
+from runs.records import write_json
 
 RESULTS = Path(__file__).parent / "results.json"
 FULL_TOKEN = "timm full-token ViT"
@@ -193,13 +192,6 @@ def print_eval(results: dict) -> None:
           f"<= {feats['target_s']:g} s at 60000{verdict(feats)}")
 
 
-def write_atomic(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -215,7 +207,8 @@ def main(argv=None) -> int:
         timings = eval_results(args.eval_train, args.eval_test, device)
         print_eval(timings)
         results.update(timings)
-    write_atomic(args.out, results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, results)
     print(f"\nwritten {args.out}")
     return 0
 

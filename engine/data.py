@@ -80,7 +80,7 @@ def check_dataset_root(root: str | Path) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset folder {root} not found; pass --data PATH to an ImageFolder "
-                        f"with train/ and test/ (the default is ../shared/datasets/cifar10)")
+                        f"with train/ and test/ (the default is $MIMBENCH_DATA/cifar10, else ../shared/datasets/cifar10)")
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"dataset folder {root} has no {' or '.join(missing)}/ subfolder; "

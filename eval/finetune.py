@@ -15,7 +15,7 @@ fine-tune picks up from its last checkpoint when run again.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, 
 from eval.features import POOLINGS
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.base import Batch
-from methods.registry import ConfigError
+from methods.registry import ConfigError, identity_record
 from methods.vit import ViT, pool
 from runs.records import config_hash
 
@@ -88,7 +88,7 @@ class FinetuneConfig:
                            log_every=self.log_every, compile=self.compile)
 
     def config_hash(self) -> str:
-        return config_hash(asdict(self))
+        return config_hash(identity_record(self))     # late fields keep old checkpoints (see late_field)
 
 
 @dataclass

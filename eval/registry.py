@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from methods.base import PRODUCTS
 from methods.registry import unknown
-
-TAKES = ("encoder", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Evaluation:
     name: str
     config_cls: type
     run: Callable[..., EvalResult]
-    takes: str = "encoder"                          # what of a finished run it evaluates (TAKES)
+    takes: str = "encoder"                          # what of a finished run it evaluates (methods.base.PRODUCTS)
     check_inputs: Callable[[Any], None] | None = None   # fails early (before any training) on missing data
 
 
@@ -59,8 +58,8 @@ def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
     registering a name twice raises."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
         raise TypeError(f"config of evaluation {name!r} must be a frozen dataclass")
-    if takes not in TAKES:
-        raise ValueError(f"evaluation {name!r}: takes must be one of {', '.join(TAKES)}, got {takes!r}")
+    if takes not in PRODUCTS:
+        raise ValueError(f"evaluation {name!r}: takes must be one of {', '.join(PRODUCTS)}, got {takes!r}")
 
     def add(run: Callable) -> Callable:
         if name in registry:

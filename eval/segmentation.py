@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from tqdm import tqdm
 from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits, data_root
 from engine.trainer import Trainer, TrainPlan, step_seed
 from eval.registry import EvalContext, EvalResult, register_evaluation
-from methods.registry import ConfigError
+from methods.registry import ConfigError, identity_record
 from methods.vit import ViT
 from runs.records import config_hash
 
@@ -109,7 +109,7 @@ class SegmentationConfig:
             raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1] (1 = no decay)")
 
     def config_hash(self) -> str:
-        return config_hash(asdict(self))
+        return config_hash(identity_record(self))     # late fields keep old checkpoints (see late_field)
 
 
 def dataset_root(cfg: SegmentationConfig) -> Path:

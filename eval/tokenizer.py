@@ -28,7 +28,7 @@ class TokenizerEvalConfig:
             raise ConfigError(f"tokenizer evaluation split {self.split!r} unknown; known: train, test")
 
 
-@register_evaluation("tokenizer", TokenizerEvalConfig, takes="tokenizer")
+@register_evaluation("tokenizer", TokenizerEvalConfig, takes="tokenizer", check_inputs=TokenizerEvalConfig.validate)
 @torch.inference_mode()
 def run(tokenizer, splits: Splits, cfg: TokenizerEvalConfig, ctx: EvalContext) -> EvalResult:
     """Reconstruction from the argmax tokens (what stage 2 predicts) and code statistics:

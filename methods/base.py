@@ -29,7 +29,7 @@ class Prerequisite:
     evals: tuple[str, ...] = ()                 # evaluations of its product, recorded with it
 
 
-PRODUCTS = ("encoder", "tokenizer")
+PRODUCTS = ("encoder", "tokenizer")     # what a run can make (`Method.product`); evaluations take one
 
 
 class Method(nn.Module):

@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from typing import Any, Callable
 
 registry: dict[str, tuple[type, type]] = {}
@@ -34,8 +36,13 @@ def register_method(name: str, config_cls: type) -> Callable[[type], type]:
         raise TypeError(f"config of method {name!r} must be a frozen dataclass")
 
     def add(cls: type) -> type:
+        from methods.base import PRODUCTS, Method
+
         if name in registry:
             raise ValueError(f"method {name!r} is already registered (by {registry[name][0].__qualname__})")
+        if not (issubclass(cls, Method) and cls.product in PRODUCTS):
+            raise TypeError(f"method {name!r} must subclass methods.base.Method (MIMMethod for a ViT) with a "
+                            f"product in {', '.join(PRODUCTS)}")
         registry[name] = (cls, config_cls)
         cls.name = name
         return cls
@@ -101,7 +108,7 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 # ---- run identity: fields added after runs existed -------------------------------------------
 IDENTITY_DEFAULT = "identity_default"       # the field metadata key `late_field` sets
-RETIRED_FIELDS = "RETIRED_FIELDS"           # class attribute: {removed field: the value it always had}
+RETIRED_ATTR = "RETIRED_FIELDS"             # class attribute: {removed field: the value it always had}
 
 
 def late_field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
@@ -121,3 +128,50 @@ def late_field(default: Any = dataclasses.MISSING, *, default_factory: Any = dat
         raise TypeError("late_field needs a default, a default_factory or an identity_default")
     kwargs = {"default": default} if default_factory is dataclasses.MISSING else {"default_factory": default_factory}
     return dataclasses.field(metadata={IDENTITY_DEFAULT: identity_default}, **kwargs)
+
+
+# ---- run identity: the record a config is hashed as (runs.identity names runs by it) ------
+def identity_record(cfg) -> dict:
+    """`dataclasses.asdict(cfg)` as a run's identity holds it: fields declared with `late_field`
+    left out where they hold their identity default, retired fields put back with the value
+    they always had (nested configs alike)."""
+    record = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if IDENTITY_DEFAULT in f.metadata and same_json(value, f.metadata[IDENTITY_DEFAULT]):
+            continue
+        record[f.name] = identity_record(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    record.update(copy.deepcopy(getattr(type(cfg), RETIRED_ATTR, {})))
+    return record
+
+
+def config_values(config_cls: type, record: dict, where: str) -> dict:
+    """The inverse of `identity_record` as plain values for `build_config`: retired fields
+    dropped (an error if one holds another value than the one every run had), late fields
+    left out of the record given back their identity default."""
+    values = dict(record)
+    for name, always in getattr(config_cls, RETIRED_ATTR, {}).items():
+        if name in values and not same_json(values.pop(name), always):
+            raise ConfigError(f"{where}: field {name!r} was removed from {config_cls.__name__} (every run had "
+                              f"{always!r}); this config cannot be rebuilt by this version of mimbench")
+    for f in dataclasses.fields(config_cls):
+        if f.name not in values and IDENTITY_DEFAULT in f.metadata:
+            values[f.name] = copy.deepcopy(f.metadata[IDENTITY_DEFAULT])
+        default = nested_default(config_cls, f)
+        if default is not None and isinstance(values.get(f.name), dict):
+            values[f.name] = config_values(type(default), values[f.name], f"{where}.{f.name}")
+    return values
+
+
+def nested_default(config_cls: type, f: dataclasses.Field):
+    """The default of a field when it is a nested config dataclass, else None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = None if f.default is dataclasses.MISSING else f.default
+    return default if dataclasses.is_dataclass(default) else None
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON (a tuple and a list of the same values are the same to a hash)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)

@@ -38,7 +38,7 @@ from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.registry import ConfigError
 from methods.vit import load_encoder, save_encoder
 from runs.figures import write_figures
-from runs.identity import Run, RunConfig, RunSpec
+from runs.identity import Run, RunConfig, RunSpec, identity_record
 from runs.records import (EvalRecord, NewerSchemaError, RecordError, RunRecord, atomic_path, config_hash,
                           read_json, read_record, write_json, write_record)
 
@@ -114,7 +114,8 @@ def is_current(record: EvalRecord | None, name: str, profile) -> bool:
 
 
 def eval_config_dict(name: str, profile) -> dict:
-    return dataclasses.asdict(profile.eval_config(name))
+    """The config an evaluation is recorded and cached under (late fields as for runs)."""
+    return identity_record(profile.eval_config(name))
 
 
 def is_done(run_dir: Path, evals: tuple[str, ...], profile=None) -> bool:
@@ -132,21 +133,24 @@ def check_inputs(runs: list[Run], profile) -> None:
 
 
 # ---- products ------------------------------------------------------------------------------
+# what a finished pre-training leaves for its evaluations (and for runs needing it), by the
+# method's `product` (methods.base.PRODUCTS): (file, save(method, path), load(path))
+PRODUCT_FILES = {
+    "encoder": (ENCODER_FILE, lambda method, path: save_encoder(method.export_encoder(), path), load_encoder),
+    "tokenizer": (TOKENIZER_FILE, save_tokenizer, load_tokenizer),
+}
+
+
 def save_product(method, run_dir: Path) -> None:
-    """What a finished pre-training leaves for its evaluations (and for runs needing it)."""
-    if method.product == "tokenizer":
-        with atomic_path(run_dir / TOKENIZER_FILE) as tmp:
-            save_tokenizer(method, tmp)
-    else:
-        with atomic_path(run_dir / ENCODER_FILE) as tmp:
-            save_encoder(method.export_encoder(), tmp)
+    file, save, _ = PRODUCT_FILES[method.product]
+    with atomic_path(run_dir / file) as tmp:
+        save(method, tmp)
 
 
 def load_product(run_dir: Path, product: str):
     """The saved product of a finished run, as evaluations take it."""
-    if product == "tokenizer":
-        return load_tokenizer(run_dir / TOKENIZER_FILE)
-    return load_encoder(run_dir / ENCODER_FILE)
+    file, _, load = PRODUCT_FILES[product]
+    return load(run_dir / file)
 
 
 # ---- executing -----------------------------------------------------------------------------
@@ -220,7 +224,7 @@ def train_and_evaluate(run: Run, profile, run_dir: Path, device: str, progress: 
 
     def record_progress() -> RunRecord:
         """result.json after pre-training and after each evaluation: a later failure or stop keeps them."""
-        record = done_record(config, evals, train_stats, outputs)
+        record = done_record(config, evals, train_stats)
         write_record(run_dir, record)
         return record
 
@@ -243,7 +247,7 @@ def train_and_evaluate(run: Run, profile, run_dir: Path, device: str, progress: 
         if not is_current(evals.get(name), name, profile):
             evals[name] = evaluate(name, product, splits, profile, run_dir, config.seed, device, progress)
             record_progress()
-    return done_record(config, evals, train_stats, outputs)
+    return done_record(config, evals, train_stats)
 
 
 def evaluate(name: str, product, splits: Splits, profile, run_dir: Path, seed: int, device: str,
@@ -262,8 +266,11 @@ def evaluate(name: str, product, splits: Splits, profile, run_dir: Path, seed: i
                       progress=progress, feature_batch=profile.feature_batch)
     work_dir.mkdir(parents=True, exist_ok=True)
     result = evaluation.run(product, splits, cfg, ctx)
-    record = EvalRecord(config=json.loads(json.dumps(config)), metrics=result.metrics, details=result.details,
-                        seconds=time.time() - started)
+    record = {"config": config, "metrics": result.metrics, "details": result.details,
+              "seconds": time.time() - started}
+    # as JSON and validated before it is cached: a metric that is not a number (a tensor, a
+    # numpy scalar) fails this evaluation now instead of every later read of the cache
+    record = EvalRecord.from_dict(json.loads(json.dumps(record, default=str)), f"evaluation {name!r}")
     write_json(work_dir / "result.json", dataclasses.asdict(record))
     return record
 
@@ -272,12 +279,12 @@ def read_eval_cache(work_dir: Path) -> EvalRecord | None:
     """An evaluation's finished record in its work folder; None when absent or damaged (it then
     runs again, from its checkpoints)."""
     try:
-        return EvalRecord(**read_json(work_dir / "result.json"))
-    except (OSError, ValueError, TypeError):
+        return EvalRecord.from_dict(read_json(work_dir / "result.json"))
+    except (OSError, ValueError):        # (RecordError and JSONDecodeError are ValueErrors)
         return None
 
 
-def done_record(config: RunConfig, evals: dict[str, EvalRecord], train_stats: dict, outputs: Path) -> RunRecord:
+def done_record(config: RunConfig, evals: dict[str, EvalRecord], train_stats: dict) -> RunRecord:
     """The record of a run whose pre-training finished, with the evaluations done so far."""
     metrics = {name: value for e in evals.values() for name, value in e.metrics.items()}
     for key in ("images_per_second", "flops_total"):

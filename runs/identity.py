@@ -15,18 +15,16 @@ keeps its name through later code changes, so finished work is never silently re
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from engine.data import check_dataset_root, data_root
 from engine.trainer import TrainConfig
 from eval.registry import get_evaluation
 from methods import method_config, registry
 from methods.base import Prerequisite
-from methods.registry import IDENTITY_DEFAULT, RETIRED_FIELDS, ConfigError, build_config, unknown
+from methods.registry import ConfigError, build_config, config_values, identity_record, unknown
 from runs.records import config_hash
 
 IDENTITY_VERSION = 1
@@ -34,7 +32,7 @@ IDENTITY_VERSION = 1
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One cell of a suite's grid (seeds are added by the suite runner)."""
+    """One cell of a suite's grid (`suites.run` adds the seeds)."""
     method: str
     setting: str = "default"                        # label shown in tables, e.g. "random 0.75"
     overrides: dict = field(default_factory=dict)   # method config overrides
@@ -104,48 +102,6 @@ class Run:
         return self.config.name
 
 
-# ---- identity records ----------------------------------------------------------------------
-def identity_record(cfg) -> dict:
-    """`dataclasses.asdict(cfg)` as a run's identity holds it: fields declared with `late_field`
-    left out where they hold their identity default, retired fields put back with the value
-    they always had (nested configs alike)."""
-    record = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if IDENTITY_DEFAULT in f.metadata and same_json(value, f.metadata[IDENTITY_DEFAULT]):
-            continue
-        record[f.name] = identity_record(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
-    record.update(copy.deepcopy(getattr(type(cfg), RETIRED_FIELDS, {})))
-    return record
-
-
-def config_values(config_cls: type, record: dict, where: str) -> dict:
-    """The inverse of `identity_record` as plain values for `build_config`: retired fields
-    dropped (an error if one holds another value than the one every run had), late fields
-    left out of the record given back their identity default."""
-    values = dict(record)
-    for name, always in getattr(config_cls, RETIRED_FIELDS, {}).items():
-        if name in values and not same_json(values.pop(name), always):
-            raise ConfigError(f"{where}: field {name!r} was removed from {config_cls.__name__} (every run had "
-                              f"{always!r}); this config cannot be rebuilt by this version of mimbench")
-    for f in dataclasses.fields(config_cls):
-        if f.name not in values and IDENTITY_DEFAULT in f.metadata:
-            values[f.name] = copy.deepcopy(f.metadata[IDENTITY_DEFAULT])
-        default = nested_default(config_cls, f)
-        if default is not None and isinstance(values.get(f.name), dict):
-            values[f.name] = config_values(type(default), values[f.name], f"{where}.{f.name}")
-    return values
-
-
-def nested_default(config_cls: type, f: dataclasses.Field):
-    """The default of a field when it is a nested config dataclass, else None."""
-    if f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = None if f.default is dataclasses.MISSING else f.default
-    return default if dataclasses.is_dataclass(default) else None
-
-
 def build_from_record(config_cls: type, record: dict, where: str):
     return build_config(config_cls, config_values(config_cls, record, where), where=where)
 
@@ -154,16 +110,7 @@ def config_from_record(method: str, record: dict):
     """The method's config from the identity record of a run (config.json)."""
     if method not in registry:
         raise unknown("method", method, registry)
-    config_cls = registry[method][1]
-    return build_config(config_cls, config_values(config_cls, record, f"method {method!r}"),
-                        where=f"method {method!r}")
-
-
-def same_json(a: Any, b: Any) -> bool:
-    """Equal as JSON (a tuple and a list of the same values are the same to a hash)."""
-    import json
-
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+    return build_from_record(registry[method][1], record, f"method {method!r}")
 
 
 # ---- resolving a grid cell -----------------------------------------------------------------
@@ -185,7 +132,7 @@ def data_descriptor(profile, data: str | None, check: bool = True) -> dict:
         raise ConfigError(f"profile {profile.name!r} needs --data PATH (an ImageFolder with train/ and test/)")
     if data is None and profile.data == "synthetic":
         return {"name": "synthetic", "img_size": profile.encoder["img_size"]}
-    path = Path(data) if data else data_root() / "cifar10"
+    path = Path(data).expanduser() if data else data_root() / "cifar10"   # (as check_dataset_root reads it)
     if check:
         path = check_dataset_root(path)
     return {"name": path.name, "path": str(path.resolve()), "img_size": profile.encoder["img_size"]}

@@ -90,6 +90,23 @@ class EvalRecord:
     details: dict = field(default_factory=dict)     # anything else worth keeping (chosen lr, ...)
     seconds: float | None = None
 
+    @classmethod
+    def from_dict(cls, entry: Any, where: str = "evaluation record") -> "EvalRecord":
+        """Validate `entry` (parsed JSON); RecordError naming `where` and the problem otherwise."""
+        def bad(problem: str) -> RecordError:
+            return RecordError(f"{where}: {problem}")
+
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+            raise bad("must be an object with a 'config' object")
+        unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise bad(f"unknown field {unknown[0]!r}")
+        _check_metrics(entry.get("metrics"), bad, "metrics")
+        if not isinstance(entry.get("details", {}), dict) or \
+                not isinstance(entry.get("seconds"), (int, float, type(None))):
+            raise bad("'details' must be an object and 'seconds' a number")
+        return cls(**entry)
+
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -151,18 +168,7 @@ class RunRecord:
         evals = data.get("evals", {})
         if not isinstance(evals, dict):
             raise bad("'evals' must be an object")
-        parsed = {}
-        for name, entry in evals.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
-                raise bad(f"evals[{name!r}] must be an object with a 'config' object")
-            unknown = sorted(set(entry) - {f.name for f in dataclasses.fields(EvalRecord)})
-            if unknown:
-                raise bad(f"evals[{name!r}] has an unknown field {unknown[0]!r}")
-            _check_metrics(entry.get("metrics"), bad, f"evals[{name!r}].metrics")
-            if not isinstance(entry.get("details", {}), dict) or \
-                    not isinstance(entry.get("seconds"), (int, float, type(None))):
-                raise bad(f"evals[{name!r}] has a 'details' that is not an object or 'seconds' that is not a number")
-            parsed[name] = EvalRecord(**entry)
+        parsed = {name: EvalRecord.from_dict(entry, f"{where}: evals[{name!r}]") for name, entry in evals.items()}
         for name, kinds in (("train", (dict, type(None))), ("provenance", dict), ("prerequisites", dict),
                             ("failed_evaluation", (dict, type(None))), ("error", (str, type(None))),
                             ("traceback", (str, type(None))), ("wall_seconds", (int, float, type(None)))):

@@ -8,7 +8,7 @@ imagenet  ViT-B/16 at 224 px with the papers' schedules; pass --data /path/to/im
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from engine.trainer import TrainConfig
 from eval.registry import get_evaluation
@@ -49,14 +49,13 @@ class Profile:
     def eval_config(self, name: str):
         """The config of evaluation `name` at this profile's budget; a registered evaluation
         the profile does not budget runs at its config class's defaults."""
-        if name == "knn":
-            return self.knn
-        budgeted = getattr(self.eval_budget, name, None)
-        return budgeted if budgeted is not None else get_evaluation(name).config_cls()
+        budgets = {"knn": self.knn, **{f.name: getattr(self.eval_budget, f.name) for f in fields(EvalBudget)}}
+        return budgets[name] if name in budgets else get_evaluation(name).config_cls()
 
 
-# BEiT's stage-1 tokenizer at each profile: one dVAE run, trained once and shared by every BEiT
-# cell and seed. smoke: a tiny codebook, seconds; imagenet: BEiT's |V| = 8192, untested here.
+# method_defaults["beit"] is BEiT's stage-1 tokenizer at each profile: one dVAE run, trained once
+# and shared by every BEiT cell and seed. smoke: a tiny codebook, seconds; imagenet: BEiT's
+# |V| = 8192, untested here.
 PROFILES = {
     "smoke": Profile(
         name="smoke", data="synthetic",

@@ -256,3 +256,12 @@ def test_readme_add_an_evaluation_snippet_registers_one_the_runner_runs(tmp_path
         assert record.metrics["centroid_top1_cls"] > 10 and record.evals["centroid"].details == {"classes": 10}
     finally:
         registry.pop("centroid", None)
+
+
+def test_an_evaluation_returning_a_non_number_fails_and_caches_nothing(tmp_path, monkeypatch):
+    replace_evaluation(monkeypatch, "linear", lambda *a: EvalResult({"linear_top1_cls": torch.tensor(50.0)}))
+    with pytest.raises(ValueError, match=r"evaluation 'linear': metrics\['linear_top1_cls'\] must be a number"):
+        run_once(RunSpec("none", evals=("knn", "linear")), tmp_path)
+    assert not list(tmp_path.glob("runs/none-*/evals/linear-*/result.json"))
+    record = read_record(next(tmp_path.glob("runs/none-*")))
+    assert record.done and "knn" in record.evals and "must be a number" in record.failed_evaluation["error"]
