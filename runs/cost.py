@@ -12,7 +12,7 @@ from engine.data import list_images
 from engine.trainer import total_steps, train_flops
 from methods import registry
 from methods.base import Batch
-from runs.identity import RunConfig, config_from_record
+from runs.identity import Budget, RunConfig, config_from_record
 
 TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}   # without a folder to count
 
@@ -55,6 +55,6 @@ def pretrain_flops(config: RunConfig) -> float:
     return flops_per_image(config.method, config.method_config) * images_seen(config)
 
 
-def estimate_seconds(config: RunConfig, profile) -> float:
+def estimate_seconds(config: RunConfig, profile: Budget) -> float:
     """Pre-training wall time at the profile's assumed sustained FLOP/s."""
     return pretrain_flops(config) / profile.flops_per_second

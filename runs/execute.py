@@ -38,7 +38,7 @@ from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.registry import ConfigError
 from methods.vit import load_encoder, save_encoder
 from runs.figures import write_figures
-from runs.identity import Run, RunConfig, RunSpec, identity_record
+from runs.identity import Budget, Run, RunConfig, RunSpec, identity_record
 from runs.records import (EvalRecord, NewerSchemaError, RecordError, RunRecord, atomic_path, config_hash,
                           read_json, read_record, write_json, write_record)
 
@@ -101,30 +101,30 @@ def read_result(run_dir: Path) -> RunRecord | None:
         raise UnreadableRecord(str(err)) from None
 
 
-def stale_evaluations(record: RunRecord, evals: tuple[str, ...], profile=None) -> list[str]:
+def stale_evaluations(record: RunRecord, evals: tuple[str, ...], profile: Budget | None = None) -> list[str]:
     """The evaluations in `evals` that a finished run's record lacks (or, given a profile, holds
     at another config than the profile's)."""
     return [name for name in evals if name not in record.evals or (
         profile is not None and not is_current(record.evals[name], name, profile))]
 
 
-def is_current(record: EvalRecord | None, name: str, profile) -> bool:
+def is_current(record: EvalRecord | None, name: str, profile: Budget) -> bool:
     """Whether a recorded evaluation was produced with this profile's config of it."""
     return record is not None and record.config == json.loads(json.dumps(eval_config_dict(name, profile)))
 
 
-def eval_config_dict(name: str, profile) -> dict:
+def eval_config_dict(name: str, profile: Budget) -> dict:
     """The config an evaluation is recorded and cached under (late fields as for runs)."""
     return identity_record(profile.eval_config(name))
 
 
-def is_done(run_dir: Path, evals: tuple[str, ...], profile=None) -> bool:
+def is_done(run_dir: Path, evals: tuple[str, ...], profile: Budget | None = None) -> bool:
     """Finished with every evaluation in `evals` (and, given a profile, each at its budget)."""
     record = read_result(run_dir)
     return record is not None and record.done and not stale_evaluations(record, evals, profile)
 
 
-def check_inputs(runs: list[Run], profile) -> None:
+def check_inputs(runs: list[Run], profile: Budget) -> None:
     """Fail before any training when an evaluation's inputs are missing (segmentation data)."""
     for name in sorted({name for run in runs for name in run.spec.evals}):
         evaluation = get_evaluation(name)
@@ -154,7 +154,7 @@ def load_product(run_dir: Path, product: str):
 
 
 # ---- executing -----------------------------------------------------------------------------
-def execute(run: Run, profile, outputs: Path, device: str = "cpu", progress: bool = True,
+def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progress: bool = True,
             on_bad_image: str = "error") -> RunRecord | None:
     """Run (or resume, or skip) one run; its record (None on ranks > 0). A failure is recorded
     in result.json (status, error, traceback) and re-raised."""
@@ -179,7 +179,7 @@ def execute(run: Run, profile, outputs: Path, device: str = "cpu", progress: boo
         distributed.barrier()
 
 
-def _execute_locked(run: Run, profile, run_dir: Path, device: str, progress: bool,
+def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
                     on_bad_image: str) -> RunRecord:
     if is_done(run_dir, run.spec.evals, profile):
         return read_result(run_dir)
@@ -211,7 +211,7 @@ def _execute_locked(run: Run, profile, run_dir: Path, device: str, progress: boo
     return record
 
 
-def train_and_evaluate(run: Run, profile, run_dir: Path, device: str, progress: bool,
+def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
                        on_bad_image: str) -> RunRecord | None:
     config = run.config
     splits = load_data(json.dumps(config.data, sort_keys=True), on_bad_image, progress)
@@ -250,7 +250,7 @@ def train_and_evaluate(run: Run, profile, run_dir: Path, device: str, progress: 
     return done_record(config, evals, train_stats)
 
 
-def evaluate(name: str, product, splits: Splits, profile, run_dir: Path, seed: int, device: str,
+def evaluate(name: str, product, splits: Splits, profile: Budget, run_dir: Path, seed: int, device: str,
              progress: bool) -> EvalRecord:
     """One evaluation of a run's product at the profile's config of it. Its record is kept in
     its work folder too, so a run stopped during a later evaluation keeps the finished ones."""
@@ -295,7 +295,7 @@ def done_record(config: RunConfig, evals: dict[str, EvalRecord], train_stats: di
                      prerequisites={role: need.config.name for role, need in config.requires.items()})
 
 
-def run_prerequisites(config: RunConfig, profile, outputs: Path, device: str, progress: bool,
+def run_prerequisites(config: RunConfig, profile: Budget, outputs: Path, device: str, progress: bool,
                       on_bad_image: str) -> dict:
     """Finish the runs `config` requires (or find them finished); their products by role."""
     products = {}

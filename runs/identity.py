@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from engine.data import check_dataset_root, data_root
 from engine.trainer import TrainConfig
@@ -28,6 +29,20 @@ from methods.registry import ConfigError, build_config, config_values, identity_
 from runs.records import config_hash
 
 IDENTITY_VERSION = 1
+
+
+class Budget(Protocol):
+    """What the run layer reads of a budget profile (`suites.profiles.Profile` is the one kind)."""
+    name: str
+    data: str                   # "synthetic", "cifar10" or "user" (--data required)
+    encoder: dict               # ViTConfig fields every method's encoder gets
+    train: TrainConfig
+    method_defaults: dict       # per-method config overrides at this scale
+    feature_batch: int
+    flops_per_second: float
+
+    def eval_config(self, name: str):
+        """The config of evaluation `name` at this budget."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,7 @@ def deep_merge(base: dict, *updates: dict) -> dict:
     return out
 
 
-def data_descriptor(profile, data: str | None, check: bool = True) -> dict:
+def data_descriptor(profile: Budget, data: str | None, check: bool = True) -> dict:
     """The run's data as its identity holds it. `data` is --data (None: the profile's own);
     `check=False` describes it without looking at the folder (cost listings)."""
     if data is None and profile.data == "user":
@@ -148,7 +163,7 @@ def check_evaluations(method: str, evals: tuple[str, ...]) -> None:
                               f"{evaluation.takes}, and {method} runs make a {product}; fix the RunSpec's evals")
 
 
-def resolve(spec: RunSpec, profile, seed: int, data: dict) -> RunConfig:
+def resolve(spec: RunSpec, profile: Budget, seed: int, data: dict) -> RunConfig:
     """The full config of a run (what its name is the hash of). Reads no files: an
     evaluation's inputs are checked by `runs.execute.check_inputs` before anything runs."""
     if spec.method not in registry:
@@ -170,7 +185,7 @@ def resolve(spec: RunSpec, profile, seed: int, data: dict) -> RunConfig:
                      seed=seed, data=data, requires=requires)
 
 
-def resolve_prerequisite(need: Prerequisite, profile, data: dict) -> Requirement:
+def resolve_prerequisite(need: Prerequisite, profile: Budget, data: dict) -> Requirement:
     """A prerequisite's config comes from the method's hook alone (plus data and the
     profile's training recipe with the hook's train overrides), not from the profile's
     encoder or method defaults."""

@@ -39,7 +39,7 @@ from filelock import FileLock, Timeout
 from engine import distributed
 from methods.registry import ConfigError
 from runs.execute import UnreadableRecord, execute, is_done, run_prerequisites
-from runs.identity import Run
+from runs.identity import Budget, Run
 
 CLUSTER_ENV = "MIMBENCH_SUBMITIT_CLUSTER"
 # How often submitit requeues a job that hit its time limit before giving up (preemptions do
@@ -96,7 +96,7 @@ def parse_extra(pairs: list[str]) -> dict:
 class RunJob(submitit.helpers.Checkpointable):
     """What one job does: finish one run of the plan, or (prerequisites_only) the runs it requires."""
 
-    def __init__(self, run: Run, profile, outputs: Path, device: str | None,
+    def __init__(self, run: Run, profile: Budget, outputs: Path, device: str | None,
                  progress: bool, on_bad_image: str, prerequisites_only: bool = False):
         self.run, self.profile = run, profile
         self.outputs = Path(outputs).resolve()    # the job may start in another directory
@@ -159,7 +159,7 @@ class PlannedJob:
     after: int | None      # index of the planned job it must wait for
 
 
-def plan_jobs(runs: list[Run], profile, outputs: Path, device: str | None, progress: bool,
+def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | None, progress: bool,
               on_bad_image: str) -> list[PlannedJob]:
     """One job per run of `runs` not done, each run's unfinished prerequisites in one job before it."""
     jobs: list[PlannedJob] = []
