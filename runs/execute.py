@@ -215,8 +215,6 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
                        on_bad_image: str) -> RunRecord | None:
     config = run.config
     splits = load_data(json.dumps(config.data, sort_keys=True), on_bad_image, progress)
-    torch.manual_seed(config.seed)            # the encoder's initial weights
-    method = config.build_method()
     previous = read_result(run_dir)
     train_stats = previous.train if previous is not None and previous.done else None
     evals = dict(previous.evals) if previous is not None else {}
@@ -229,6 +227,8 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         return record
 
     if train_stats is None:
+        torch.manual_seed(config.seed)            # the encoder's initial weights
+        method = config.build_method()
         if config.requires:
             method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress, on_bad_image))
         trainer = Trainer(method, splits.train.images, config.train_config() or profile.train, run_dir,
@@ -241,7 +241,8 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
             record_progress()
     if not distributed.is_main():
         return None     # ranks > 0 take part in pre-training only; rank 0 evaluates and records
-    product = load_product(run_dir, method.product)   # evaluated as saved (iBOT: its teacher)
+    # evaluated as saved (iBOT: its teacher); a finished run builds no method to get there
+    product = load_product(run_dir, registry[config.method][0].product)
 
     for name in run.spec.evals:
         if not is_current(evals.get(name), name, profile):

@@ -28,12 +28,12 @@ from engine import distributed
 from engine.data import DataError
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
-from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, summarize
+from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, read_index, summarize, warn
 from runs import slurm
 from runs.cost import estimate_seconds
 from runs.execute import RunSkipped, UnreadableRecord, check_inputs, execute, read_result, stale_evaluations
 from runs.identity import Run, data_descriptor, resolve
-from runs.records import read_json, write_json
+from runs.records import RecordError, read_json, write_json
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
 
@@ -267,8 +267,13 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
 
     cells = {(run.spec.method, run.spec.setting): unseeded(run.config.to_dict()) for run in runs}
     listed = {(run.spec.method, run.spec.setting, run.seed) for run in runs}
+    try:
+        earlier = read_index(index_file)["runs"]        # the report's reader: validated
+    except RecordError as err:
+        warn(f"{err}; it is written anew from this grid (the run folders stay in outputs/runs)")
+        return [], 0
     kept, dropped = [], 0
-    for entry in read_json(index_file)["runs"]:
+    for entry in earlier:
         run_dir = suite_dir / entry["run_dir"]
         if (entry["method"], entry["setting"], entry["seed"]) in listed:
             continue

@@ -211,3 +211,14 @@ def test_a_damaged_record_fails_its_run_only_and_is_left_as_it_is(tmp_path):
     assert record.read_text() == damaged                    # nothing overwritten
     [mae] = (tmp_path / "runs").glob("mae-*/result.json")   # the other run still ran
     assert json.loads(mae.read_text())["status"] == "done"
+
+
+def test_a_damaged_suite_index_is_named_and_written_anew(tmp_path):
+    index = tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json"
+    index.parent.mkdir(parents=True)
+    index.write_text('{"suite": "ablation_masking", "runs": [')       # cut short
+    out = run_cli("ablation_masking", "--profile", "smoke", "--table-only", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"warning: {index}: cannot be read" in out.stderr and "written anew from this grid" in out.stderr
+    cells = get_suite("ablation_masking").grid(get_profile("smoke"))
+    assert len(json.loads(index.read_text())["runs"]) == len(cells)
