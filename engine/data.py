@@ -196,8 +196,13 @@ _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 def normalize(images: Tensor) -> Tensor:
     """uint8 (B, 3, H, W) -> float, ImageNet mean/std (as the papers' pipelines)."""
+    return standardize(images.float() / 255)
+
+
+def standardize(images: Tensor) -> Tensor:
+    """Float pixels in [0, 1] (B, 3, H, W) -> ImageNet mean/std."""
     mean, std = _MEAN.to(images.device), _STD.to(images.device)
-    return (images.float() / 255 - mean) / std
+    return (images - mean) / std
 
 
 def denormalize(images: Tensor) -> Tensor:
@@ -208,10 +213,11 @@ def denormalize(images: Tensor) -> Tensor:
 
 def random_resized_crop_flip(images: Tensor, out_size: int, generator: torch.Generator,
                              scale: tuple[float, float] = (0.2, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3), standardized: bool = True) -> Tensor:
     """Batched RandomResizedCrop + horizontal flip (the MAE/BEiT pre-training augmentation).
 
-    uint8 (B, 3, H, W) -> normalised float (B, 3, out, out). One affine grid per image,
+    uint8 (B, 3, H, W) -> normalised float (B, 3, out, out), or float pixels in [0, 1] with
+    `standardized=False` (for photometric augmentation before `standardize`). One affine grid per image,
     one `grid_sample` for the batch: no per-image Python work. Crop sizes follow
     torchvision's sampling (area fraction in `scale`, log-uniform aspect in `ratio`),
     clipped to the image instead of resampled.
@@ -233,5 +239,5 @@ def random_resized_crop_flip(images: Tensor, out_size: int, generator: torch.Gen
     theta[:, 1, 2] = cy
     theta = theta.to(images.device)
     grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
-    return F.grid_sample(normalize(images), grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
+    pixels = normalize(images) if standardized else images.float() / 255
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

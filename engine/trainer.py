@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from engine import distributed
 from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
-from engine.data import random_resized_crop_flip
-from methods.base import Batch
+from engine.data import random_resized_crop_flip, standardize
+from methods.base import AUGMENTATIONS, Batch
 from methods.registry import ConfigError, late_field
 from runs.records import read_json, write_json
 
@@ -72,6 +72,9 @@ class TrainConfig:
     # scaling (torch.amp.GradScaler: an overflowing step is skipped and the scale halved).
     # Added after the first runs: declared with late_field, so their names stay (runs.identity).
     precision: str = late_field("auto")
+    # Weight decay on a per-step cosine from `weight_decay` to this value (iBOT/DINO: 0.04 ->
+    # 0.4); None keeps it constant (every earlier run).
+    weight_decay_end: float | None = late_field(None)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.blr <= 0:
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ConfigError("checkpoint_every and log_every must be >= 1")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} unknown; known: {', '.join(PRECISIONS)}")
+        if self.weight_decay < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
+            raise ConfigError("weight_decay and weight_decay_end must be >= 0 (weight_decay_end None = constant)")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -102,8 +107,10 @@ class Trainable(Protocol):
     `MIMMethod` (methods/base.py), `DVAE`, `eval.finetune.Classifier` and
     `eval.segmentation.Segmentor` provide them.
 
-    Optional member (its default when absent): `synced_buffers = ()`, names of buffers the
-    trainer averages over processes after each `after_step` under torchrun (iBOT's centres).
+    Optional members (their defaults when absent): `synced_buffers = ()`, names of buffers the
+    trainer averages over processes after each `after_step` under torchrun (iBOT's centres);
+    `before_optimizer_step(step, total_steps)`, called after backward and before clipping, to
+    edit gradients (iBOT drops its head's last layer's gradients while that layer is frozen).
     """
     name: str                       # the progress bar's label
     trains: bool                    # False: nothing to train (the `none` baseline)
@@ -136,6 +143,8 @@ class TrainPlan:
     checkpoint_every: int
     log_every: int
     clip_grad: float = 0.0          # max gradient norm (0 = off)
+    # step -> weight decay of the decayed parameter groups (None: the optimizer's, constant)
+    weight_decay_at: Callable[[int], float] | None = None
     precision: str = "auto"         # PRECISIONS
     compile: bool = False
     max_bad_steps: int = 0          # non-finite losses to skip before stopping
@@ -184,10 +193,28 @@ def adamw_cosine_plan(cfg: TrainConfig, steps: int, layer_decay: float | None = 
                                  warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr,
                                  warmup_prefix=True, t_in_epochs=False)
 
+    weight_decay_at = None
+    if cfg.weight_decay_end is not None:
+        def weight_decay_at(step: int) -> float:
+            return cosine_between(cfg.weight_decay, cfg.weight_decay_end, step, steps)
+
     return TrainPlan(total_steps=steps, batch_size=cfg.batch_size, make_optimizer=make_optimizer,
                      make_scheduler=make_scheduler, checkpoint_every=cfg.checkpoint_every,
-                     log_every=cfg.log_every, clip_grad=cfg.clip_grad, precision=cfg.precision,
-                     compile=cfg.compile, max_bad_steps=cfg.max_bad_steps, desc=desc)
+                     log_every=cfg.log_every, clip_grad=cfg.clip_grad, weight_decay_at=weight_decay_at,
+                     precision=cfg.precision, compile=cfg.compile, max_bad_steps=cfg.max_bad_steps, desc=desc)
+
+
+def cosine_between(start: float, end: float, step: int, steps: int) -> float:
+    """`start` at step 0 to `end` at the last step on a half cosine (DINO's cosine_scheduler)."""
+    return end + (start - end) * (1 + math.cos(math.pi * step / max(steps, 1))) / 2
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set the weight decay of the groups that decay (norms and biases, at 0, stay at 0). Which
+    groups decay is kept in the group ("decays"), so it survives a checkpoint."""
+    for group in optimizer.param_groups:
+        if group.setdefault("decays", group["weight_decay"] > 0):
+            group["weight_decay"] = value
 
 
 # ---- batch sources -----------------------------------------------------------------------
@@ -212,9 +239,11 @@ class EpochOrder:
 
 
 class MaskedViews:
-    """Pre-training batches: the method's augmented views (`view_specs`) and masks
-    (`draw_masks`) of uint8 images. Under torchrun every rank draws the global batch from the
-    same step seed and keeps its own slice."""
+    """Pre-training batches: the method's augmented views (`view_specs`, and the photometric
+    augmentation its config names, `view_augmentations`) and masks (`draw_masks`) of uint8
+    images. Under torchrun every rank draws the global batch from the same step seed and
+    keeps its own slice. Crops and masks draw from stream 2 of the step seed, photometric
+    augmentation from stream 10, so a view's colours never shift another view's crop or mask."""
 
     def __init__(self, method, images: Tensor, batch_size: int, crop_scale_min: float, seed: int,
                  device: torch.device):
@@ -223,13 +252,22 @@ class MaskedViews:
         self.order = EpochOrder(len(images), batch_size, seed, check=method.trains)   # `none`: never drawn
         self.steps_per_epoch = self.order.steps_per_epoch
         self.world, self.rank = distributed.world_size(), distributed.rank()
+        specs = method.view_specs(crop_scale_min)
+        self.specs = list(zip(specs, view_augmentations(method.augmentation, len(specs), method.num_views)))
 
     def batch_for_step(self, step: int) -> Batch:
         index = self.order.indices(step)
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
+        colour_gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=10))
         uint8 = self.images[index.to(self.device)]
-        views = [random_resized_crop_flip(uint8, size, gen, scale=scale)
-                 for size, scale in self.method.view_specs(self.crop_scale_min)]
+        views = []
+        for (size, scale), colour in self.specs:
+            if colour is None or not colour.active:
+                views.append(random_resized_crop_flip(uint8, size, gen, scale=scale))
+            else:   # colour ops work on [0, 1] pixels: crop, augment, then standardise
+                from engine.augment import photometric
+                pixels = random_resized_crop_flip(uint8, size, gen, scale=scale, standardized=False)
+                views.append(standardize(photometric(pixels, colour, colour_gen)))
         mask = self.method.draw_masks(len(index), gen)
         if self.world > 1:  # every rank drew the global batch; keep this rank's slice
             shard = slice(self.rank * len(index) // self.world, (self.rank + 1) * len(index) // self.world)
@@ -238,6 +276,23 @@ class MaskedViews:
         if mask is not None:
             mask = mask.to(self.device)
         return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
+
+
+def view_augmentations(name: str, num_views: int, num_global: int) -> list:
+    """The photometric augmentation (engine.augment.Photometric, or None) of each of a method's
+    `num_views` views, by the name its config gives (methods.base.AUGMENTATIONS):
+    none, BEiT's colour jitter on its one view, or DINO/iBOT's pipeline (two global views, then
+    local ones)."""
+    if name == "none":
+        return [None] * num_views
+    from engine.augment import beit_view, dino_views
+    if name == "beit":
+        return [beit_view()] * num_views
+    if name == "dino":
+        if num_global != 2:
+            raise ConfigError(f"the 'dino' augmentation needs two global views, the method has {num_global}")
+        return list(dino_views(num_views - num_global))
+    raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
 
 
 # ---- the trainer -------------------------------------------------------------------------
@@ -391,6 +446,8 @@ class Trainer:
         stop signal reached any rank)."""
         t0 = time.perf_counter()
         self.scheduler.step_update(step)
+        if self.plan.weight_decay_at is not None:
+            set_weight_decay(self.optimizer, self.plan.weight_decay_at(step))
         batch = self.batch_for_step(step)
         t1 = time.perf_counter()
         # drop path etc.: one stream per rank, so ranks do not repeat each other's draws
@@ -405,7 +462,7 @@ class Trainer:
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             return loss, stop
-        self._backward_and_step(loss, logs)
+        self._backward_and_step(step, loss, logs)
         self.module.after_step(step, self.total_steps)
         if self.world > 1:
             distributed.average_buffers(self.module, self.synced_buffers)
@@ -434,12 +491,15 @@ class Trainer:
             raise Preempted(f"stopped by {signal.Signals(signum).name} at step {done}; "
                             f"checkpoint saved - run the same command again to resume", signum)
 
-    def _backward_and_step(self, loss: Tensor, logs: dict) -> None:
+    def _backward_and_step(self, step: int, loss: Tensor, logs: dict) -> None:
         if self.scaler is None:
             loss.backward()
         else:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)      # clip the true gradients, not the scaled ones
+        edit_gradients = getattr(self.module, "before_optimizer_step", None)
+        if edit_gradients is not None:
+            edit_gradients(step, self.total_steps)
         if self.plan.clip_grad > 0:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                                                self.plan.clip_grad, foreach=True)

@@ -70,7 +70,27 @@ def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
     return add
 
 
+def split_name(name: str) -> tuple[str, str]:
+    """"knn@student" -> ("knn", "student"): an evaluation of one of the other encoders a method
+    saves (`Method.encoder_variants`; iBOT: its student beside the exported teacher); "knn" ->
+    ("knn", "")."""
+    base, _, variant = name.partition("@")
+    return base, variant
+
+
+def variant_metrics(metrics: dict[str, float], name: str) -> dict[str, float]:
+    """The metrics of evaluation `name` as recorded: a variant's get its name after the
+    evaluation's ("knn_top1_cls" of "knn@student" -> "knn_student_top1_cls")."""
+    base, variant = split_name(name)
+    if not variant:
+        return metrics
+    return {(f"{base}_{variant}_{key[len(base) + 1:]}" if key.startswith(base + "_") else f"{variant}_{key}"): value
+            for key, value in metrics.items()}
+
+
 def get_evaluation(name: str) -> Evaluation:
-    if name not in registry:
-        raise unknown("evaluation", name, registry)
-    return registry[name]
+    """The registered evaluation `name` (of a variant "knn@student": knn's)."""
+    base = split_name(name)[0]
+    if base not in registry:
+        raise unknown("evaluation", base, registry)
+    return registry[base]

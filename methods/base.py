@@ -30,6 +30,9 @@ class Prerequisite:
 
 
 PRODUCTS = ("encoder", "tokenizer")     # what a run can make (`Method.product`); evaluations take one
+# photometric augmentation of the views, by name (a method config's `augment` field); the
+# trainer maps each name to per-view specs (engine.trainer.view_augmentations)
+AUGMENTATIONS = ("none", "beit", "dino")
 
 
 class Method(nn.Module):
@@ -53,6 +56,15 @@ class Method(nn.Module):
     # what a finished run saves and its evaluations take: "encoder" (the ViT of `export_encoder`,
     # encoder.safetensors) or "tokenizer" (the method itself, tokenizer.safetensors: the dVAE)
     product: str = "encoder"
+    # the paper's pre-training recipe (methods.recipes.Recipe), applied under --recipe paper;
+    # None: the method trains with the profile's shared recipe under both
+    paper_recipe = None
+    # other encoders a finished run saves beside its product (`<name>.safetensors`), which an
+    # evaluation "knn@<name>" takes instead of the product (iBOT: "student" and "teacher")
+    encoder_variants: tuple[str, ...] = ()
+    # evaluation config fields this method's runs change from the profile's, by evaluation
+    # (the `none` baseline: its from-scratch fine-tune recipe); every other method: none
+    eval_overrides: dict[str, dict] = {}
 
     def __init__(self, cfg):
         super().__init__()
@@ -71,6 +83,11 @@ class Method(nn.Module):
             return None
         return make_masks(self.mask_config, batch_size, self.cfg.encoder.grid, generator,
                           exact_count=self.equal_mask_counts)
+
+    @property
+    def augmentation(self) -> str:
+        """The photometric augmentation of the views (AUGMENTATIONS): the config's `augment`."""
+        return getattr(self.cfg, "augment", "none")
 
     def view_specs(self, crop_scale_min: float) -> list[tuple[int, tuple[float, float]]]:
         """(output size, RandomResizedCrop area scale) of each augmented view the trainer
@@ -91,6 +108,10 @@ class Method(nn.Module):
     def export_encoder(self) -> ViT | None:
         """The encoder that evaluations use (None when the product is not an encoder)."""
         return None
+
+    def variant_encoder(self, name: str) -> ViT:
+        """One of `encoder_variants`, for evaluations named "<evaluation>@<name>"."""
+        raise KeyError(f"{self.name} has no encoder {name!r}; it has: {', '.join(self.encoder_variants) or 'none'}")
 
     @classmethod
     def prerequisites(cls, cfg) -> dict[str, Prerequisite]:

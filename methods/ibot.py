@@ -23,12 +23,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from methods.base import Batch, MIMMethod
+from methods.base import AUGMENTATIONS, Batch, MIMMethod
 from methods.masking import block_mask_per_image
+from methods.recipes import Recipe
 from methods.registry import ConfigError, late_field, register_method
 from methods.vit import ViT, ViTConfig
 
 EXPORTS = ("teacher", "student")
+MOMENTUM_RULES = ("fixed", "scaled")
+# the "scaled" rule: the teacher keeps at most 1% of its random init at the end of any run
+# (the product of the cosine schedule's momenta is ~exp(-(1 - base) * steps / 2))
+INIT_SHARE_AT_END = 0.01
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,16 @@ class IBOTConfig:
     local_crops_number: int = late_field(0)         # (added after the first runs: see late_field)
     local_crop_size: int = late_field(0)            # 0: 3/7 of the image size, rounded down to whole patches
     local_crops_scale: tuple[float, float] = late_field((0.05, 0.4))
+    augment: str = late_field("none")     # photometric augmentation (methods.base.AUGMENTATIONS); iBOT's: "dino"
+    # Teacher momentum schedule. "fixed": `teacher_momentum` -> 1 on a cosine, as the iBOT code,
+    # whatever the run's length (on 195 steps 67.5% of the final teacher is still its random
+    # init). "scaled": the base momentum is lowered on short runs to 1 - 2 ln(1/INIT_SHARE_AT_END)
+    # / steps, so the teacher's initial half-life is ln 2 / (2 ln 100) = 7.5% of the run and at
+    # most 1% of its init is left at the end; never above `teacher_momentum` (long runs: the paper's).
+    momentum_rule: str = late_field("fixed")
+    # The head's last layer gets no gradients for this fraction of training (iBOT/DINO
+    # `freeze_last_layer` = 1 epoch; at least one step when > 0). 0 = never frozen.
+    freeze_last_layer_frac: float = late_field(0.0)
 
     def validate(self) -> None:
         self.encoder.validate()
@@ -93,6 +108,13 @@ class IBOTConfig:
             raise ConfigError(f"local_crops_number ({self.local_crops_number}) must be >= 0 and local_crop_size "
                               f"({size}) 0 (automatic) or a multiple of the patch size {patch} up to the image "
                               f"size {self.encoder.img_size}")
+        if self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augment {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
+        if self.momentum_rule not in MOMENTUM_RULES:
+            raise ConfigError(f"unknown momentum_rule {self.momentum_rule!r}; known: {', '.join(MOMENTUM_RULES)}")
+        if not 0.0 <= self.freeze_last_layer_frac < 1.0:
+            raise ConfigError(f"freeze_last_layer_frac {self.freeze_last_layer_frac} must be in [0, 1), "
+                              f"e.g. 1/800 (iBOT: 1 epoch of 800)")
         low, high = self.local_crops_scale
         if not 0.0 < low <= high <= 1.0:
             raise ConfigError(f"local_crops_scale {self.local_crops_scale} must satisfy 0 < low <= high <= 1, "
@@ -172,6 +194,19 @@ def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total_steps, 1)) + 1) / 2
 
 
+def base_momentum(rule: str, paper_base: float, total_steps: int) -> float:
+    """The base (first-step) teacher momentum of a run of `total_steps` under `rule`."""
+    if rule == "fixed":
+        return paper_base
+    return max(0.0, min(paper_base, 1.0 - 2.0 * math.log(1.0 / INIT_SHARE_AT_END) / max(total_steps, 1)))
+
+
+def teacher_init_share(base: float, total_steps: int) -> float:
+    """How much of the teacher's random init is left after `total_steps` EMA steps of the cosine
+    schedule from `base` (the product of the momenta)."""
+    return math.prod(cosine_momentum(step, total_steps, base) for step in range(total_steps))
+
+
 def min_block_patches(grid: int) -> int:
     """iBOT's smallest mask block, (grid // 3)^2: BEiT's 16 at 14x14, 4 at 8x8, 1 at 4x4."""
     return max(1, (grid // 3) ** 2)
@@ -180,7 +215,27 @@ def min_block_patches(grid: int) -> int:
 @register_method("ibot", IBOTConfig)
 class IBOT(MIMMethod):
     num_views = 2                   # two global crops
+    # iBOT README's ViT-S/16 command and main_ibot.py defaults (bytedance/ibot); DINO's
+    # DataAugmentationDINO for the colours. Scaled to short runs: the momentum rule (above).
+    # Local crops: 4 of 12 px (3/7 of 32 px, in whole patches). Counted at the cpu profile, each
+    # adds ~5% to a step's FLOPs (1.54 GFLOP per image without, 1.84 with 4, 2.29 with iBOT's
+    # 10): 4 keep the multi-crop objective for a fifth more per step, where 10 would cost a
+    # third of the steps of the run that gets the fewest when compute-matched.
+    paper_recipe = Recipe(
+        train=dict(blr=5e-4,                # lr 5e-4 per 256
+                   beta2=0.999,             # AdamW betas (0.9, 0.999)
+                   weight_decay=0.04, weight_decay_end=0.4,     # cosine 0.04 -> 0.4
+                   warmup_frac=10 / 800,    # 10 warm-up epochs of 800
+                   min_lr_frac=1e-6 / 5e-4,     # min_lr 1e-6
+                   clip_grad=3.0,
+                   crop_scale_min=0.14),    # global_crops_scale (0.14, 1)
+        method=dict(augment="dino",
+                    local_crops_number=4, local_crops_scale=(0.05, 0.4),
+                    momentum_rule="scaled",
+                    freeze_last_layer_frac=1 / 800),    # freeze_last_layer 1 epoch of 800
+        source="Zhou et al. 2022; bytedance/ibot main_ibot.py, README ViT-S/16")
     synced_buffers = ("center_cls", "center_patch")   # the same centres on every rank (torchrun)
+    encoder_variants = EXPORTS      # both saved: "knn@student" evaluates the student beside the teacher
 
     def __init__(self, cfg: IBOTConfig):
         super().__init__(cfg)
@@ -277,7 +332,8 @@ class IBOT(MIMMethod):
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA of the teacher towards the student, EMA of the centres towards the teacher's
         mean outputs of this step, and the teacher temperatures of the next step."""
-        momentum = cosine_momentum(step, total_steps, self.cfg.teacher_momentum)
+        momentum = cosine_momentum(step, total_steps,
+                                   base_momentum(self.cfg.momentum_rule, self.cfg.teacher_momentum, total_steps))
         teacher = [*self.teacher.encoder.parameters(), *self.teacher.heads.parameters()]
         student = [*self.encoder.parameters(), *self.heads.parameters()]
         torch._foreach_mul_(teacher, momentum)
@@ -290,6 +346,15 @@ class IBOT(MIMMethod):
             self._batch_centres = None
         self.teacher_temps.copy_(torch.tensor(self.teacher_temperatures(step + 1, total_steps)))
 
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """DINO's cancel_gradients_last_layer: while frozen, the heads' last layers get no
+        gradient (and so no weight decay: the optimizer skips a parameter without one)."""
+        frac = self.cfg.freeze_last_layer_frac
+        if frac > 0 and step < max(1, math.ceil(frac * total_steps)):
+            for head in self.heads.values():
+                for param in head.last_layer.parameters():
+                    param.grad = None
+
     def teacher_temperatures(self, step: int, total_steps: int) -> tuple[float, float]:
         """([CLS], patch) temperatures: linear from the warm-up value over the first
         `teacher_temp_warmup_frac` of training, then constant."""
@@ -301,4 +366,9 @@ class IBOT(MIMMethod):
                 start + (cfg.teacher_patch_temp - start) * progress)
 
     def export_encoder(self) -> ViT:
-        return self.teacher.encoder if self.cfg.export == "teacher" else self.encoder
+        return self.variant_encoder(self.cfg.export)
+
+    def variant_encoder(self, name: str) -> ViT:
+        if name not in EXPORTS:
+            return super().variant_encoder(name)
+        return self.teacher.encoder if name == "teacher" else self.encoder

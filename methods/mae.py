@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from methods.base import Batch, MIMMethod, masked_mean, patch_targets, prediction_to_images
 from methods.masking import MaskConfig, visible_indices
+from methods.recipes import Recipe
 from methods.registry import ConfigError, register_method
 from methods.vit import ViTConfig, gather_tokens, init_weights, sincos_pos_embed
 
@@ -34,6 +35,16 @@ class MAEConfig:
 @register_method("mae", MAEConfig)
 class MAE(MIMMethod):
     equal_mask_counts = True        # blockwise masks are topped up to exactly ratio * N patches
+    # MAE paper Table 8 (pre-training setting) and facebookresearch/mae main_pretrain.py
+    paper_recipe = Recipe(
+        train=dict(blr=1.5e-4,              # base lr per 256 (lr = blr * batch / 256)
+                   beta2=0.95,              # AdamW betas (0.9, 0.95)
+                   weight_decay=0.05,
+                   warmup_frac=40 / 800,    # 40 warm-up epochs of 800, cosine to 0
+                   min_lr_frac=0.0,
+                   clip_grad=0.0,           # no clipping
+                   crop_scale_min=0.2),     # RandomResizedCrop(scale=(0.2, 1)) + flip, no colour
+        source="He et al. 2022, Table 8; facebookresearch/mae main_pretrain.py")
 
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)

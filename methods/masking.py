@@ -14,6 +14,7 @@ Every generator is seeded by a `torch.Generator`, so the same seed gives the sam
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from methods.registry import ConfigError
+from methods.registry import ConfigError, late_field
 
 STRATEGIES = ("random", "block", "grid")
 
@@ -32,6 +33,9 @@ class MaskConfig:
     ratio: float = 0.75             # fraction of patches masked
     min_block_patches: int = 16     # BEiT's smallest block (at a 14x14 grid); clipped to the target count
     min_aspect: float = 0.3         # BEiT's block aspect-ratio range [0.3, 1/0.3]
+    # the side, in patches, of the square unit a mask is drawn in (SimMIM: a 32-px unit = 2x2
+    # patches of 16 px); 1 = per patch, as every earlier run
+    unit: int = late_field(1)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -42,12 +46,26 @@ class MaskConfig:
             grid_stride(self.ratio)
         if self.min_block_patches < 1 or not 0.0 < self.min_aspect <= 1.0:
             raise ConfigError("min_block_patches must be >= 1 and min_aspect in (0, 1]")
+        if self.unit < 1:
+            raise ConfigError(f"mask unit {self.unit} must be >= 1 patches (SimMIM: 2)")
+
+    def check_grid(self, grid: int) -> None:
+        if grid % self.unit:
+            raise ConfigError(f"mask unit {self.unit} must divide the {grid}x{grid} patch grid; "
+                              f"pick a divisor of {grid}")
 
 
 def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Generator,
                exact_count: bool = False) -> Tensor:
     """(batch_size, grid*grid) bool masks drawn with `generator`. Random and grid masks hide
-    the same number of patches in every image; blockwise ones only with `exact_count`."""
+    the same number of patches in every image; blockwise ones only with `exact_count`. With
+    `cfg.unit` > 1 the mask is drawn on the grid of units and each unit covers unit x unit patches."""
+    if cfg.unit > 1:
+        cfg.check_grid(grid)
+        coarse = make_masks(dataclasses.replace(cfg, unit=1), batch_size, grid // cfg.unit, generator, exact_count)
+        side = grid // cfg.unit
+        return (coarse.view(batch_size, side, 1, side, 1)
+                .expand(batch_size, side, cfg.unit, side, cfg.unit).reshape(batch_size, grid * grid))
     if cfg.strategy == "random":
         return random_mask(batch_size, grid, cfg.ratio, generator)
     if cfg.strategy == "block":

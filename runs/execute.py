@@ -5,6 +5,7 @@ record. A run is a folder `outputs/runs/<method>-<hash>` (`runs.identity`):
     metrics.jsonl, tb/   per-step loss / lr / monitors (and TensorBoard event files)
     checkpoints/         the last two checkpoints (atomic)
     encoder.safetensors  the exported encoder, timm key names (tokenizer runs: tokenizer.safetensors)
+    <variant>.safetensors  the method's other encoders (`encoder_variants`; iBOT: student, teacher)
     figures/             reconstructions and attention maps
     features/            cached frozen features per split
     evals/<name>-<hash>/ an evaluation's working files (checkpoints) and, once finished, its record
@@ -30,15 +31,16 @@ import torch
 from filelock import FileLock, Timeout
 
 from engine import distributed
+from engine.checkpoint import load_latest
 from engine.data import Splits, load_splits, synthetic_splits
 from engine.trainer import Preempted, Trainer
-from eval.registry import EvalContext, get_evaluation
+from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.registry import ConfigError
 from methods.vit import load_encoder, save_encoder
 from runs.figures import write_figures
-from runs.identity import Budget, Run, RunConfig, RunSpec, identity_record
+from runs.identity import Budget, Run, RunConfig, RunSpec, build_from_record, identity_record
 from runs.records import (EvalRecord, NewerSchemaError, RecordError, RunRecord, atomic_path, config_hash,
                           read_json, read_record, write_json, write_record)
 
@@ -105,17 +107,27 @@ def stale_evaluations(record: RunRecord, evals: tuple[str, ...], profile: Budget
     """The evaluations in `evals` that a finished run's record lacks (or, given a profile, holds
     at another config than the profile's)."""
     return [name for name in evals if name not in record.evals or (
-        profile is not None and not is_current(record.evals[name], name, profile))]
+        profile is not None and not is_current(record.evals[name], name, profile, record.method))]
 
 
-def is_current(record: EvalRecord | None, name: str, profile: Budget) -> bool:
-    """Whether a recorded evaluation was produced with this profile's config of it."""
-    return record is not None and record.config == json.loads(json.dumps(eval_config_dict(name, profile)))
+def is_current(record: EvalRecord | None, name: str, profile: Budget, method: str | None = None) -> bool:
+    """Whether a recorded evaluation was produced with this profile's config of it (for `method`)."""
+    return record is not None and record.config == json.loads(json.dumps(eval_config_dict(name, profile, method)))
 
 
-def eval_config_dict(name: str, profile: Budget) -> dict:
+def eval_config(name: str, profile: Budget, method: str | None = None):
+    """Evaluation `name`'s config at this profile, for a run of `method`: the profile's, with
+    the method's `eval_overrides` (the `none` baseline's from-scratch fine-tune recipe)."""
+    base = split_name(name)[0]
+    cfg = profile.eval_config(base)
+    overrides = registry[method][0].eval_overrides.get(base, {}) if method in registry else {}
+    return build_from_record(type(cfg), {**dataclasses.asdict(cfg), **overrides},
+                             f"{base} config of {method}") if overrides else cfg
+
+
+def eval_config_dict(name: str, profile: Budget, method: str | None = None) -> dict:
     """The config an evaluation is recorded and cached under (late fields as for runs)."""
-    return identity_record(profile.eval_config(name))
+    return identity_record(eval_config(name, profile, method))
 
 
 def is_done(run_dir: Path, evals: tuple[str, ...], profile: Budget | None = None) -> bool:
@@ -129,7 +141,7 @@ def check_inputs(runs: list[Run], profile: Budget) -> None:
     for name in sorted({name for run in runs for name in run.spec.evals}):
         evaluation = get_evaluation(name)
         if evaluation.check_inputs is not None:
-            evaluation.check_inputs(profile.eval_config(name))
+            evaluation.check_inputs(eval_config(name, profile))
 
 
 # ---- products ------------------------------------------------------------------------------
@@ -151,6 +163,28 @@ def load_product(run_dir: Path, product: str):
     """The saved product of a finished run, as evaluations take it."""
     file, _, load = PRODUCT_FILES[product]
     return load(run_dir / file)
+
+
+def save_variants(method, run_dir: Path) -> None:
+    for variant in method.encoder_variants:
+        with atomic_path(run_dir / f"{variant}.safetensors") as tmp:
+            save_encoder(method.variant_encoder(variant), tmp)
+
+
+def load_variant(run_dir: Path, config: RunConfig, variant: str):
+    """Encoder `variant` of a finished run (`Method.encoder_variants`). A run finished before
+    variants were saved has it in its last checkpoint: taken from there, and saved."""
+    path = run_dir / f"{variant}.safetensors"
+    if not path.exists():
+        state, _ = load_latest(run_dir / "checkpoints", config.hash)
+        if state is None:       # (a finished run's newest checkpoint is its last step's)
+            raise ConfigError(f"{run_dir.name} has no {path.name} and no checkpoint to take it from; "
+                              f"drop the '@{variant}' evaluation or re-run the run in a new --outputs")
+        method = config.build_method()
+        method.load_state_dict(state["model"])
+        with atomic_path(path) as tmp:
+            save_encoder(method.variant_encoder(variant), tmp)
+    return load_encoder(path)
 
 
 # ---- executing -----------------------------------------------------------------------------
@@ -236,6 +270,7 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         train_stats = trainer.fit()
         if distributed.is_main():
             save_product(method, run_dir)
+            save_variants(method, run_dir)
             if method.product == "encoder":
                 write_figures(method, splits.test, run_dir, device=device)
             record_progress()
@@ -245,29 +280,36 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
     product = load_product(run_dir, registry[config.method][0].product)
 
     for name in run.spec.evals:
-        if not is_current(evals.get(name), name, profile):
-            evals[name] = evaluate(name, product, splits, profile, run_dir, config.seed, device, progress)
+        if not is_current(evals.get(name), name, profile, config.method):
+            variant = split_name(name)[1]
+            taken = load_variant(run_dir, config, variant) if variant else product
+            evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, device, progress,
+                                   config.method)
             record_progress()
     return done_record(config, evals, train_stats)
 
 
 def evaluate(name: str, product, splits: Splits, profile: Budget, run_dir: Path, seed: int, device: str,
-             progress: bool) -> EvalRecord:
-    """One evaluation of a run's product at the profile's config of it. Its record is kept in
-    its work folder too, so a run stopped during a later evaluation keeps the finished ones."""
+             progress: bool, method: str | None = None) -> EvalRecord:
+    """One evaluation of a run's product at the profile's config of it (for a run of `method`).
+    Its record is kept in its work folder too, so a run stopped during a later evaluation keeps
+    the finished ones."""
     evaluation = get_evaluation(name)
-    cfg = profile.eval_config(name)
-    config = eval_config_dict(name, profile)
+    variant = split_name(name)[1]
+    cfg = eval_config(name, profile, method)
+    config = identity_record(cfg)
     work_dir = Path(run_dir) / "evals" / f"{name}-{config_hash(config)}"
     cached = read_eval_cache(work_dir)
     if cached is not None:                      # finished before the run was stopped
         return cached
     started = time.time()
-    ctx = EvalContext(work_dir=work_dir, features_dir=Path(run_dir) / "features", seed=seed, device=device,
+    # a variant's frozen features are its own: not the product's cache
+    features_dir = Path(run_dir) / (f"features-{variant}" if variant else "features")
+    ctx = EvalContext(work_dir=work_dir, features_dir=features_dir, seed=seed, device=device,
                       progress=progress, feature_batch=profile.feature_batch)
     work_dir.mkdir(parents=True, exist_ok=True)
     result = evaluation.run(product, splits, cfg, ctx)
-    record = {"config": config, "metrics": result.metrics, "details": result.details,
+    record = {"config": config, "metrics": variant_metrics(result.metrics, name), "details": result.details,
               "seconds": time.time() - started}
     # as JSON and validated before it is cached: a metric that is not a number (a tensor, a
     # numpy scalar) fails this evaluation now instead of every later read of the cache

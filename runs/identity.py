@@ -10,8 +10,10 @@ keeps its name through later code changes, so finished work is never silently re
   field's identity default leaves it out of its identity (`identity_record`).
 - A field removed later is listed in its config class's `RETIRED_FIELDS` with the value every
   run had; it stays in the identity and is dropped again when the config is rebuilt.
+- A run trained at its method's paper recipe (`methods.recipes`, `--recipe paper`) says so in
+  its identity ("recipe": "paper"); the shared recipe leaves the key out, as before recipes.
 - tests/test_run_identity.py pins the names of every cell of every suite's `cpu`, `smoke` and
-  `gpu` grids: a change that renames a run fails there first.
+  `gpu` grids under `--recipe shared`: a change that renames a run fails there first.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from typing import Protocol
 
 from engine.data import check_dataset_root, data_root
 from engine.trainer import TrainConfig
-from eval.registry import get_evaluation
+from eval.registry import get_evaluation, split_name
 from methods import method_config, registry
 from methods.base import Prerequisite
+from methods.recipes import RECIPES
 from methods.registry import ConfigError, build_config, config_values, identity_record, unknown
 from runs.records import config_hash
 
@@ -71,12 +74,16 @@ class RunConfig:
     seed: int
     data: dict                          # {"name", "img_size"[, "path"]}
     requires: dict[str, Requirement] = field(default_factory=dict)   # role -> prerequisite run
+    recipe: str = "shared"              # methods.recipes.RECIPES: what the method config and train hold
 
     def to_dict(self) -> dict:
         """config.json, and what the name hashes. `requires` appears only for methods with
-        prerequisites, so other runs keep the names they had before prerequisites existed."""
+        prerequisites and `recipe` only for paper-recipe runs, so other runs keep the names
+        they had before either existed."""
         out = {"schema": IDENTITY_VERSION, "method": self.method, "method_config": self.method_config,
                "train": self.train, "seed": self.seed, "data": self.data}
+        if self.recipe != "shared":
+            out["recipe"] = self.recipe
         if self.requires:
             out["requires"] = {role: {"config": need.config.to_dict(), "evals": list(need.evals)}
                                for role, need in self.requires.items()}
@@ -155,40 +162,57 @@ def data_descriptor(profile: Budget, data: str | None, check: bool = True) -> di
 
 def check_evaluations(method: str, evals: tuple[str, ...]) -> None:
     """Every evaluation is registered and takes what this method's runs make."""
-    product = registry[method][0].product
+    method_cls = registry[method][0]
+    product = method_cls.product
     for name in evals:
         evaluation = get_evaluation(name)
+        variant = split_name(name)[1]
+        if variant and (variant not in method_cls.encoder_variants or evaluation.takes != "encoder"):
+            raise ConfigError(f"evaluation {name!r}: {method} runs save no encoder {variant!r} (they save: "
+                              f"{', '.join(method_cls.encoder_variants) or 'none'}); fix the RunSpec's evals")
         if evaluation.takes != product:
             raise ConfigError(f"method {method!r} cannot take the {name!r} evaluation: it evaluates a "
                               f"{evaluation.takes}, and {method} runs make a {product}; fix the RunSpec's evals")
 
 
-def resolve(spec: RunSpec, profile: Budget, seed: int, data: dict) -> RunConfig:
-    """The full config of a run (what its name is the hash of). Reads no files: an
+def recipe_of(method: str, recipe: str):
+    """The `methods.recipes.Recipe` a run of `method` trains with under `recipe` (None: the
+    profile's shared one, also for methods that declare no paper recipe or do not train)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    method_cls = registry[method][0]
+    return method_cls.paper_recipe if recipe == "paper" and method_cls.trains else None
+
+
+def resolve(spec: RunSpec, profile: Budget, seed: int, data: dict, recipe: str = "paper") -> RunConfig:
+    """The full config of a run (what its name is the hash of) at `recipe` (methods.recipes:
+    "paper", each method's own, or "shared", the profile's for all). Reads no files: an
     evaluation's inputs are checked by `runs.execute.check_inputs` before anything runs."""
     if spec.method not in registry:
         raise unknown("method", spec.method, registry)
     check_evaluations(spec.method, spec.evals)
     method_cls = registry[spec.method][0]
-    overrides = deep_merge({"encoder": profile.encoder}, profile.method_defaults.get(spec.method, {}),
-                           spec.overrides)
+    paper = recipe_of(spec.method, recipe)
+    overrides = deep_merge({"encoder": profile.encoder}, paper.method if paper else {},
+                           profile.method_defaults.get(spec.method, {}), spec.overrides)
     cfg = method_config(spec.method, **overrides)
     if spec.train and not method_cls.trains:
         raise ConfigError(f"method {spec.method!r} does not train; drop the RunSpec's train overrides")
-    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **spec.train},
+    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **(paper.train if paper else {}),
+                                       **spec.train},
                          where=f"train config of {spec.method!r} ({spec.setting})")
     requires = {role: resolve_prerequisite(need, profile, data)
                 for role, need in method_cls.prerequisites(cfg).items()}
     # the untrained baseline does not depend on the training budget: share it across profiles
     return RunConfig(method=spec.method, method_config=identity_record(cfg),
                      train=identity_record(train) if method_cls.trains else None,
-                     seed=seed, data=data, requires=requires)
+                     seed=seed, data=data, requires=requires, recipe="paper" if paper else "shared")
 
 
 def resolve_prerequisite(need: Prerequisite, profile: Budget, data: dict) -> Requirement:
     """A prerequisite's config comes from the method's hook alone (plus data and the
-    profile's training recipe with the hook's train overrides), not from the profile's
-    encoder or method defaults."""
+    profile's shared training recipe with the hook's train overrides), not from the profile's
+    encoder or method defaults: BEiT runs of both recipes share one tokenizer."""
     budget = dataclasses.replace(profile, encoder={}, method_defaults={})
     spec = RunSpec(need.method, "prerequisite", need.overrides, tuple(need.evals), need.train)
-    return Requirement(resolve(spec, budget, need.seed, data), spec.evals)
+    return Requirement(resolve(spec, budget, need.seed, data, recipe="shared"), spec.evals)

@@ -1,0 +1,29 @@
+"""Training recipes as data. Each method declares its paper's pre-training recipe as a
+`Recipe` (`Method.paper_recipe`), every value with its source; `runs.identity.resolve` applies it
+under `--recipe paper` (the default) on top of the profile and under the spec's overrides:
+
+    TrainConfig     profile.train  <-  recipe.train  <-  RunSpec.train
+    method config   profile.encoder  <-  recipe.method  <-  profile.method_defaults  <-  RunSpec.overrides
+
+A recipe holds only what does not depend on scale: lr per 256 images (the linear rule scales it
+with the profile's batch), betas, weight decay and its schedule, clipping, warm-up and the lr
+floor as fractions of training, crop scale, augmentation, backbone options (layer scale), mask
+unit. The profile keeps epochs, batch size, image and model size, checkpoint cadence.
+
+`--recipe shared` applies no recipe: every method trains with the profile's one recipe (MAE's,
+calibrated at the cpu scale; DESIGN.md), as every run before recipes existed did, so those runs
+keep their folder names. It is the controlled ablation of "does the recipe decide the ranking?".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+RECIPES = ("paper", "shared")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's paper recipe: TrainConfig fields and method-config overrides."""
+    train: dict = field(default_factory=dict)       # engine.trainer.TrainConfig fields
+    method: dict = field(default_factory=dict)      # method config overrides (nested: {"encoder": {...}})
+    source: str = ""                                # the paper table / official file it comes from
