@@ -3,11 +3,13 @@
     python -m reports.build [suite ...] [--outputs outputs] [--out reports/out] [--readme README.md]
 
 Per suite and profile: table.md / table.csv / index.html (self-contained) with mean ± 95% CI
-over seeds, the paired difference to the `none` baseline per seed and whether its CI
-excludes zero, failed/missing runs shown as such, plots (metric vs mask ratio, metric vs
-pre-training FLOPs, loss curves), the run folders' figures, and the papers' numbers in
-separate, labelled columns. Reads only run records, through `runs.records`: never imports
-methods, engine, eval or torch.
+over seeds per cell (method, setting, recipe), the paired difference to the `none` baseline
+per seed with its CI and whether that excludes zero (paired_differences.csv), the smallest
+difference each cell's seeds can detect (detectable_differences.csv), the methods ranked under
+each recipe side by side when a suite has both (ranking_by_recipe.csv), failed/missing runs
+shown as such, plots (metric vs mask ratio, metric vs pre-training FLOPs, loss curves), the
+run folders' figures, and the papers' numbers in separate, labelled columns. Reads only run
+records, through `runs.records`: never imports methods, engine, eval or torch.
 
 A result.json that does not parse or validate (cut short, hand-edited, from a newer mimbench) is
 named in a warning and its run listed as `unreadable`; the suite's other runs are reported, and
@@ -32,11 +34,11 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import papers  # noqa: E402
-from reports.tables import (RUNS_FROM_INDEX, ci95, format_ci, load_index, metric_columns,  # noqa: E402
-                            read_index, summarize, warn)
+from reports.ranking import flip_lines, ranking_by_recipe  # noqa: E402
+from reports.tables import (BASELINE, CELL, NO_RECIPE, RUNS_FROM_INDEX, ci95, format_ci, load_index,  # noqa: E402
+                            detectable_differences, finished_baseline, metric_columns, paired_diffs, read_index,
+                            summarize, warn)
 from runs.records import RecordError  # noqa: E402
-
-BASELINE = "none"
 
 
 class ReportError(ValueError):
@@ -45,27 +47,73 @@ class ReportError(ValueError):
 
 
 def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per (method, setting): mean ± CI of (run - baseline of the same seed), and whether
-    the CI excludes zero; a cell with no finished run gets a row of `–`."""
+    """Per cell (method, setting, recipe): mean ± CI of (run - baseline of the same seed) for
+    every metric, `+3.20 ± 1.10 *` where the CI excludes zero; a cell with no finished run gets
+    a row of `–`. The one baseline cell is the baseline of every recipe's cells."""
     cells = runs.loc[runs["method"] == BASELINE, "setting"].unique()
     if len(cells) > 1:
         raise ReportError(f"the suite has {len(cells)} `{BASELINE}` cells ({', '.join(map(repr, cells))}); "
                           f"the paired differences need one: keep a single RunSpec({BASELINE!r}, ...)")
-    done = runs[runs["status"] == "done"]
-    base = done[done["method"] == BASELINE].set_index("seed")
+    baseline = finished_baseline(runs)
     rows = []
-    for (method, setting), cell in runs[runs["method"] != BASELINE].groupby(["method", "setting"], sort=False):
-        group = cell[cell["status"] == "done"]
-        row = {"method": method, "setting": setting}
+    for (method, setting, recipe), cell in runs[runs["method"] != BASELINE].groupby(CELL, sort=False):
+        row = {"method": method, "setting": setting, "recipe": recipe}
         for metric in metrics:
-            paired = [(r[metric], base.loc[r["seed"], metric])
-                      for _, r in group.iterrows() if r["seed"] in base.index]
-            diffs = [value - baseline for value, baseline in paired if pd.notna(value) and pd.notna(baseline)]
+            diffs = paired_diffs(cell, baseline, metric)
             mean, half = ci95(diffs)
-            significant = bool(len(diffs) > 1 and not np.isnan(half) and abs(mean) > half)
-            row[f"Δ {metric}"] = format_ci(mean, half, len(diffs), len(group)) + (" *" if significant else "")
+            row[f"Δ {metric}"] = (format_ci(mean, half, len(diffs), int((cell["status"] == "done").sum()), signed=True)
+                                  + (" *" if excludes_zero(mean, half) else ""))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def excludes_zero(mean: float, half: float) -> bool:
+    """Whether the 95% CI mean ± half leaves zero out (never for one seed: no interval)."""
+    return bool(not np.isnan(half) and abs(mean) > half)
+
+
+RECIPE_LEGEND = ("recipe: paper = pre-trained at the method's paper recipe, shared = at the one recipe all "
+                 f"methods share, {NO_RECIPE} = none, which does not pre-train and is the baseline of every "
+                 "recipe's cells.")
+DIFFERENCE_LEGEND = ("Paired by seed: mean ± 95% CI of (cell - none) over the seeds both finished; * = the CI "
+                     "excludes 0; – = no seed where both finished. A student k-NN is paired with none's k-NN.")
+DETECTABLE_LEGEND = ("Half-width of the 95% t-interval of each cell's mean (metric columns) and of its paired "
+                     "difference to none (Δ columns): a difference smaller than this could not be told from "
+                     "zero at these seeds. n/a (1 seed) = one seed gives no interval; – = no value.")
+RANKING_LEGEND = ("Methods ordered by mean under each pre-training recipe (mean ± 95% CI over seeds); where a "
+                  "suite has several settings per method, its compute-matched block (reports.ranking."
+                  "ranking_cells). none does not pre-train and is ranked under both.")
+
+
+def baseline_footnote(runs: pd.DataFrame, metrics: list[str]) -> list[str]:
+    """The note that says how the baseline was fine-tuned and segmented, when a table shows
+    those metrics for it: a from-scratch recipe (layer decay 1.0) unlike the pre-trained
+    encoders, or, in records from before that recipe, the layer decay it had; [] otherwise."""
+    base = runs[(runs["method"] == BASELINE) & (runs["status"] == "done")]
+    shown = {}
+    for evaluation, metric, verb in (("finetune", "finetune_top1", "fine-tuned"),
+                                     ("segmentation", "seg_miou", "segmented")):
+        if metric in metrics and metric in base and base[metric].notna().any():
+            column = f"{evaluation} layer_decay"
+            decays = base.loc[base[metric].notna(), column] if column in base else pd.Series(dtype=float)
+            shown[verb] = sorted(set(decays.dropna()))
+    if not shown:
+        return []
+
+    def how(decays: list[float]) -> str:
+        if decays == [1.0]:
+            return "with a from-scratch recipe (layer decay 1.0)"
+        if not decays:
+            return "with a layer decay its record does not name"
+        return (f"with layer decay {' or '.join(f'{d:g}' for d in decays)} (a record from before the "
+                "from-scratch recipe, layer decay 1.0)")
+
+    recipes = {verb: how(decays) for verb, decays in shown.items()}
+    if len(set(recipes.values())) == 1:
+        said = f"{' and '.join(recipes)} {next(iter(recipes.values()))}"
+    else:
+        said = "; ".join(f"{verb} {text}" for verb, text in recipes.items())
+    return [f"{BASELINE}: {said}, pre-trained encoders at their profile's layer decay"]
 
 
 def with_paper_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -82,6 +130,17 @@ def t_interval(values) -> tuple[float, float]:
     mean, half = ci95(values)
     half = 0.0 if np.isnan(half) else half
     return mean - half, mean + half
+
+
+def setting_labels(runs: pd.DataFrame, settings: pd.Series | None = None) -> list[str]:
+    """Each run's setting (or `settings`) as the plots name it: with its recipe when the suite
+    pre-trains at several ("5 epochs, paper recipe"), so that cells differing by recipe alone
+    are never pooled into one point."""
+    settings = runs["setting"] if settings is None else settings
+    recipes = runs["recipe"] if "recipe" in runs else pd.Series(NO_RECIPE, index=runs.index)
+    several = recipes[recipes != NO_RECIPE].nunique() > 1
+    return [f"{setting}, {recipe} recipe" if several and recipe != NO_RECIPE else setting
+            for setting, recipe in zip(settings, recipes)]
 
 
 def method_palette(runs: pd.DataFrame) -> dict:
@@ -107,13 +166,15 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     # "raw pixels, block 0.6"), so two settings never pool into one point; a setting with one
     # ratio is a lone marker, and the plot needs at least one line
     family = "setting, ratio aside"
-    data = data.assign(**{family: [setting.removesuffix(f" {ratio:g}")
-                                   for setting, ratio in zip(data["setting"], data["mask.ratio"])]})
+    data = data.assign(**{family: setting_labels(data, pd.Series(
+        [setting.removesuffix(f" {ratio:g}") for setting, ratio in zip(data["setting"], data["mask.ratio"])],
+        index=data.index))})
     if not (data.groupby(["method", family])["mask.ratio"].transform("nunique") >= 2).any():
         return False
     # a panel per protocol measured in at least two cells: one point shows no trend (a suite's
     # cells can carry another suite's evaluations through a shared run)
-    metrics = [m for m in metrics if m in data and data.loc[data[m].notna(), "setting"].nunique() >= 2]
+    data = data.assign(cell=setting_labels(data))
+    metrics = [m for m in metrics if m in data and data.loc[data[m].notna(), "cell"].nunique() >= 2]
     if data.empty or not metrics:
         return False
     long = data.melt(id_vars=["method", family, "mask.ratio", "seed"], value_vars=metrics,
@@ -146,7 +207,7 @@ def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     metrics = [m for m in metrics if data[m].notna().any()]
     if data.empty or not metrics:
         return False
-    long = data.assign(tflops=data[column] / 1e12).melt(
+    long = data.assign(tflops=data[column] / 1e12, setting=setting_labels(data)).melt(
         id_vars=["method", "setting", "tflops"], value_vars=metrics, var_name="protocol",
         value_name="top-1 / mIoU (%)")
     grid = sns.relplot(data=long, x="tflops", y="top-1 / mIoU (%)", hue="method", style="setting",
@@ -172,7 +233,8 @@ def training_curves(runs: pd.DataFrame, run_root: Path) -> pd.DataFrame:
     """Long table (run, method, step, name, value) of every logged scalar of each setting's
     first seed."""
     rows = []
-    for _, run in runs[(runs["method"] != BASELINE) & (runs["seed"] == runs["seed"].min())].iterrows():
+    first = runs[(runs["method"] != BASELINE) & (runs["seed"] == runs["seed"].min())]
+    for (_, run), setting in zip(first.iterrows(), setting_labels(first)):
         metrics_file = run_root / run["run"] / "metrics.jsonl"
         if not metrics_file.exists():
             continue
@@ -182,7 +244,7 @@ def training_curves(runs: pd.DataFrame, run_root: Path) -> pd.DataFrame:
             except json.JSONDecodeError:
                 continue        # blank, or the last line of a run killed mid-write
             if isinstance(record, dict) and "step" in record:
-                rows += [{"run": f"{run['method']} {run['setting']}", "method": run["method"],
+                rows += [{"run": f"{run['method']} {setting}", "method": run["method"],
                           "step": record["step"], "name": name, "value": value}
                          for name, value in record.items() if name not in ("step", "lr")]
     return pd.DataFrame(rows, columns=["run", "method", "step", "name", "value"])
@@ -221,23 +283,35 @@ def img_tag(path: Path) -> str:
 def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path) -> Path:
     """The suite's report pages from its index and its runs' table (`load_index`)."""
     params = pd.DataFrame([e.get("params", {}) for e in index["runs"]])
-    runs = pd.concat([runs, params], axis=1)
+    runs = pd.concat([runs, params.drop(columns=[c for c in params if c in runs])], axis=1)
     metrics = metric_columns(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     table = with_paper_columns(summarize(runs, metrics))
     diffs = paired_differences(runs, metrics) if (runs["method"] == BASELINE).any() else pd.DataFrame()
+    detectable = detectable_differences(runs, metrics)
+    ranking, flipped = ranking_by_recipe(runs, metrics)
     table.to_csv(out_dir / "table.csv", index=False)
     runs.to_csv(out_dir / "runs.csv", index=False)
-    md = [f"# {index['suite']} ({index['profile']} profile)", "",
-          "Mean ± 95% CI (t-interval) over seeds; `–` = no finished run; `(n of m seeds)` = only n "
-          "of the cell's m finished runs have that evaluation.", "",
-          table.to_markdown(index=False), "", f"Paper columns: {papers.SOURCE}.", ""]
+    detectable.to_csv(out_dir / "detectable_differences.csv", index=False)
+    baseline_note = baseline_footnote(runs, metrics)
+    # (heading, legend, table, notes below it) of each table, for table.md and index.html alike
+    sections = [(None, "Mean ± 95% CI (t-interval) over seeds; – = no finished run; (n of m seeds) = only n "
+                       "of the cell's m finished runs have that evaluation.",
+                 table, [RECIPE_LEGEND, f"Paper columns: {papers.SOURCE}.", *baseline_note])]
     if not diffs.empty:
         diffs.to_csv(out_dir / "paired_differences.csv", index=False)
-        md += ["## Difference to the `none` baseline (paired by seed; * = 95% CI excludes 0; "
-               "`–` = no seed where both finished)", "",
-               diffs.to_markdown(index=False), ""]
+        sections.append(("Difference to the none baseline", DIFFERENCE_LEGEND, diffs, baseline_note))
+    sections.append(("Smallest detectable difference", DETECTABLE_LEGEND, detectable, []))
+    if not ranking.empty:
+        ranking.to_csv(out_dir / "ranking_by_recipe.csv", index=False)
+        sections.append(("Ranking by recipe", RANKING_LEGEND, ranking,
+                         ["Pairs that flip between recipes (within noise: the two cells' 95% CIs overlap "
+                          "under either recipe):", *flip_lines(flipped), *baseline_note]))
+    md = [f"# {index['suite']} ({index['profile']} profile)", ""]
+    for heading, legend, frame, notes in sections:
+        md += ([f"## {heading}", ""] if heading else []) + [legend, "", frame.to_markdown(index=False), ""]
+        md += [line for note in notes for line in (note, "")]
     (out_dir / "table.md").write_text("\n".join(md))
 
     run_root = index_file.parent / RUNS_FROM_INDEX
@@ -246,26 +320,23 @@ def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path
              "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
              "loss_curves.png": plot_losses(curves, out_dir / "loss_curves.png"),
              "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
-    figures = [(run, p) for _, run in runs.iterrows()
+    figures = [(run, setting, p) for (_, run), setting in zip(runs.iterrows(), setting_labels(runs))
                for p in sorted((run_root / run["run"] / "figures").glob("*.png"))]
 
     status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
-        ["method", "setting", "seed", "run", "status", "missing evaluations", "problem"]]
-    parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
-             "<p>Mean ± 95% CI (t-interval) over seeds; (n of m seeds): only n of the cell's m finished "
-             "runs have that evaluation. Paper columns: "
-             f"{html.escape(papers.SOURCE)}.</p>", table.to_html(index=False, na_rep="–")]
-    if not diffs.empty:
-        parts += ["<h2>Difference to the <code>none</code> baseline</h2>",
-                  "<p>Paired by seed; * = 95% CI excludes 0; – = no seed where both finished.</p>",
-                  diffs.to_html(index=False)]
+        ["method", "setting", "recipe", "seed", "run", "status", "missing evaluations", "problem"]]
+    parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>"]
+    for heading, legend, frame, notes in sections:
+        parts += ([f"<h2>{html.escape(heading)}</h2>"] if heading else []) + [
+            f"<p>{html.escape(legend)}</p>", frame.to_html(index=False, na_rep="–"),
+            *(f"<p>{html.escape(note)}</p>" for note in notes)]
     if not status.empty:
         parts += ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
     parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
     if figures:
         parts += ["<h2>Reconstructions and attention maps</h2>"]
-        for run, p in figures:
-            caption = f"{run['method']} {run['setting']}, seed {run['seed']} ({run['run']}/{p.name})"
+        for run, setting, p in figures:
+            caption = f"{run['method']} {setting}, seed {run['seed']} ({run['run']}/{p.name})"
             parts.append(f"<figure>{img_tag(p)}<figcaption>{html.escape(caption)}</figcaption></figure>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>mimbench report</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"

@@ -88,7 +88,7 @@ def test_report_builds_from_records_alone_and_shows_failed_and_missing_runs(tmp_
     assert table.loc["random 0.75", "knn_top1_cls"] == f"{mean:.2f} ± {half:.2f}"
     assert table.loc["random 0.75", "paper linear"] == "73.5"       # MAE's ablation of this setting, its own column
     diffs = pd.read_csv(folder / "paired_differences.csv").set_index("setting")
-    assert diffs.loc["random 0.75", "Δ knn_top1_cls"].startswith("8.25")   # (8 + 8.5) / 2, paired by seed
+    assert diffs.loc["random 0.75", "Δ knn_top1_cls"].startswith("+8.25 ± ")   # (8 + 8.5) / 2, paired by seed
     html = (folder / "index.html").read_text()
     assert "Failed, missing or incomplete runs" in html and "data:image/png;base64" in html
     for plot in ("vs_mask_ratio.png", "vs_flops.png", "loss_curves.png", "collapse_monitors.png"):
@@ -125,7 +125,7 @@ def test_a_metric_from_fewer_seeds_than_finished_says_so_and_the_run_is_listed(t
     assert table.loc["mae", "knn_top1_cls"] == "{:.2f} ± {:.2f}".format(*ci95([42.0, 43.0]))
     assert "finetune_top1" not in table.columns      # this suite did not ask for fine-tuning
     diffs = pd.read_csv(folder / "paired_differences.csv").set_index("method")
-    assert diffs.loc["mae", "Δ linear_top1_cls"] == "6.00 (1 of 2 seeds)"
+    assert diffs.loc["mae", "Δ linear_top1_cls"] == "+6.00 (1 of 2 seeds)"
     html = (folder / "index.html").read_text()
     assert "Failed, missing or incomplete runs" in html and html.count("<td>linear</td>") == 2
 
@@ -214,7 +214,7 @@ def test_a_seed_whose_baseline_lacks_the_metric_is_not_paired(tmp_path):
     from reports.build import main as build
     assert build(["--outputs", str(outputs), "--out", str(tmp_path / "report")]) == 0
     diffs = pd.read_csv(tmp_path / "report" / "demo" / "cpu" / "paired_differences.csv").set_index("method")
-    assert diffs.loc["mae", "Δ linear_top1_cls"] == "6.00 (1 of 2 seeds)"     # seed 1 has no baseline value
+    assert diffs.loc["mae", "Δ linear_top1_cls"] == "+6.00 (1 of 2 seeds)"    # seed 1 has no baseline value
 
 
 def test_two_baseline_cells_are_refused_with_a_one_line_error(tmp_path, capsys):
@@ -303,7 +303,7 @@ def test_a_cell_without_a_finished_run_is_a_row_of_the_difference_table(tmp_path
     from reports.build import main as build
     assert build(["--outputs", str(tmp_path / "outputs"), "--out", str(tmp_path / "report")]) == 0
     diffs = pd.read_csv(tmp_path / "report" / "demo" / "cpu" / "paired_differences.csv").set_index("method")
-    assert diffs.loc["pixel", "Δ knn_top1_cls"] == "–" and diffs.loc["mae", "Δ knn_top1_cls"] == "8.00"
+    assert diffs.loc["pixel", "Δ knn_top1_cls"] == "–" and diffs.loc["mae", "Δ knn_top1_cls"] == "+8.00"
 
 
 def test_run_figures_are_captioned_with_method_setting_and_seed(tmp_path):
