@@ -24,10 +24,17 @@ import engine.checkpoint as checkpoint  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.data import synthetic_splits  # noqa: E402
 from engine.trainer import Preempted, Trainer, TrainConfig  # noqa: E402
-from methods import build_method  # noqa: E402
+from methods import build_method, registry  # noqa: E402
 
 CFG = TrainConfig(epochs=3, batch_size=32, blr=1e-3, warmup_frac=0.1, checkpoint_every=4, log_every=2)
 METHODS = {"mae": {}, "ibot": dict(out_dim=128, head_hidden_dim=64, head_bottleneck_dim=32)}   # small heads
+
+
+def paper_recipe(name: str) -> tuple[dict, TrainConfig]:
+    """The method's overrides and the driver's TrainConfig at its paper recipe (iBOT: DINO
+    colour augmentation, local crops, weight-decay schedule, last-layer freeze, clipping)."""
+    recipe = registry[name][0].paper_recipe
+    return {**METHODS[name], **recipe.method}, dataclasses.replace(CFG, **{**recipe.train, "blr": CFG.blr})
 
 
 def main() -> int:
@@ -37,14 +44,15 @@ def main() -> int:
     parser.add_argument("--dump-state", default=None, help="save the final weights to PREFIX-rank<r>.pt")
     parser.add_argument("--nan-on-last-rank-at", type=int, default=-1)
     parser.add_argument("--method", choices=sorted(METHODS), default="mae")
+    parser.add_argument("--paper-recipe", action="store_true", help="the method's paper recipe (methods.recipes)")
     args = parser.parse_args()
     distributed.init_from_env()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    method = build_method(args.method, encoder={"size": "micro", "img_size": 16, "patch_size": 4},
-                          **METHODS[args.method])
+    overrides, cfg = paper_recipe(args.method) if args.paper_recipe else (METHODS[args.method], CFG)
+    method = build_method(args.method, **{**overrides, "encoder": {"size": "micro", "img_size": 16, "patch_size": 4}})
     images = synthetic_splits(img_size=16, train_per_class=32).train.images
-    cfg = dataclasses.replace(CFG, max_bad_steps=1) if args.nan_on_last_rank_at >= 0 else CFG
+    cfg = dataclasses.replace(cfg, max_bad_steps=1) if args.nan_on_last_rank_at >= 0 else cfg
     trainer = Trainer(method, images, cfg, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
     if distributed.rank() == distributed.world_size() - 1 and args.nan_on_last_rank_at >= 0:
         forward, calls = trainer.step_fn, []

@@ -66,6 +66,24 @@ def test_kill_9_at_several_steps_and_mid_checkpoint_then_resume_gives_identical_
     assert (reference / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
 
 
+def test_kill_9_then_resume_is_bit_identical_with_the_paper_recipes_augmentation_and_schedules(tmp_path):
+    """iBOT at its paper recipe: DINO's colour augmentation per image (its own seed stream),
+    local crops, the weight-decay cosine, the last-layer freeze and the scaled momentum."""
+    paper = ("--method", "ibot", "--paper-recipe")
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run([*DRIVER, str(reference), *paper], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = tmp_path / "killed"
+    for pattern in ("step 5", "step 17"):
+        code, _ = run_until(resumed, pattern, *paper)
+        assert code == -signal.SIGKILL
+    assert subprocess.run([*DRIVER, str(resumed), *paper], capture_output=True, cwd=ROOT).returncode == 0
+    expected, got = final_state(reference), final_state(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert (reference / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
+
+
 def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
     code, rest = run_until(tmp_path, "step 5", sig=signal.SIGTERM)
     assert code == 143
