@@ -1,8 +1,8 @@
 """Training-step throughput of every method at identical configs, in ONE process, then the
-cost of the evaluations every run pays.
+cost of the batched augmentation every step pays and of the evaluations every run pays.
 
     python -m bench [--size tiny] [--batch 128] [--reps 7] [--threads 2] [--out PATH]
-    python -m bench --no-eval          # the step table only
+    python -m bench --no-eval          # the step table and the augmentation cost only
     python -m bench --eval             # the evaluation timings only
     python -m bench --compile          # plus each method through torch.compile (extra rows)
 
@@ -23,6 +23,10 @@ Anchors (bench/anchors.py says how they are built and where they differ):
 Work one side computes and the other skips (our MAE predicts the visible patches too) is
 listed apart from the ratios, under "skipped_work", with its FLOPs.
 
+Augmentation (bench/augment_timing.py): ms per call of the crop and of each photometric view
+(BEiT's jitter, DINO/iBOT's two global and one local view) on 256 x 3 x 32 x 32, on the CPU
+at one thread, as a cpu-profile step makes its views                    -> augment_ms
+
 Evaluations (bench/eval_timing.py): k-NN on 50,000 x 10,000 cached features (target 5 s)
 and feature extraction of 60,000 images through the nano ViT (target 40 s), as the suite
 runner does them at the cpu profile; --eval-train/--eval-test scale them down.
@@ -40,6 +44,7 @@ from pathlib import Path
 import torch
 
 from bench import anchors
+from bench.augment_timing import augment_results, print_augment
 from bench.eval_timing import TARGET_TEST, TARGET_TRAIN, eval_results
 from bench.steps import Competitor, matmul_peak, measure, our_method, timm_full_token
 from methods import registry
@@ -69,7 +74,8 @@ def parse_args(argv) -> argparse.Namespace:
                              "1-2 minutes per method on 2 CPU cores)")
     parts = parser.add_mutually_exclusive_group()
     parts.add_argument("--eval", action="store_true", help="only the evaluation timings (default: both)")
-    parts.add_argument("--no-eval", action="store_true", help="only the step table (default: both)")
+    parts.add_argument("--no-eval", action="store_true",
+                       help="only the step table and the augmentation cost (default: both)")
     parser.add_argument("--eval-train", type=int, default=TARGET_TRAIN, help="k-NN memory / train images")
     parser.add_argument("--eval-test", type=int, default=TARGET_TEST, help="k-NN queries / test images")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
@@ -203,6 +209,9 @@ def main(argv=None) -> int:
         steps = step_results(args, device)
         results["machine"]["matmul_peak_flops"] = steps.pop("matmul_peak_flops")
         results.update(steps)
+        augment = augment_results()
+        print_augment(augment)
+        results.update(augment)
     if not args.no_eval:
         timings = eval_results(args.eval_train, args.eval_test, device)
         print_eval(timings)

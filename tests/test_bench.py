@@ -49,13 +49,21 @@ def test_knn_and_feature_extraction_are_timed_with_their_targets(results):
     assert knn["meets_target"] is None      # only judged at 50,000 x 10,000
 
 
+def test_the_crop_and_each_photometric_view_are_timed_at_the_cpu_profiles_batch(results):
+    assert set(results["augment_ms"]) == {"crop", "beit_jitter", "dino_global1", "dino_global2", "dino_local"}
+    timing = results["augment_timing"]
+    assert timing["shape"] == [256, 3, 32, 32] and timing["threads"] == 1     # whatever --batch and --threads
+    for name, ms in results["augment_ms"].items():
+        assert 0 < timing["min_ms"][name] <= ms <= timing["max_ms"][name], name
+
+
 def test_eval_only_writes_the_timings_and_no_step_table(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run([sys.executable, "-m", "bench", "--eval", "--eval-train", "32", "--eval-test", "8",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert results["knn_seconds"]["seconds"] > 0 and "throughput" not in results
+    assert results["knn_seconds"]["seconds"] > 0 and "throughput" not in results and "augment_ms" not in results
 
 
 def test_compile_adds_a_compiled_row_with_the_eager_flops(tmp_path):
