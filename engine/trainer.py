@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from engine import distributed
+from engine.augment import beit_view, dino_views, photometric
 from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip, standardize
 from methods.base import AUGMENTATIONS, Batch
@@ -265,7 +266,6 @@ class MaskedViews:
             if colour is None or not colour.active:
                 views.append(random_resized_crop_flip(uint8, size, gen, scale=scale))
             else:   # colour ops work on [0, 1] pixels: crop, augment, then standardise
-                from engine.augment import photometric
                 pixels = random_resized_crop_flip(uint8, size, gen, scale=scale, standardized=False)
                 views.append(standardize(photometric(pixels, colour, colour_gen)))
         mask = self.method.draw_masks(len(index), gen)
@@ -285,7 +285,6 @@ def view_augmentations(name: str, num_views: int, num_global: int) -> list:
     local ones)."""
     if name == "none":
         return [None] * num_views
-    from engine.augment import beit_view, dino_views
     if name == "beit":
         return [beit_view()] * num_views
     if name == "dino":
