@@ -52,6 +52,7 @@ from runs.records import read_json, write_json
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CLIP_MODES = ("global", "per_param")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class TrainConfig:
     # Weight decay on a per-step cosine from `weight_decay` to this value (iBOT/DINO: 0.04 ->
     # 0.4); None keeps it constant (every earlier run).
     weight_decay_end: float | None = late_field(None)
+    # "global": clip the norm of all gradients together (torch clip_grad_norm_: MAE, BEiT,
+    # SimMIM); "per_param": each parameter's gradient to its own norm (DINO/iBOT clip_gradients)
+    clip_mode: str = late_field("global")
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.blr <= 0:
@@ -87,7 +91,12 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} unknown; known: {', '.join(PRECISIONS)}")
         if self.weight_decay < 0 or (self.weight_decay_end is not None and self.weight_decay_end < 0):
-            raise ConfigError("weight_decay and weight_decay_end must be >= 0 (weight_decay_end None = constant)")
+            raise ConfigError(f"weight_decay ({self.weight_decay}) and weight_decay_end ({self.weight_decay_end}) "
+                              f"must be >= 0 (weight_decay_end None = constant)")
+        if self.weight_decay == 0 and self.weight_decay_end:
+            raise ConfigError("a weight-decay schedule needs weight_decay > 0 at its start (iBOT: 0.04 -> 0.4)")
+        if self.clip_mode not in CLIP_MODES:
+            raise ConfigError(f"clip_mode {self.clip_mode!r} unknown; known: {', '.join(CLIP_MODES)}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,6 +153,7 @@ class TrainPlan:
     checkpoint_every: int
     log_every: int
     clip_grad: float = 0.0          # max gradient norm (0 = off)
+    clip_mode: str = "global"       # CLIP_MODES
     # step -> weight decay of the decayed parameter groups (None: the optimizer's, constant)
     weight_decay_at: Callable[[int], float] | None = None
     precision: str = "auto"         # PRECISIONS
@@ -201,13 +211,23 @@ def adamw_cosine_plan(cfg: TrainConfig, steps: int, layer_decay: float | None = 
 
     return TrainPlan(total_steps=steps, batch_size=cfg.batch_size, make_optimizer=make_optimizer,
                      make_scheduler=make_scheduler, checkpoint_every=cfg.checkpoint_every,
-                     log_every=cfg.log_every, clip_grad=cfg.clip_grad, weight_decay_at=weight_decay_at,
+                     log_every=cfg.log_every, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+                     weight_decay_at=weight_decay_at,
                      precision=cfg.precision, compile=cfg.compile, max_bad_steps=cfg.max_bad_steps, desc=desc)
 
 
 def cosine_between(start: float, end: float, step: int, steps: int) -> float:
     """`start` at step 0 to `end` at the last step on a half cosine (DINO's cosine_scheduler)."""
     return end + (start - end) * (1 + math.cos(math.pi * step / max(steps, 1))) / 2
+
+
+def clip_per_parameter(parameters, max_norm: float) -> Tensor:
+    """Clip each parameter's gradient to norm `max_norm` on its own (DINO/iBOT clip_gradients);
+    returns the norm of all gradients before clipping, as clip_grad_norm_ does."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -239,12 +259,17 @@ class EpochOrder:
         return self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
 
 
+# the photometric augmentation's seed stream: clear of the per-rank torch streams (3 + rank)
+COLOUR_STREAM = 1000
+
+
 class MaskedViews:
     """Pre-training batches: the method's augmented views (`view_specs`, and the photometric
     augmentation its config names, `view_augmentations`) and masks (`draw_masks`) of uint8
     images. Under torchrun every rank draws the global batch from the same step seed and
     keeps its own slice. Crops and masks draw from stream 2 of the step seed, photometric
-    augmentation from stream 10, so a view's colours never shift another view's crop or mask."""
+    augmentation from stream COLOUR_STREAM, so a view's colours never shift another view's crop
+    or mask."""
 
     def __init__(self, method, images: Tensor, batch_size: int, crop_scale_min: float, seed: int,
                  device: torch.device):
@@ -259,7 +284,7 @@ class MaskedViews:
     def batch_for_step(self, step: int) -> Batch:
         index = self.order.indices(step)
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
-        colour_gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=10))
+        colour_gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=COLOUR_STREAM))
         uint8 = self.images[index.to(self.device)]
         views = []
         for (size, scale), colour in self.specs:
@@ -446,7 +471,8 @@ class Trainer:
         t0 = time.perf_counter()
         self.scheduler.step_update(step)
         if self.plan.weight_decay_at is not None:
-            set_weight_decay(self.optimizer, self.plan.weight_decay_at(step))
+            weight_decay = self.plan.weight_decay_at(step)
+            set_weight_decay(self.optimizer, weight_decay)
         batch = self.batch_for_step(step)
         t1 = time.perf_counter()
         # drop path etc.: one stream per rank, so ranks do not repeat each other's draws
@@ -466,7 +492,8 @@ class Trainer:
         if self.world > 1:
             distributed.average_buffers(self.module, self.synced_buffers)
         if log is not None:
-            log.add({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **logs})
+            scheduled = {"weight_decay": weight_decay} if self.plan.weight_decay_at is not None else {}
+            log.add({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **scheduled, **logs})
         timer.add(step, t1 - t0, time.perf_counter() - t0)
         return None, stop
 
@@ -499,7 +526,9 @@ class Trainer:
         edit_gradients = getattr(self.module, "before_optimizer_step", None)
         if edit_gradients is not None:
             edit_gradients(step, self.total_steps)
-        if self.plan.clip_grad > 0:
+        if self.plan.clip_grad > 0 and self.plan.clip_mode == "per_param":
+            logs["grad_norm"] = clip_per_parameter(self.module.parameters(), self.plan.clip_grad)
+        elif self.plan.clip_grad > 0:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                                                self.plan.clip_grad, foreach=True)
         if self.scaler is None:

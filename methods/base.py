@@ -1,12 +1,15 @@
 """What every method shares: the batch it receives and the small interface the trainer calls."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
 
 from methods.masking import make_masks
+from methods.registry import ConfigError
 from methods.vit import ViT, patchify, unpatchify
 
 
@@ -33,6 +36,12 @@ PRODUCTS = ("encoder", "tokenizer")     # what a run can make (`Method.product`)
 # photometric augmentation of the views, by name (a method config's `augment` field); the
 # trainer maps each name to per-view specs (engine.trainer.view_augmentations)
 AUGMENTATIONS = ("none", "beit", "dino")
+
+
+def check_augment(name: str, allowed: tuple[str, ...]) -> None:
+    """A method config's `augment` is one its views can take (`allowed`, of AUGMENTATIONS)."""
+    if name not in allowed:
+        raise ConfigError(f"augment {name!r} does not fit this method; use one of: {', '.join(allowed)}")
 
 
 class Method(nn.Module):
@@ -64,7 +73,7 @@ class Method(nn.Module):
     encoder_variants: tuple[str, ...] = ()
     # evaluation config fields this method's runs change from the profile's, by evaluation
     # (the `none` baseline: its from-scratch fine-tune recipe); every other method: none
-    eval_overrides: dict[str, dict] = {}
+    eval_overrides: Mapping[str, dict] = MappingProxyType({})
 
     def __init__(self, cfg):
         super().__init__()

@@ -27,6 +27,7 @@ class MAEConfig:
     def validate(self) -> None:
         self.encoder.validate()
         self.mask.validate()
+        self.mask.check_grid(self.encoder.grid)
         if self.decoder_depth < 1 or self.decoder_dim < 1 or self.decoder_dim % self.decoder_heads:
             raise ConfigError(f"decoder_depth must be >= 1 and decoder_dim ({self.decoder_dim}) "
                               f"divisible by decoder_heads ({self.decoder_heads})")

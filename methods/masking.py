@@ -62,7 +62,9 @@ def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Gen
     `cfg.unit` > 1 the mask is drawn on the grid of units and each unit covers unit x unit patches."""
     if cfg.unit > 1:
         cfg.check_grid(grid)
-        coarse = make_masks(dataclasses.replace(cfg, unit=1), batch_size, grid // cfg.unit, generator, exact_count)
+        # a block's smallest size is counted in patches: in units, a unit^2-th of it
+        per_unit = dataclasses.replace(cfg, unit=1, min_block_patches=math.ceil(cfg.min_block_patches / cfg.unit**2))
+        coarse = make_masks(per_unit, batch_size, grid // cfg.unit, generator, exact_count)
         side = grid // cfg.unit
         return (coarse.view(batch_size, side, 1, side, 1)
                 .expand(batch_size, side, cfg.unit, side, cfg.unit).reshape(batch_size, grid * grid))

@@ -171,13 +171,13 @@ def save_variants(method, run_dir: Path) -> None:
             save_encoder(method.variant_encoder(variant), tmp)
 
 
-def load_variant(run_dir: Path, config: RunConfig, variant: str):
-    """Encoder `variant` of a finished run (`Method.encoder_variants`). A run finished before
-    variants were saved has it in its last checkpoint: taken from there, and saved."""
+def load_variant(run_dir: Path, config: RunConfig, variant: str, steps: int):
+    """Encoder `variant` of a finished run (`Method.encoder_variants`) of `steps` steps. A run
+    finished before variants were saved has it in its last checkpoint: taken from there, and saved."""
     path = run_dir / f"{variant}.safetensors"
     if not path.exists():
         state, _ = load_latest(run_dir / "checkpoints", config.hash)
-        if state is None:       # (a finished run's newest checkpoint is its last step's)
+        if state is None or state["step"] != steps:     # (none, or only an earlier one readable)
             raise ConfigError(f"{run_dir.name} has no {path.name} and no checkpoint to take it from; "
                               f"drop the '@{variant}' evaluation or re-run the run in a new --outputs")
         method = config.build_method()
@@ -282,7 +282,7 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
     for name in run.spec.evals:
         if not is_current(evals.get(name), name, profile, config.method):
             variant = split_name(name)[1]
-            taken = load_variant(run_dir, config, variant) if variant else product
+            taken = load_variant(run_dir, config, variant, train_stats["steps"]) if variant else product
             evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, device, progress,
                                    config.method)
             record_progress()
