@@ -20,11 +20,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
-# the default suite on the shipped CIFAR-10 (finished runs are skipped), then the report;
-# SEEDS=1 ONLY=mae,none narrow the grid (e.g. `make report SEEDS=1 ONLY=mae,pixel,none`)
+# `make report`: compare_methods' compute-matched block on the shipped CIFAR-10 in BUDGET (2.5 h
+# of this machine's measured FLOP/s: every method at the same MAE-epochs of FLOPs, the cpu
+# profile's 3 seeds, k-NN + linear), its plan and estimate printed first, then the report.
+# SUITE=NAME runs that suite's whole grid instead (`make report SUITE=ablation_masking`;
+# SUITE=compare_methods: the full compare_methods grid). Finished runs are skipped; the same
+# command again resumes with the same runs. BUDGET=1.3ep / RECIPE=shared / EVALS=knn,linear,finetune
+# / SEEDS=1 / ONLY=mae,none adjust it.
+BUDGET ?= 2.5h
+REPORT_ARGS = $(if $(filter file,$(origin SUITE)),compare_methods --budget $(BUDGET) \
+	$(if $(EVALS),--evals $(EVALS)),$(SUITE)) --profile $(PROFILE) $(if $(RECIPE),--recipe $(RECIPE)) \
+	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY))
 report: $(STAMP)
-	$(PY) -m suites.run $(SUITE) --profile $(PROFILE) $(if $(SEEDS),--seeds $(SEEDS)) \
-		$(if $(ONLY),--only $(ONLY)); rc=$$?; \
+	$(PY) -m suites.run $(REPORT_ARGS) --dry-run
+	$(PY) -m suites.run $(REPORT_ARGS); rc=$$?; \
 	$(PY) -m reports.build; exit $$rc
 
 # throughput of every method vs lightly's MAE and a plain timm ViT, in one process

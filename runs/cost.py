@@ -1,20 +1,63 @@
-"""What a run's pre-training costs, from FLOPs counted on a 2-image batch (attention
-unfused, so the FLOPs of the computation, not of the kernel that runs it)."""
+"""What a run costs, from FLOPs counted on a 2-image batch (attention unfused, so the FLOPs of
+the computation, not of the kernel that runs it), and this machine's FLOP/s, measured.
+
+Seconds are FLOPs / a sustained FLOP/s: the profile's assumed `flops_per_second`, or this
+machine's as `calibrate` measures it on a few MAE training steps (recorded in
+outputs/calibration.json and reused while the machine, threads and torch stay the same). One
+figure serves every phase: the bench measured every method's step within 80-92% of the matmul
+peak (README, Performance), and frozen-feature extraction runs near the training rate.
+
+Evaluations (`evaluation_seconds`), counted from their configs, not timed:
+
+- frozen protocols (k-NN, linear, and any evaluation not listed here): one forward pass of the
+  encoder over train + test, cached per run and so paid once by whichever runs first (forward
+  FLOPs = a full-token step's training FLOPs / 3); k-NN adds its similarity matmuls, the linear
+  probe its sweep (every (lr, wd) classifier on the fit split) and refit (one on train), at a
+  seventh of the rate (`LINEAR_PROBE_EFFICIENCY`);
+- fine-tuning: `epochs` full-token training passes over train, plus one forward over test;
+- segmentation: `iterations` x `batch_size` training crops, plus a forward over the evaluated
+  images at the resize scale; the UPerHead is not counted;
+- BEiT's tokenizer evaluation: not counted (a forward over test; seconds).
+
+Checked against the `cpu` profile's finished runs on the 2-core machine, at the 72 GFLOP/s their
+pre-training ran at: k-NN with the feature extraction 143 s estimated / 122-124 s measured,
+linear 42 / 36-52 s, fine-tuning 718 / 621-736 s, segmentation 282 / 306-312 s.
+"""
 from __future__ import annotations
 
-from functools import lru_cache
+import dataclasses
+import datetime
 import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from engine.data import list_images
-from engine.trainer import total_steps, train_flops
+from engine.trainer import MaskedViews, adamw_cosine_plan, count_flops, total_steps, train_flops
 from methods import registry
 from methods.base import Batch
-from runs.identity import Budget, RunConfig, config_from_record
+from methods.vit import ViT
+from runs.execute import UnreadableRecord, is_done, read_result, stale_evaluations
+from runs.identity import Budget, Run, RunConfig, RunSpec, config_from_record, resolve
+from runs.records import read_json, write_json
 
-TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}   # without a folder to count
+# images per split without a folder to count (the known sizes of the named datasets; else ImageNet's)
+TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}
+TEST_IMAGES = {"synthetic": 320, "cifar10": 10_000, "imagenet": 50_000}
+SEGMENTATION_EVAL_IMAGES = {"camvid": 233, "ade20k": 2000}     # CamVid's test split, ADE20K's validation
+# the probe's small batched matmuls (21 classifiers of 128 x 10 at the cpu profile) run far below
+# the training rate: measured 36-52 s where its FLOPs at the training rate give 6 s
+LINEAR_PROBE_EFFICIENCY = 1 / 7
+TRAINED_EVALUATIONS = ("finetune", "segmentation", "tokenizer")   # the others read cached frozen features
+NUM_CLASSES = {"synthetic": 10, "cifar10": 10, "imagenet": 1000}
 
 
 @lru_cache(maxsize=64)
@@ -33,19 +76,47 @@ def flops_per_image(method: str, method_config: dict) -> float:
     return _flops_per_image(method, json.dumps(method_config, sort_keys=True))
 
 
+@lru_cache(maxsize=64)
+def _encoder_forward_flops(encoder_json: str, img_size: int) -> float:
+    from methods.vit import ViTConfig
+    encoder = ViT(dataclasses.replace(ViTConfig(**json.loads(encoder_json)), img_size=img_size))
+    images = torch.randn(1, encoder.cfg.in_chans, img_size, img_size)
+    # a linear layer's backward is twice its forward: a third of a full-token step's FLOPs
+    return count_flops(encoder, lambda: encoder(images).float().sum()) / 3
+
+
+def encoder_forward_flops(config: RunConfig, img_size: int | None = None) -> float:
+    """Forward FLOPs per image of a run's encoder on all tokens (at `img_size`, default its own)."""
+    encoder = config.build_method_config().encoder
+    fields = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)}
+    return _encoder_forward_flops(json.dumps(fields, sort_keys=True), img_size or encoder.img_size)
+
+
+def num_images(data: dict, split: str) -> int:
+    """Images in a split of a run's data: counted in its folder when it is there, else the
+    known size of the named dataset (a --dry-run elsewhere), else ImageNet's."""
+    if "path" in data and (Path(data["path"]) / split).is_dir():
+        return count_images(data["path"], split)
+    sizes = TRAIN_IMAGES if split == "train" else TEST_IMAGES
+    return sizes.get(data["name"], sizes["imagenet"])
+
+
 def images_seen(config: RunConfig) -> int:
     train = config.train_config()
-    data = config.data
-    if "path" in data and (Path(data["path"]) / "train").is_dir():
-        num_train = count_train_images(data["path"])
-    else:   # not there (a --dry-run elsewhere): the known size of the named dataset, else ImageNet's
-        num_train = TRAIN_IMAGES.get(data["name"], TRAIN_IMAGES["imagenet"])
-    return total_steps(train.epochs, num_train, train.batch_size) * train.batch_size
+    return total_steps(train.epochs, num_images(config.data, "train"), train.batch_size) * train.batch_size
 
 
-@lru_cache(maxsize=8)
-def count_train_images(root: str) -> int:
-    return len(list_images(Path(root) / "train")[1])
+def train_steps(config: RunConfig) -> int:
+    """Optimizer steps of a run's pre-training (0 for methods that do not train)."""
+    if config.train is None:
+        return 0
+    train = config.train_config()
+    return total_steps(train.epochs, num_images(config.data, "train"), train.batch_size)
+
+
+@lru_cache(maxsize=16)
+def count_images(root: str, split: str = "train") -> int:
+    return len(list_images(Path(root) / split)[1])
 
 
 def pretrain_flops(config: RunConfig) -> float:
@@ -55,6 +126,194 @@ def pretrain_flops(config: RunConfig) -> float:
     return flops_per_image(config.method, config.method_config) * images_seen(config)
 
 
-def estimate_seconds(config: RunConfig, profile: Budget) -> float:
-    """Pre-training wall time at the profile's assumed sustained FLOP/s."""
-    return pretrain_flops(config) / profile.flops_per_second
+def estimate_seconds(config: RunConfig, profile: Budget, flops_per_second: float | None = None) -> float:
+    """Pre-training wall time at `flops_per_second` (default: the profile's assumed figure)."""
+    return pretrain_flops(config) / (flops_per_second or profile.flops_per_second)
+
+
+# ---- evaluations ---------------------------------------------------------------------------
+def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
+    """FLOPs of evaluation `name` of a run at the profile's config of it, without the frozen
+    protocols' shared feature extraction (`feature_flops`). ("knn@student", an evaluation of
+    another encoder the run saves, costs what "knn" does.)"""
+    name = name.partition("@")[0]
+    cfg = profile.eval_config(name)
+    train, test = num_images(config.data, "train"), num_images(config.data, "test")
+    if name == "knn":            # (test x train) similarities of both poolings
+        return 2 * 2 * train * test * config.build_method_config().encoder.embed_dim
+    if name == "linear":         # per pooling: the sweep on the fit split (4/5 of train), the refit on train
+        dim = config.build_method_config().encoder.embed_dim
+        classes = NUM_CLASSES.get(config.data["name"], 1000)
+        grid = len(cfg.lrs) * len(cfg.weight_decays)
+        flops = 6 * dim * classes * cfg.epochs * len(cfg.poolings) * (0.8 * train * grid + train)
+        return flops / LINEAR_PROBE_EFFICIENCY
+    if name == "finetune":
+        return encoder_forward_flops(config) * (3 * cfg.epochs * train + test)
+    if name == "segmentation":
+        crop = encoder_forward_flops(config, cfg.crop_size)
+        # whole-image inference, at a square of the resize bound's area
+        patch = config.build_method_config().encoder.patch_size
+        whole = encoder_forward_flops(config, max(1, round(math.sqrt(cfg.scale[0] * cfg.scale[1]) / patch)) * patch)
+        images = cfg.eval_images or SEGMENTATION_EVAL_IMAGES.get(cfg.dataset, 2000)
+        return 3 * crop * cfg.iterations * cfg.batch_size + whole * images
+    return 0.0                   # the tokenizer evaluation, or a frozen protocol beyond its features
+
+
+def feature_flops(config: RunConfig) -> float:
+    """FLOPs of extracting a run's frozen features: one forward over train and test."""
+    return encoder_forward_flops(config) * (num_images(config.data, "train") + num_images(config.data, "test"))
+
+
+def evaluation_seconds(config: RunConfig, evals, profile: Budget, flops_per_second: float,
+                       features_cached: bool = False) -> dict[str, float]:
+    """Estimated seconds of each of `evals` (those still to run) of a run; the first one that
+    reads frozen features of an encoder pays their extraction unless the run has them cached."""
+    seconds, extracted = {}, set()
+    for name in evals:
+        base, _, encoder = name.partition("@")
+        flops = evaluation_flops(name, config, profile)
+        if base not in TRAINED_EVALUATIONS and encoder not in extracted and not (features_cached and not encoder):
+            flops += feature_flops(config)
+            extracted.add(encoder)
+        seconds[name] = flops / flops_per_second
+    return seconds
+
+
+# ---- what a plan still costs ----------------------------------------------------------------
+def seconds_left(run: Run, profile: Budget, outputs: Path, flops_per_second: float) -> dict[str, float]:
+    """Estimated seconds of the work a run still needs, by phase ("pre-train", each evaluation):
+    nothing for what its folder holds finished."""
+    run_dir = run.config.folder(outputs)
+    try:
+        record = read_result(run_dir)
+    except UnreadableRecord:
+        record = None
+    features_cached = (run_dir / "features").is_dir()
+    if record is not None and record.done:
+        return evaluation_seconds(run.config, stale_evaluations(record, run.spec.evals, profile), profile,
+                                  flops_per_second, features_cached)
+    pretrain = estimate_seconds(run.config, profile, flops_per_second)
+    return {**({"pre-train": pretrain} if pretrain else {}),
+            **evaluation_seconds(run.config, run.spec.evals, profile, flops_per_second, features_cached)}
+
+
+def plan_seconds(runs: list[Run], profile: Budget, outputs: Path, flops_per_second: float
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, float], float]:
+    """Seconds left per run (by phase), per prerequisite run not done (BEiT's tokenizer: once,
+    however many runs need it), and in all."""
+    per_run, prerequisites = {}, {}
+    for run in runs:
+        per_run[run.name] = seconds_left(run, profile, outputs, flops_per_second)
+        if "pre-train" in per_run[run.name]:
+            for need in run.config.requires.values():
+                if need.config.name not in prerequisites and not is_done(need.config.folder(outputs), need.evals):
+                    prerequisites[need.config.name] = estimate_seconds(need.config, profile, flops_per_second)
+    total = sum(sum(phases.values()) for phases in per_run.values()) + sum(prerequisites.values())
+    return per_run, prerequisites, total
+
+
+# ---- calibration: this machine's sustained training FLOP/s ---------------------------------
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_STEPS, CALIBRATION_WARMUP = 8, 2       # timed steps after warm-up steps (allocation)
+CALIBRATION_BATCH = 64      # at most; the cpu profile's nano MAE does ~120 img/s on one thread: ~5 s
+
+
+@dataclass(frozen=True)
+class Calibration:
+    flops_per_second: float
+    record: dict                # what calibration.json holds
+    reused: bool                # read from the file, not measured now
+
+    def describe(self) -> str:
+        r = self.record
+        how = "recorded" if self.reused else "measured now"
+        return (f"{self.flops_per_second / 1e9:.1f} GFLOP/s {how} ({r['threads']} thread(s), {r['device']}, "
+                f"MAE {r['steps']} steps of {r['batch_size']}, {r['timestamp']})")
+
+
+def machine() -> dict:
+    """What a calibration holds for: this machine, its threads and torch (the FLOP/s differ otherwise)."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"machine": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def calibrate(profile: Budget, outputs: str | Path, device: str = "cpu", recalibrate: bool = False) -> Calibration:
+    """This machine's sustained training FLOP/s at the profile's scale: read from
+    `outputs/calibration.json` when it was measured on this machine with as many threads, the
+    same torch, device and profile; else measured now and recorded. A lock makes processes
+    started together measure once (the second waits and reuses)."""
+    path = Path(outputs) / CALIBRATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wanted = {**machine(), "device": str(device), "profile": profile.name}
+    with FileLock(str(path) + ".lock"):
+        if path.exists() and not recalibrate:
+            try:
+                record = read_json(path)
+                if {key: record.get(key) for key in wanted} == wanted and record["flops_per_second"] > 0:
+                    return Calibration(float(record["flops_per_second"]), record, reused=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass                # damaged: measure again
+        batch_size = min(CALIBRATION_BATCH, profile.train.batch_size)
+        flops_per_second = measure_flops_per_second(profile, device, batch_size)
+        record = {**wanted, "flops_per_second": flops_per_second, "steps": CALIBRATION_STEPS,
+                  "batch_size": batch_size, "method": "mae",
+                  "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
+        write_json(path, record)
+    return Calibration(flops_per_second, record, reused=False)
+
+
+def measure_flops_per_second(profile: Budget, device: str = "cpu", batch_size: int = CALIBRATION_BATCH,
+                             steps: int = CALIBRATION_STEPS, warmup: int = CALIBRATION_WARMUP) -> float:
+    """Counted training FLOPs / the median wall time of `steps` MAE steps as the trainer takes
+    them (augmented views and masks drawn, forward, backward, AdamW), at the profile's encoder.
+    The median, not the mean: a burst of another process's work during one step of a few-second
+    measurement would otherwise set the figure a whole suite is planned by."""
+    config = resolve(RunSpec("mae"), profile, 0, {"name": "synthetic", "img_size": profile.encoder["img_size"]})
+    train = dataclasses.replace(config.train_config(), batch_size=batch_size)
+    torch.manual_seed(0)
+    method = config.build_method().to(device)
+    size = profile.encoder["img_size"]
+    images = torch.randint(0, 256, (2 * batch_size, 3, size, size), dtype=torch.uint8)
+    views = MaskedViews(method, images, batch_size, train.crop_scale_min, seed=0, device=torch.device(device))
+    optimizer = adamw_cosine_plan(train, steps + warmup).make_optimizer(method)
+    flops_per_step = train_flops(method, views.batch_for_step(0), torch.device(device))
+
+    def step(s: int) -> None:
+        loss, _ = method(views.batch_for_step(s))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    seconds = []
+    for s in range(warmup + steps):
+        started = time.perf_counter()
+        step(s)
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return flops_per_step / statistics.median(seconds[warmup:])
+
+
+# ---- budgets: the largest schedule that fits --------------------------------------------------
+def largest_within(seconds_at, budget_seconds: float, step: float = 0.01, limit: float = 1e5) -> float:
+    """The largest multiple x of `step` in (0, limit] with `seconds_at(x) <= budget_seconds`,
+    for a `seconds_at` that does not decrease with x (0.0 when not even `step` fits). Searched
+    by doubling then bisection on whole steps, so a few dozen calls."""
+    low, high = 0, 1          # in steps: seconds_at(low * step) fits (or low = 0), high may not
+    while seconds_at(high * step) <= budget_seconds:
+        low, high = high, high * 2
+        if high * step > limit:
+            return low * step
+    while high - low > 1:
+        middle = (low + high) // 2
+        if seconds_at(middle * step) <= budget_seconds:
+            low = middle
+        else:
+            high = middle
+    return round(low * step, 10)

@@ -6,6 +6,10 @@ papers' default masking, every evaluation, against the no-pre-training baseline,
   method whose step costs 5x MAE's trains for a fifth of the epochs. This is the question a
   researcher with a fixed budget asks. (BEiT's stage-1 tokenizer is not counted: it is trained
   once and shared, and its cost is in its own run record.)
+
+`budget_grid` is the compute-matched block alone at a budget of E MAE-epochs of FLOPs (what
+`python -m suites.run compare_methods --budget` runs): `none` and every method at E * (MAE's
+training FLOPs per image / its own), rounded to 0.01 epochs.
 """
 from __future__ import annotations
 
@@ -15,7 +19,14 @@ from runs.identity import RunSpec, resolve
 DESCRIPTION = "MAE vs pixel vs BEiT vs iBOT at paper defaults, matched in epochs and in FLOPs; all evaluations"
 
 EVALS = ("knn", "linear", "finetune", "segmentation")
+BUDGET_EVALS = ("knn", "linear")    # --budget's default: minutes per run, a verdict the same day
 REFERENCE = "mae"    # its epochs-matched run sets the FLOPs budget
+
+# DESIGN.md, "Calibration" (nano MAE on CIFAR-10, 2-core CPU): a 5-epoch run's encoder at 1.3
+# epochs (mid-schedule) beat random init in k-NN by 7 / 5 points ([CLS] / mean) and by 6-9 at
+# 5 epochs; whole schedules squeezed into 1.45-1.58 epochs stayed within 1-3 points, the size
+# of the baseline's seed spread. Below this budget a comparison is unlikely to say anything.
+SEPARATING_MAE_EPOCHS = 1.3
 
 
 def paper_defaults(profile) -> dict[str, dict]:
@@ -23,22 +34,45 @@ def paper_defaults(profile) -> dict[str, dict]:
     return {"mae": {}, "pixel": {}, "beit": {}, "ibot": {}}
 
 
-def grid(profile) -> list[RunSpec]:
+def grid(profile, recipe: str = "paper") -> list[RunSpec]:
     methods = paper_defaults(profile)
     runs = [RunSpec("none", "random init", evals=EVALS)]
     runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=EVALS)
              for name, overrides in methods.items()]
-    budget = _cell_flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]), profile)
+    budget = _cell_flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]), profile, recipe)
     for name, overrides in methods.items():
         if name == REFERENCE:
             continue
         epochs = round(profile.train.epochs * budget / _cell_flops_per_image(RunSpec(name, overrides=overrides),
-                                                                         profile), 2)
+                                                                         profile, recipe), 2)
         runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=EVALS,
                             train={"epochs": epochs}))
     return runs
 
 
-def _cell_flops_per_image(spec: RunSpec, profile) -> float:
-    config = resolve(spec, profile, seed=0, data={"name": "synthetic", "img_size": profile.encoder["img_size"]})
+def budget_flops_per_image(profile, recipe: str) -> dict[str, float]:
+    """Each method's training FLOPs per image (fpi), at its grid cell's config under `recipe`."""
+    return {name: _cell_flops_per_image(RunSpec(name), profile, recipe) for name in paper_defaults(profile)}
+
+
+def budget_epochs(profile, recipe: str, mae_epochs: float) -> dict[str, float]:
+    """Each method's epochs at a budget of E = `mae_epochs` (rounded to 0.01) MAE-epochs of
+    pre-training FLOPs: round(E * fpi(mae) / fpi(method), 2); MAE itself at E."""
+    mae_epochs = round(mae_epochs, 2)
+    flops = budget_flops_per_image(profile, recipe)
+    return {name: round(mae_epochs * flops[REFERENCE] / flops[name], 2) for name in flops}
+
+
+def budget_grid(profile, recipe: str, mae_epochs: float, evals: tuple[str, ...] = BUDGET_EVALS) -> list[RunSpec]:
+    """`none` and every method at the pre-training FLOPs of MAE at `mae_epochs`."""
+    label = f"{round(mae_epochs, 2):g}"
+    return [RunSpec("none", "random init", evals=evals)] + [
+        RunSpec(name, f"budget {label}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name], evals=evals,
+                train={"epochs": epochs})
+        for name, epochs in budget_epochs(profile, recipe, mae_epochs).items()]
+
+
+def _cell_flops_per_image(spec: RunSpec, profile, recipe: str) -> float:
+    config = resolve(spec, profile, seed=0, data={"name": "synthetic", "img_size": profile.encoder["img_size"]},
+                     recipe=recipe)
     return flops_per_image(config.method, config.method_config)

@@ -81,7 +81,7 @@ PROFILES = {
         # calibration recipe of DESIGN.md; 5 epochs, because 1.5 epochs is within noise.
         train=TrainConfig(epochs=5, batch_size=256, blr=1e-3, warmup_frac=0.05, clip_grad=0.0,
                           checkpoint_every=100),
-        seeds=2,
+        seeds=3,
         # small inference batches stay in cache: nano features at batch 64 ran 1.5x faster than
         # at 1024 (one thread, measured in one process)
         feature_batch=64,

@@ -1,4 +1,9 @@
-"""Known suites: name -> module with `DESCRIPTION` and `grid(profile) -> list[RunSpec]`."""
+"""Known suites: name -> module with `DESCRIPTION` and `grid(profile, recipe) -> list[RunSpec]`.
+
+`recipe` ("paper" or "shared", methods.recipes) is the one `suites.run --recipe` resolves every
+run at; a grid whose cells depend on it (compare_methods: epochs matched in FLOPs, which depend on
+each method's recipe) reads it, the others take it and ignore it.
+"""
 import importlib
 
 from methods.registry import unknown

@@ -6,8 +6,18 @@ resuming unfinished ones; then print and save the table (mean ± 95% CI over see
     python -m suites.run ablation_masking --profile cpu --seeds 2 --only mae,none
     python -m suites.run ablation_masking --dry-run
     python -m suites.run ablation_masking --table-only      # the table of what has finished
+    python -m suites.run compare_methods --budget 2.5h --dry-run   # what fits 2.5 h here, per cell
+    python -m suites.run compare_methods --budget 1.3ep --recipe shared   # FLOPs of 1.3 MAE-epochs each
     python -m suites.run ablation_masking --profile imagenet --data /data/imagenet \
         --slurm --slurm-partition gpu --slurm-gpus 8 --slurm-timeout 2880   # one Slurm job per run
+
+--budget (compare_methods only) runs the compute-matched block alone: `none` and every method at
+the pre-training FLOPs of MAE at E epochs. "1.3ep" sets E; hours ("2.5", "2.5h") solve for the
+largest E (to 0.01) at which the whole suite (every cell and seed, pre-training, the chosen
+evaluations and BEiT's tokenizer, work already finished costing nothing) is estimated to fit, at
+this machine's FLOP/s (measured once, in outputs/calibration.json). The E solved is kept in the
+suite's index, so running the same command again (after a stop, or in a second process) keeps its
+runs; --recalibrate measures and solves again.
 
 Exit codes: 0 every run done, or skipped because another process holds it (with --slurm:
 submitted); 1 some runs failed (each folder's result.json says why); 2 bad input (unknown
@@ -17,10 +27,13 @@ writing a checkpoint (run the same command again to resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -30,12 +43,18 @@ from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, read_index, summarize, warn
 from runs import slurm
-from runs.cost import estimate_seconds
+from eval.registry import get_evaluation
+from methods.recipes import RECIPES
+from runs.cost import (Calibration, calibrate, estimate_seconds, largest_within, num_images, plan_seconds,
+                       pretrain_flops, train_steps)
 from runs.execute import RunSkipped, UnreadableRecord, check_inputs, execute, read_result, stale_evaluations
 from runs.identity import Run, data_descriptor, resolve
 from runs.records import RecordError, read_json, write_json
+from suites import compare_methods
 from suites.profiles import PROFILES, get_profile
 from suites.registry import SUITES, get_suite
+
+BUDGET_SUITE = "compare_methods"        # the suite --budget applies to
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated methods to keep from the grid; METHOD:SETTING keeps one cell "
                              "(e.g. --only 'none,beit:random 0.4'; a setting with a comma stays whole: "
                              "'pixel:raw pixels, block 0.4')")
+    parser.add_argument("--recipe", default="paper",
+                        help=f"one of: {', '.join(RECIPES)} (default paper: each method at its paper's recipe; "
+                             f"shared: the profile's one recipe for every method, as runs before recipes had)")
+    parser.add_argument("--budget", default=None, metavar="B",
+                        help=f"{BUDGET_SUITE} only: its compute-matched block alone, every method at the "
+                             f"pre-training FLOPs of MAE at E epochs; B is E as '1.3ep', or hours ('2.5' or "
+                             f"'2.5h') the whole suite must fit on this machine (E solved from its measured FLOP/s)")
+    parser.add_argument("--evals", default=None,
+                        help=f"with --budget: comma-separated evaluations (default "
+                             f"{','.join(compare_methods.BUDGET_EVALS)}; e.g. knn,linear,finetune,segmentation)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with --budget: measure this machine's FLOP/s again (outputs/calibration.json) "
+                             "and solve the budget again instead of keeping the E of an earlier command")
     parser.add_argument("--outputs", default="outputs", help="where run folders go (default outputs/)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder with train/ and test/ (default: the shipped CIFAR-10); images "
@@ -102,24 +134,163 @@ def slurm_options(args: argparse.Namespace) -> slurm.SlurmOptions | None:
 
 
 def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
-         data: str | None, check_data: bool = True) -> list[Run]:
+         data: str | None, check_data: bool = True, recipe: str = "paper") -> list[Run]:
     """Every run of the suite that `only` keeps (all without it), in grid order."""
-    grid = plan_grid(suite_name, profile_name, seeds, data, check_data)
+    grid = plan_grid(suite_name, profile_name, seeds, data, check_data, recipe)
     return keep_only(grid, only, suite_name) if only else grid
 
 
 def plan_grid(suite_name: str, profile_name: str, seeds: int | None, data: str | None,
-              check_data: bool = True) -> list[Run]:
+              check_data: bool = True, recipe: str = "paper") -> list[Run]:
     """Every run of the suite's whole grid. `check_data=False` (--dry-run) names the runs
     without looking at the data folder."""
     suite = get_suite(suite_name)
     profile = get_profile(profile_name)
+    check_recipe(recipe)
+    descriptor = data_descriptor(profile, data, check=check_data)
+    return resolve_runs(suite.grid(profile, recipe), profile, seed_count(profile, seeds), descriptor, recipe)
+
+
+def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str) -> list[Run]:
+    return [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
+            for spec in specs for seed in range(seeds)]
+
+
+def seed_count(profile, seeds: int | None) -> int:
     seeds = profile.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    descriptor = data_descriptor(profile, data, check=check_data)
-    return [Run(spec, seed, resolve(spec, profile, seed, descriptor))
-            for spec in suite.grid(profile) for seed in range(seeds)]
+    return seeds
+
+
+def check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe {recipe!r} unknown; known: {', '.join(RECIPES)}")
+
+
+# ---- --budget: the compute-matched block at the FLOPs of E MAE-epochs --------------------------
+@dataclass(frozen=True)
+class ComputeBudget:
+    """--budget: hours the whole suite must fit on this machine, or E MAE-epochs of FLOPs."""
+    hours: float | None = None
+    mae_epochs: float | None = None
+
+    def describe(self) -> str:
+        return f"{self.hours:g} h" if self.hours is not None else f"{self.mae_epochs:g} MAE-epochs of FLOPs"
+
+
+def parse_budget(text: str) -> ComputeBudget:
+    """'2.5' or '2.5h': hours; '1.3ep': MAE-epochs (rounded to 0.01)."""
+    word = text.strip().lower()
+    epochs = word.endswith("ep")
+    number = word[:-2] if epochs else word.removesuffix("h")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"--budget {text!r} is neither hours ('2.5' or '2.5h') nor MAE-epochs of "
+                          f"FLOPs ('1.3ep')") from None
+    if not math.isfinite(value) or value <= 0 or (epochs and round(value, 2) <= 0):
+        raise ConfigError(f"--budget {text!r} must be a positive number of hours or of MAE-epochs "
+                          f"(at least 0.01ep)")
+    return ComputeBudget(mae_epochs=round(value, 2)) if epochs else ComputeBudget(hours=value)
+
+
+def parse_evals(text: str | None) -> tuple[str, ...]:
+    """--evals: registered evaluations, comma-separated (the budget's default without it)."""
+    if text is None:
+        return compare_methods.BUDGET_EVALS
+    names = tuple(dict.fromkeys(word.strip() for word in text.split(",") if word.strip()))
+    if not names:
+        raise ConfigError(f"--evals {text!r} names nothing; pass evaluations, comma-separated "
+                          f"(e.g. knn,linear)")
+    for name in names:
+        get_evaluation(name)        # an unknown one: one line naming the known ones
+    return names
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a --budget gives every method, and what the suite is estimated to cost."""
+    budget: ComputeBudget
+    mae_epochs: float                   # E: every method gets MAE's pre-training FLOPs at E epochs
+    epochs: dict[str, float]            # each method's epochs at E
+    flops_per_image: dict[str, float]   # each method's training FLOPs per image
+    calibration: Calibration
+    seeds: int
+    evals: tuple[str, ...]
+    recipe: str
+    kept: bool = False                  # E kept from the suite's index (an earlier command solved it)
+
+    def record(self, estimated_seconds: float, data: dict) -> dict:
+        """The suite index's "budget" entry."""
+        return {"hours": self.budget.hours, "mae_epochs": self.mae_epochs,
+                "flops_per_image_mae": self.flops_per_image[compare_methods.REFERENCE],
+                "flops_per_second": self.calibration.flops_per_second, "calibration": self.calibration.record,
+                "epochs": self.epochs, "seeds": self.seeds, "evals": list(self.evals), "recipe": self.recipe,
+                "data": data, "estimated_hours": estimated_seconds / 3600}
+
+    def matches(self, stored: dict | None, data: dict) -> bool:
+        """Whether an earlier command's index entry was solved for this same hours budget."""
+        return (isinstance(stored, dict) and stored.get("hours") == self.budget.hours
+                and stored.get("seeds") == self.seeds and stored.get("evals") == list(self.evals)
+                and stored.get("recipe") == self.recipe and stored.get("data") == data
+                and isinstance(stored.get("mae_epochs"), (int, float)))
+
+
+def budget_runs(profile, recipe: str, mae_epochs: float, evals: tuple[str, ...], seeds: int,
+                descriptor: dict) -> list[Run]:
+    return resolve_runs(compare_methods.budget_grid(profile, recipe, mae_epochs, evals), profile, seeds,
+                        descriptor, recipe)
+
+
+def allocate(budget: ComputeBudget, profile, recipe: str, evals: tuple[str, ...], seeds: int, descriptor: dict,
+             outputs: Path, suite_dir: Path, calibration: Calibration, recalibrate: bool) -> Allocation:
+    """E for the budget: given ("1.3ep"), kept from the suite's index (the same hours, seeds,
+    evaluations, recipe and data solved by an earlier command), or solved for the hours."""
+    flops_per_image = compare_methods.budget_flops_per_image(profile, recipe)
+    allocation = Allocation(budget, budget.mae_epochs or 0.0, {}, flops_per_image, calibration, seeds, evals, recipe)
+    if budget.hours is not None:
+        stored = earlier_budget(suite_dir)
+        if not recalibrate and allocation.matches(stored, descriptor):
+            allocation = dataclasses.replace(allocation, mae_epochs=float(stored["mae_epochs"]), kept=True)
+        else:
+            def seconds_at(mae_epochs: float) -> float:
+                runs = budget_runs(profile, recipe, mae_epochs, evals, seeds, descriptor)
+                return plan_seconds(runs, profile, outputs, calibration.flops_per_second)[2]
+
+            mae_epochs = largest_within(seconds_at, budget.hours * 3600)
+            if mae_epochs <= 0:
+                raise ConfigError(f"--budget {budget.hours:g}h does not cover the suite without its pre-training: "
+                                  f"~{seconds_at(0.01) / 3600:.2f} h of evaluations (and BEiT's tokenizer) at "
+                                  f"{calibration.flops_per_second / 1e9:.0f} GFLOP/s; raise it, or pass fewer "
+                                  f"--evals or --seeds")
+            allocation = dataclasses.replace(allocation, mae_epochs=mae_epochs)
+    return dataclasses.replace(allocation, epochs=compare_methods.budget_epochs(profile, recipe, allocation.mae_epochs))
+
+
+def earlier_budget(suite_dir: Path) -> dict | None:
+    """The "budget" entry of the suite's index (None when there is none or it cannot be read)."""
+    try:
+        return read_index(suite_dir / "runs.json").get("budget")
+    except (RecordError, OSError):
+        return None
+
+
+def budget_warnings(allocation: Allocation, runs: list[Run]) -> list[str]:
+    """What makes a budget too small to say much: E below the calibration's threshold, a cell
+    that trains less than one step."""
+    warnings = []
+    if allocation.mae_epochs < compare_methods.SEPARATING_MAE_EPOCHS:
+        warnings.append(f"WARNING: {allocation.mae_epochs:g} MAE-epochs is below the "
+                        f"{compare_methods.SEPARATING_MAE_EPOCHS:g} at which DESIGN.md's calibration saw nano MAE "
+                        f"separate from random init in k-NN; differences will likely sit within the seed spread "
+                        f"(raise --budget)")
+    for run in runs:
+        if run.seed == 0 and run.config.train is not None and train_steps(run.config) < 1:
+            per_epoch = num_images(run.config.data, "train") // run.config.train["batch_size"]
+            warnings.append(f"WARNING: {run.spec.method} trains 0 steps at {run.config.train['epochs']:g} epochs "
+                            f"({per_epoch} steps per epoch): its row is its random init (raise --budget)")
+    return warnings
 
 
 def keep_only(grid: list[Run], only: str, suite_name: str) -> list[Run]:
@@ -186,10 +357,16 @@ def run_state(run_dir: Path, spec, profile) -> str:
     return "to evaluate: " + ", ".join(stale) if stale else "done"
 
 
-def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Path) -> None:
+def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Path, recipe: str = "paper",
+               allocation: Allocation | None = None, grid: list[Run] | None = None) -> None:
+    """Each run with its estimated cost and state; with a budget, its allocation and its total
+    (over the whole `grid`, whatever --only keeps) against the budget."""
     profile = get_profile(profile_name)
+    print(f"suite {suite_name}, profile {profile_name}, recipe {recipe}: {len(runs)} runs")
+    if allocation is not None:
+        print_budget_plan(runs, grid or runs, outputs, profile, allocation)
+        return
     total = left = 0.0
-    print(f"suite {suite_name}, profile {profile_name}: {len(runs)} runs")
     for run in runs:
         seconds = estimate_seconds(run.config, profile)
         state = run_state(run.config.folder(outputs), run.spec, profile)
@@ -202,7 +379,37 @@ def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Pat
           f"fine-tuning and segmentation take longer)")
 
 
-def list_suites(cost_profile: str) -> None:
+def print_budget_plan(runs: list[Run], grid: list[Run], outputs: Path, profile, allocation: Allocation) -> None:
+    flops_per_second = allocation.calibration.flops_per_second
+    per_run, prerequisites, total = plan_seconds(grid, profile, outputs, flops_per_second)
+    how = ("kept from the suite's index, solved by an earlier command; --recalibrate solves again"
+           if allocation.kept else "solved for the hours" if allocation.budget.hours is not None else "given")
+    print(f"budget {allocation.budget.describe()}: E = {allocation.mae_epochs:g} MAE-epochs of pre-training FLOPs "
+          f"per method ({how})")
+    print(f"this machine: {allocation.calibration.describe()}")
+    configs = {run.spec.method: run.config for run in grid if run.seed == 0}
+    for method, epochs in allocation.epochs.items():
+        print(f"  {method:6s} {epochs:6.2f} epochs x {format_flops(allocation.flops_per_image[method])} per image "
+              f"= {format_flops(pretrain_flops(configs[method]))} per run ({train_steps(configs[method])} steps)")
+    print(f"evaluations: {', '.join(allocation.evals)}; {allocation.seeds} seed(s)")
+    for run in runs:
+        phases = per_run[run.name]
+        seconds, pretrain = sum(phases.values()), phases.get("pre-train", 0.0)
+        state = run_state(run.config.folder(outputs), run.spec, profile)
+        print(f"  {run.spec.method:6s} {run.spec.setting:34s} seed {run.seed}  ~{seconds / 60:6.1f} min "
+              f"(pre-train {pretrain / 60:5.1f}, evals {(seconds - pretrain) / 60:4.1f})  {run.name}  [{state}]")
+    for name, seconds in prerequisites.items():
+        print(f"  prerequisite {name}  ~{seconds / 60:6.1f} min  [to run]")
+    if allocation.budget.hours is not None:
+        print(f"estimated: {total / 3600:.2f} h left of the {allocation.budget.hours:g} h budget for the whole suite "
+              f"({len(grid)} runs; finished work counts 0)")
+    else:
+        print(f"estimated: {total / 3600:.2f} h left for the whole suite ({len(grid)} runs; finished work counts 0)")
+    for line in budget_warnings(allocation, grid):
+        print(line)
+
+
+def list_suites(cost_profile: str, recipe: str = "paper") -> None:
     """Suites with their grid sizes per profile, and the estimated pre-training cost at
     `cost_profile` (counting FLOPs builds every model of the grid, so only one profile)."""
     costs: dict[str, float] = {}
@@ -211,7 +418,7 @@ def list_suites(cost_profile: str) -> None:
         suite = get_suite(name)
         print(f"{name}: {suite.DESCRIPTION}")
         for profile_name, profile in PROFILES.items():
-            specs = suite.grid(profile)
+            specs = suite.grid(profile, recipe)
             line = (f"  {profile_name:9s} {len(specs):2d} cells x {profile.seeds} seed(s) = "
                     f"{len(specs) * profile.seeds:3d} runs")
             if profile is cost_at:
@@ -220,7 +427,7 @@ def list_suites(cost_profile: str) -> None:
                         "img_size": profile.encoder["img_size"]}
                 total = 0.0
                 for spec in specs:
-                    config = resolve(spec, profile, 0, data)
+                    config = resolve(spec, profile, 0, data, recipe=recipe)
                     key = json.dumps(config.to_dict(), sort_keys=True)
                     if key not in costs:
                         costs[key] = estimate_seconds(config, profile)
@@ -228,36 +435,57 @@ def list_suites(cost_profile: str) -> None:
                 line += (f", ~{format_hours(total)} of pre-training at "
                          f"{profile.flops_per_second / 1e9:g} GFLOP/s (estimated from counted FLOPs)")
             print(line)
-    print(f"(costs shown for --profile {cost_profile}; pass --list --profile NAME for another)")
+    print(f"(costs shown for --profile {cost_profile}, --recipe {recipe}; pass --list --profile NAME for another)")
+
+
+def format_flops(flops: float) -> str:
+    """2.4e6 -> '2.4 MFLOP', 1.92e13 -> '19.2 TFLOP', 1.27e11 -> '127 GFLOP'."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            value = flops / scale
+            return f"{value:.3g} {prefix}FLOP" if value < 100 else f"{value:.0f} {prefix}FLOP"
+    return f"{flops:.0f} FLOP"
 
 
 def format_hours(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
-def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[Run], outputs: Path) -> None:
-    """runs.json: the suite's runs with their grid settings, as the table reads them. Finished
-    runs of the same cells at other seeds, listed by an earlier command (e.g. `--seeds 3` before
-    `--seeds 2`), stay listed: a table never loses a finished seed to a smaller --seeds."""
+def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[Run], outputs: Path,
+                budget: dict | None = None) -> None:
+    """runs.json: the suite's runs with their grid settings and recipe, as the table reads them
+    (and a --budget's allocation). Finished runs of the same cells at other seeds, listed by an
+    earlier command (e.g. `--seeds 3` before `--seeds 2`), stay listed: a table never loses a
+    finished seed to a smaller --seeds; so do finished runs of the same cells at the other recipe."""
     suite_dir.mkdir(parents=True, exist_ok=True)
-    entries = [{"method": run.spec.method, "setting": run.spec.setting, "seed": run.seed,
-                "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
+    entries = [{"method": run.spec.method, "setting": run.spec.setting, "recipe": run.config.recipe,
+                "seed": run.seed, "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
                 "run_dir": str(RUNS_FROM_INDEX / run.name)}
                for run in runs]
     kept, dropped = earlier_finished_runs(suite_dir, runs)
     if kept:
-        print(f"runs.json also lists {len(kept)} finished run(s) of other seeds from earlier commands")
+        print(f"runs.json also lists {len(kept)} finished run(s) of other seeds or the other recipe from earlier "
+              f"commands")
     if dropped:
         print(f"runs.json no longer lists {dropped} finished run(s) of an earlier command (another "
               f"--data or grid); their folders stay in {outputs}/runs")
     order = {(run.spec.method, run.spec.setting): i for i, run in enumerate(runs)}
-    entries = sorted(entries + kept, key=lambda e: (order[(e["method"], e["setting"])], e["seed"]))
-    write_json(suite_dir / "runs.json", {"suite": suite_name, "profile": profile_name, "runs": entries})
+    entries = sorted(entries + kept, key=lambda e: (order[(e["method"], e["setting"])], entry_recipe(e), e["seed"]))
+    index = {"suite": suite_name, "profile": profile_name, "runs": entries}
+    if budget is not None:
+        index["budget"] = budget
+    write_json(suite_dir / "runs.json", index)
+
+
+def entry_recipe(entry: dict) -> str:
+    """An index entry's recipe: entries written before recipes existed are the shared one's."""
+    return entry.get("recipe", "shared")
 
 
 def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict], int]:
     """Entries of the existing runs.json to keep (finished, same cell and config but another
-    seed) and how many finished ones are dropped (another config, e.g. other --data)."""
+    seed; or same cell and data at the other recipe) and how many finished ones are dropped
+    (another config, e.g. other --data)."""
     index_file = suite_dir / "runs.json"
     if not index_file.exists():
         return [], 0
@@ -265,8 +493,9 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
     def unseeded(config: dict) -> str:
         return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
 
-    cells = {(run.spec.method, run.spec.setting): unseeded(run.config.to_dict()) for run in runs}
-    listed = {(run.spec.method, run.spec.setting, run.seed) for run in runs}
+    cells = {(run.spec.method, run.spec.setting, run.config.recipe): unseeded(run.config.to_dict()) for run in runs}
+    data = {(run.spec.method, run.spec.setting): run.config.to_dict()["data"] for run in runs}
+    listed = {(run.spec.method, run.spec.setting, run.config.recipe, run.seed) for run in runs}
     try:
         earlier = read_index(index_file)["runs"]        # the report's reader: validated
     except RecordError as err:
@@ -275,7 +504,8 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
     kept, dropped = [], 0
     for entry in earlier:
         run_dir = suite_dir / entry["run_dir"]
-        if (entry["method"], entry["setting"], entry["seed"]) in listed:
+        cell = (entry["method"], entry["setting"], entry_recipe(entry))
+        if (*cell, entry["seed"]) in listed:
             continue
         try:
             record = read_result(run_dir)
@@ -283,7 +513,12 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
             record = None            # not listed; the run's own cell names it
         if record is None or not record.done or not (run_dir / "config.json").exists():
             continue
-        if cells.get((entry["method"], entry["setting"])) == unseeded(read_json(run_dir / "config.json")):
+        config = read_json(run_dir / "config.json")
+        if cell in cells:
+            same = cells[cell] == unseeded(config)
+        else:      # the other recipe's run of a cell of this grid, on the same data
+            same = data.get(cell[:2]) == config.get("data")
+        if same:
             kept.append(entry)
         else:
             dropped += 1
@@ -302,18 +537,21 @@ def write_table(suite_dir: Path) -> None:
 def table_command(args: argparse.Namespace) -> str:
     """The command that writes the table once the jobs are done: this one without --slurm."""
     words = ["python -m suites.run", args.suite, "--profile", args.profile]
-    for flag, value in (("--seeds", args.seeds), ("--only", args.only), ("--outputs", args.outputs),
+    for flag, value in (("--recipe", args.recipe), ("--budget", args.budget), ("--evals", args.evals),
+                        ("--seeds", args.seeds), ("--only", args.only), ("--outputs", args.outputs),
                         ("--data", args.data)):
-        if value is not None and not (flag == "--outputs" and value == "outputs"):
+        if value is not None and not (flag == "--outputs" and value == "outputs") \
+                and not (flag == "--recipe" and value == "paper"):
             words += [flag, str(value)]
     return " ".join(words)
 
 
 def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs: list[slurm.PlannedJob],
-                    runs: list[Run], grid: list[Run], outputs: Path, suite_dir: Path) -> int:
+                    runs: list[Run], grid: list[Run], outputs: Path, suite_dir: Path,
+                    budget: dict | None = None) -> int:
     if jobs:
         slurm.cluster()   # no sbatch here: say so before writing anything
-    write_index(suite_dir, args.suite, args.profile, grid, outputs)
+    write_index(suite_dir, args.suite, args.profile, grid, outputs, budget)
     if not jobs:
         print(f"nothing to submit: all {len(runs)} runs are done")
         write_table(suite_dir)
@@ -345,41 +583,66 @@ def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_recipe(args.recipe)
     if args.list:
-        list_suites(args.profile)
+        list_suites(args.profile, args.recipe)
         return 0
     if not args.suite:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
     outputs = Path(args.outputs)
+    profile = get_profile(args.profile)
+    budget = budget_arguments(args)
+    options = slurm_options(args)
+    if budget is not None and budget.hours is not None and options:
+        raise ConfigError("--budget in hours is solved at this machine's FLOP/s; with --slurm pass MAE-epochs "
+                          "(e.g. --budget 1.3ep)")
+    allocation = None
+    suite_dir = outputs / "suites" / args.suite / args.profile
     # the suite's index (and so its table) lists the whole grid, whatever --only picked to run:
     # processes running different cells side by side then write the same index
-    grid = plan_grid(args.suite, args.profile, args.seeds, args.data, check_data=not args.dry_run)
+    if budget is None:
+        grid = plan_grid(args.suite, args.profile, args.seeds, args.data, not args.dry_run, args.recipe)
+    else:
+        # the budgeted block is its own table beside the full grid's: <profile>-budget
+        suite_dir = outputs / "suites" / args.suite / f"{args.profile}-budget"
+        seeds = seed_count(profile, args.seeds)
+        descriptor = data_descriptor(profile, args.data, check=not args.dry_run)
+        evals = parse_evals(args.evals)
+        budget_runs(profile, args.recipe, 1.0, evals, 1, descriptor)    # bad evaluations fail before calibrating
+        calibration = calibrate(profile, outputs, distributed.default_device(args.device).split(":")[0],
+                                recalibrate=args.recalibrate)
+        allocation = allocate(budget, profile, args.recipe, evals, seeds, descriptor, outputs, suite_dir,
+                              calibration, args.recalibrate)
+        grid = budget_runs(profile, args.recipe, allocation.mae_epochs, evals, seeds, descriptor)
     runs = keep_only(grid, args.only, args.suite) if args.only else grid
-    options = slurm_options(args)
-    profile = get_profile(args.profile)
     if not args.dry_run:
         check_outputs(outputs)
         if not args.table_only:
             check_inputs(runs, profile)       # e.g. CamVid for segmentation: before any training
-    jobs = slurm.plan_jobs(runs, get_profile(args.profile), outputs, args.device, not args.no_progress,
+    jobs = slurm.plan_jobs(runs, profile, outputs, args.device, not args.no_progress,
                            "skip" if args.skip_bad_images else "error") if options else []
-    suite_dir = outputs / "suites" / args.suite / args.profile
     if args.dry_run:
-        print_plan(args.suite, args.profile, runs, outputs)
+        print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid)
         if options:
             slurm.print_jobs(jobs, options, len(runs))
         return 0
+    index_budget = None
+    if allocation is not None:
+        if distributed.is_main():
+            print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid)
+        estimated = plan_seconds(grid, profile, outputs, allocation.calibration.flops_per_second)[2]
+        index_budget = allocation.record(estimated, descriptor)
     if args.table_only:
-        write_index(suite_dir, args.suite, args.profile, grid, outputs)
+        write_index(suite_dir, args.suite, args.profile, grid, outputs, index_budget)
         write_table(suite_dir)
         print(f"\ntable: {suite_dir}/table.md")
         return 0
     if options:
-        return submit_to_slurm(args, options, jobs, runs, grid, outputs, suite_dir)
+        return submit_to_slurm(args, options, jobs, runs, grid, outputs, suite_dir, index_budget)
     distributed.init_from_env()       # under torchrun: join the process group
     device = distributed.default_device(args.device)
     if distributed.is_main():
-        write_index(suite_dir, args.suite, args.profile, grid, outputs)
+        write_index(suite_dir, args.suite, args.profile, grid, outputs, index_budget)
 
     failed, skipped, started = [], [], time.time()
     for i, run in enumerate(runs, 1):
@@ -414,6 +677,19 @@ def main(argv=None) -> int:
         print(f"{len(failed)} run(s) FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def budget_arguments(args: argparse.Namespace) -> ComputeBudget | None:
+    """--budget parsed (None without it); its companions checked."""
+    if args.budget is None:
+        for flag in ("evals", "recalibrate"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{flag} needs --budget")
+        return None
+    if args.suite != BUDGET_SUITE:
+        raise ConfigError(f"--budget applies to {BUDGET_SUITE} only (its compute-matched block); "
+                          f"{args.suite} runs its whole grid: drop --budget, narrow it with --seeds / --only")
+    return parse_budget(args.budget)
 
 
 def check_outputs(outputs: Path) -> None:

@@ -62,3 +62,51 @@ def test_the_cost_of_a_run_on_a_user_folder_counts_its_training_images(tmp_path)
                        {"name": tmp_path.name, "path": str(tmp_path), "img_size": 8})
     assert images_seen(config) == 2 * 6                # not ImageNet's 1.28M images
     assert images_seen(dataclasses.replace(config, data={"name": "cifar10", "img_size": 32})) == 2 * 50_000
+
+
+# Training FLOPs per image of the smoke cells under --recipe shared (counted, attention
+# unfused): the numbers the hand-computed budget epochs below come from
+SMOKE_SHARED_FLOPS = {"mae": 2_397_312, "pixel": 2_974_464, "beit": 5_743_360, "ibot": 59_852_800}
+
+
+def test_budget_epochs_are_e_times_maes_flops_per_image_over_the_methods_rounded_to_hundredths():
+    """The rule other processes already name run folders by: with E rounded to 0.01, method m
+    trains round(E * fpi(mae) / fpi(m), 2) epochs; MAE trains E; `none` gets no train override."""
+    from suites.compare_methods import budget_epochs, budget_flops_per_image, budget_grid
+    profile = get_profile("smoke")
+    flops = budget_flops_per_image(profile, "shared")
+    assert flops == SMOKE_SHARED_FLOPS
+    # by hand: 2.37 * 2397312 / 2974464 = 1.910, * / 5743360 = 0.989, * / 59852800 = 0.0949
+    assert budget_epochs(profile, "shared", 2.37) == {"mae": 2.37, "pixel": 1.91, "beit": 0.99, "ibot": 0.09}
+    # 1.3 * 2397312 / 2974464 = 1.048, * / 5743360 = 0.543, * / 59852800 = 0.052
+    assert budget_epochs(profile, "shared", 1.304) == {"mae": 1.3, "pixel": 1.05, "beit": 0.54, "ibot": 0.05}
+    cells = budget_grid(profile, "shared", 2.37)
+    assert [(c.method, c.train, c.evals) for c in cells] == [
+        ("none", {}, ("knn", "linear")), ("mae", {"epochs": 2.37}, ("knn", "linear")),
+        ("pixel", {"epochs": 1.91}, ("knn", "linear")), ("beit", {"epochs": 0.99}, ("knn", "linear")),
+        ("ibot", {"epochs": 0.09}, ("knn", "linear"))]
+    assert cells[2].setting == "budget 2.37ep MAE FLOPs (1.91 ep)"
+
+
+def test_budget_epochs_under_the_paper_recipe_use_each_methods_paper_flops():
+    from suites.compare_methods import budget_epochs
+    profile = get_profile("smoke")
+    flops = {}
+    for method in SMOKE_SHARED_FLOPS:
+        config = resolve(RunSpec(method), profile, 0, SYNTHETIC, recipe="paper")
+        flops[method] = flops_per_image(config.method, config.method_config)
+    assert budget_epochs(profile, "paper", 1.3) == {
+        method: round(1.3 * flops["mae"] / flops[method], 2) for method in flops}
+
+
+def test_budget_cells_cost_the_reference_flops_within_one_step():
+    from suites.compare_methods import budget_grid
+    profile = get_profile("cpu")
+    data = {"name": "cifar10", "img_size": 32}
+    configs = {c.method: resolve(c, profile, 0, data, recipe="shared") for c in budget_grid(profile, "shared", 1.3)}
+    budget = pretrain_flops(configs["mae"])
+    assert configs["mae"].train["epochs"] == 1.3 and configs["none"].train is None
+    for method in ("pixel", "beit", "ibot"):
+        one_step = flops_per_image(method, configs[method].method_config) * configs[method].train["batch_size"]
+        # epochs rounded to 0.01 of ~195 steps: within two steps of MAE's FLOPs
+        assert abs(pretrain_flops(configs[method]) - budget) <= 2 * one_step, method

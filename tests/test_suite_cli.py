@@ -43,10 +43,11 @@ def run_cli(*args, outputs, env_extra=None):
 
 
 def test_smoke_suite_writes_one_record_per_run_and_a_rerun_runs_nothing(tmp_path):
-    first = run_cli("ablation_masking", "--profile", "smoke", outputs=tmp_path)
+    # the shared recipe: the runs (and values) pinned before paper recipes existed
+    first = run_cli("ablation_masking", "--profile", "smoke", "--recipe", "shared", outputs=tmp_path)
     assert first.returncode == 0, first.stderr
     results = sorted((tmp_path / "runs").glob("*/result.json"))
-    cells = get_suite("ablation_masking").grid(get_profile("smoke"))
+    cells = get_suite("ablation_masking").grid(get_profile("smoke"), "shared")
     assert len(results) == len(cells) + 1       # every grid cell + the one tokenizer both BEiT cells share
     records = [json.loads(p.read_text()) for p in results]
     assert {r["method"] for r in records} == {cell.method for cell in cells} | {"dvae"}
@@ -67,7 +68,7 @@ def test_smoke_suite_writes_one_record_per_run_and_a_rerun_runs_nothing(tmp_path
     assert "random 0.75" in table and "knn_top1_cls" in table
 
     stamps = {p: p.stat().st_mtime_ns for p in results}
-    second = run_cli("ablation_masking", "--profile", "smoke", outputs=tmp_path)
+    second = run_cli("ablation_masking", "--profile", "smoke", "--recipe", "shared", outputs=tmp_path)
     assert second.returncode == 0, second.stderr
     assert {p: p.stat().st_mtime_ns for p in results} == stamps, "a finished run ran again"
     assert "pre-train" not in second.stderr
@@ -77,7 +78,7 @@ def test_only_filters_the_grid_and_dry_run_prints_costs_without_running(tmp_path
     out = run_cli("ablation_masking", "--profile", "cpu", "--only", "mae,none", "--dry-run", outputs=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if " seed " in line]
-    assert len(lines) == 2 * 8                          # (4 MAE ratios + 3 MAE strategies + none) x 2 seeds
+    assert len(lines) == 3 * 8                          # (4 MAE ratios + 3 MAE strategies + none) x 3 seeds
     assert "estimated pre-training" in out.stdout
     assert not (tmp_path / "runs").exists()
 
@@ -222,3 +223,32 @@ def test_a_damaged_suite_index_is_named_and_written_anew(tmp_path):
     assert f"warning: {index}: cannot be read" in out.stderr and "written anew from this grid" in out.stderr
     cells = get_suite("ablation_masking").grid(get_profile("smoke"))
     assert len(json.loads(index.read_text())["runs"]) == len(cells)
+
+
+def test_the_dry_run_names_the_recipe_and_the_index_records_each_runs_recipe(tmp_path):
+    plan = run_cli("ablation_masking", "--profile", "smoke", "--dry-run", "--recipe", "shared", outputs=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.splitlines()[0] == "suite ablation_masking, profile smoke, recipe shared: 15 runs"
+    out = run_cli("ablation_masking", "--profile", "smoke", "--table-only", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json").read_text())
+    recipes = {(r["method"], r["recipe"]) for r in index["runs"]}
+    assert recipes == {("none", "shared"), ("mae", "paper"), ("pixel", "paper"), ("ibot", "paper"), ("beit", "paper")}
+    assert "budget" not in index
+
+
+def test_finished_runs_of_the_other_recipe_stay_in_the_index_beside_this_ones(tmp_path):
+    """`--recipe shared` then `--recipe paper`: one table with a row per recipe of each cell."""
+    shared = run_cli("ablation_masking", "--profile", "smoke", "--recipe", "shared", "--only", "mae:random 0.75",
+                     outputs=tmp_path)
+    assert shared.returncode == 0, shared.stderr
+    paper = run_cli("ablation_masking", "--profile", "smoke", "--table-only", outputs=tmp_path)
+    assert paper.returncode == 0, paper.stderr
+    assert "1 finished run(s) of other seeds or the other recipe" in paper.stdout
+    index = json.loads((tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json").read_text())
+    cell = [(r["recipe"], r["seed"]) for r in index["runs"] if r["setting"] == "random 0.75"]
+    assert cell == [("paper", 0), ("shared", 0)]
+    import pandas as pd
+    table = pd.read_csv(tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv")
+    rows = table[table["setting"] == "random 0.75"].set_index("recipe")
+    assert rows.loc["shared", "seeds done"] == 1 and rows.loc["paper", "missing"] == 1
