@@ -32,8 +32,8 @@ def data_of(profile):
 
 def grid_runs(suite: str, profile_name: str) -> list:
     profile = get_profile(profile_name)
-    return [(spec, seed, resolve(spec, profile, seed, data_of(profile)))
-            for spec in get_suite(suite).grid(profile) for seed in range(profile.seeds)]
+    return [(spec, seed, resolve(spec, profile, seed, data_of(profile), recipe="shared"))
+            for spec in get_suite(suite).grid(profile, "shared") for seed in range(profile.seeds)]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -71,7 +71,7 @@ def test_dry_run_prints_the_pinned_names_without_the_data(capsys):
     """--dry-run names every run (and costs it) without reading the data folder."""
     from suites.run import cli
 
-    assert cli(["ablation_masking", "--dry-run", "--data", PINNED["data_path"], "--outputs", "/nonexistent"]) == 0
+    assert cli(["ablation_masking", "--dry-run", "--recipe", "shared", "--data", PINNED["data_path"], "--outputs", "/nonexistent"]) == 0
     printed = capsys.readouterr().out
     for _, _, _, name in PINNED["runs"]["cpu"]["ablation_masking"]:
         assert f"  {name}  [to run]" in printed
