@@ -36,10 +36,15 @@ def paper_defaults(profile) -> dict[str, dict]:
     return {"mae": {}, "pixel": {}, "beit": {}, "ibot": {}}
 
 
+def evaluations(method: str, evals: tuple[str, ...]) -> tuple[str, ...]:
+    """A cell's evaluations: iBOT's k-NN also of its student (beside the exported teacher)."""
+    return evals + ("knn@student",) if method == "ibot" and "knn" in evals else evals
+
+
 def grid(profile, recipe: str = "paper") -> list[RunSpec]:
     methods = paper_defaults(profile)
     runs = [RunSpec("none", "random init", evals=EVALS)]
-    runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=EVALS)
+    runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=evaluations(name, EVALS))
              for name, overrides in methods.items()]
     budget = _cell_flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]), profile, recipe)
     for name, overrides in methods.items():
@@ -47,7 +52,7 @@ def grid(profile, recipe: str = "paper") -> list[RunSpec]:
             continue
         epochs = round(profile.train.epochs * budget / _cell_flops_per_image(RunSpec(name, overrides=overrides),
                                                                          profile, recipe), 2)
-        runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=EVALS,
+        runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=evaluations(name, EVALS),
                             train={"epochs": epochs}))
     return runs
 
@@ -69,8 +74,8 @@ def budget_grid(profile, recipe: str, mae_epochs: float, evals: tuple[str, ...] 
     """`none` and every method at the pre-training FLOPs of MAE at `mae_epochs`."""
     label = f"{round(mae_epochs, 2):g}"
     return [RunSpec("none", "random init", evals=evals)] + [
-        RunSpec(name, f"budget {label}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name], evals=evals,
-                train={"epochs": epochs})
+        RunSpec(name, f"budget {label}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name],
+                evals=evaluations(name, evals), train={"epochs": epochs})
         for name, epochs in budget_epochs(profile, recipe, mae_epochs).items()]
 
 

@@ -27,7 +27,8 @@ def test_flops_matched_cells_cost_what_the_reference_costs():
         assert abs(pretrain_flops(cfg) - budget) <= one_step, (method, setting)
         # a masked full-token method costs more per image than MAE, so it gets fewer epochs
         assert cfg.train["epochs"] < profile.train.epochs
-    assert all(set(c.evals) == {"knn", "linear", "finetune", "segmentation"} for c in cells)
+    assert all(set(c.evals) - {"knn@student"} == {"knn", "linear", "finetune", "segmentation"} for c in cells)
+    assert all(("knn@student" in c.evals) == (c.method == "ibot") for c in cells)   # iBOT: the student too
 
 
 def test_train_overrides_change_the_hash_and_reach_the_trainer(tmp_path):
@@ -84,7 +85,7 @@ def test_budget_epochs_are_e_times_maes_flops_per_image_over_the_methods_rounded
     assert [(c.method, c.train, c.evals) for c in cells] == [
         ("none", {}, ("knn", "linear")), ("mae", {"epochs": 2.37}, ("knn", "linear")),
         ("pixel", {"epochs": 1.91}, ("knn", "linear")), ("beit", {"epochs": 0.99}, ("knn", "linear")),
-        ("ibot", {"epochs": 0.09}, ("knn", "linear"))]
+        ("ibot", {"epochs": 0.09}, ("knn", "linear", "knn@student"))]
     assert cells[2].setting == "budget 2.37ep MAE FLOPs (1.91 ep)"
 
 
