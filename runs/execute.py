@@ -229,6 +229,8 @@ def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progr
         record = train_and_evaluate(run, profile, run_dir, device, progress, on_bad_image)
     except Preempted:
         raise  # not a failure: the checkpoint is written, the same command resumes
+    except RunSkipped:
+        raise  # a prerequisite is running in another process: this run waits for a later call
     except Exception as err:
         failure = {"error": f"{err.__class__.__name__}: {err}", "traceback": traceback.format_exc()}
         previous = read_result(run_dir)

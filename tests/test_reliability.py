@@ -122,6 +122,21 @@ def test_a_run_held_by_another_process_is_skipped_not_run_twice(tmp_path):
     assert not (tmp_path / "runs" / busy / "result.json").exists()
 
 
+def test_a_run_whose_prerequisite_is_busy_elsewhere_is_skipped_not_recorded_as_failed(tmp_path):
+    """BEiT's tokenizer held by another process: the BEiT run is skipped, its folder has no
+    failure record, and a later call runs it."""
+    from runs.identity import RunSpec, data_descriptor, resolve
+    from suites.profiles import get_profile
+    smoke = get_profile("smoke")
+    tokenizer = resolve(RunSpec("beit"), smoke, 0, data_descriptor(smoke, None)).requires["tokenizer"].config.name
+    (tmp_path / "runs" / tokenizer).mkdir(parents=True)
+    with FileLock(str(tmp_path / "runs" / tokenizer / ".lock")):
+        out = run_cli("ablation_targets", "--profile", "smoke", "--only", "beit", outputs=tmp_path)
+    assert f"{tokenizer} is running in another process; skipped here" in out.stdout
+    assert not [p for p in (tmp_path / "runs").glob("beit-*/result.json")
+                if json.loads(p.read_text())["status"] == "failed"]
+
+
 def test_two_suite_processes_on_one_outputs_folder_never_run_a_run_twice(tmp_path):
     """Two real `suites.run` processes on one grid: the second starts while the first is
     training; they meet at a run one of them holds, the other skips it; every run ends done
