@@ -469,8 +469,9 @@ def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[
     if dropped:
         print(f"runs.json no longer lists {dropped} finished run(s) of an earlier command (another "
               f"--data or grid); their folders stay in {outputs}/runs")
-    order = {(run.spec.method, run.spec.setting): i for i, run in enumerate(runs)}
-    entries = sorted(entries + kept, key=lambda e: (order[(e["method"], e["setting"])], entry_recipe(e), e["seed"]))
+    order = {(run.spec.method, recipe_free(run.spec.setting)): i for i, run in enumerate(runs)}
+    entries = sorted(entries + kept, key=lambda e: (order[(e["method"], recipe_free(e["setting"]))],
+                                                    entry_recipe(e), e["seed"]))
     index = {"suite": suite_name, "profile": profile_name, "runs": entries}
     if budget is not None:
         index["budget"] = budget
@@ -480,6 +481,11 @@ def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[
 def entry_recipe(entry: dict) -> str:
     """An index entry's recipe: entries written before recipes existed are the shared one's."""
     return entry.get("recipe", "shared")
+
+
+def recipe_free(setting: str) -> str:
+    """A cell's setting label without the epochs that depend on its recipe's FLOPs per image."""
+    return setting.split(" (")[0]
 
 
 def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict], int]:
@@ -494,7 +500,9 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
         return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
 
     cells = {(run.spec.method, run.spec.setting, run.config.recipe): unseeded(run.config.to_dict()) for run in runs}
-    data = {(run.spec.method, run.spec.setting): run.config.to_dict()["data"] for run in runs}
+    # the other recipe's run of a cell: the same method and setting but for the epochs a
+    # FLOPs-matched label ends with, "(0.25 ep)" under one recipe, "(0.21 ep)" under the other
+    data = {(run.spec.method, recipe_free(run.spec.setting)): run.config.to_dict()["data"] for run in runs}
     listed = {(run.spec.method, run.spec.setting, run.config.recipe, run.seed) for run in runs}
     try:
         earlier = read_index(index_file)["runs"]        # the report's reader: validated
@@ -517,7 +525,7 @@ def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict],
         if cell in cells:
             same = cells[cell] == unseeded(config)
         else:      # the other recipe's run of a cell of this grid, on the same data
-            same = data.get(cell[:2]) == config.get("data")
+            same = data.get((cell[0], recipe_free(cell[1]))) == config.get("data")
         if same:
             kept.append(entry)
         else:

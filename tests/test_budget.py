@@ -153,3 +153,16 @@ def test_finished_runs_cost_nothing_so_the_same_hours_then_buy_more_epochs(tmp_p
         return float(text.split("E = ")[1].split()[0])
 
     assert solved(after) > solved(before)
+
+
+def test_the_other_recipes_finished_runs_stay_in_the_index_though_their_epochs_label_differs(tmp_path):
+    """iBOT's FLOPs-matched epochs differ by recipe ("(0.05 ep)" vs "(0.04 ep)"): the shared
+    run is still the same cell's other-recipe row in the paper command's table."""
+    done = run_cli("compare_methods", "--profile", "smoke", "--budget", "1ep", "--recipe", "shared",
+                   "--only", "ibot", outputs=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = run_cli("compare_methods", "--profile", "smoke", "--budget", "1ep", "--table-only", outputs=tmp_path)
+    assert out.returncode == 0, out.stderr
+    index = json.loads((tmp_path / "suites" / "compare_methods" / "smoke-budget" / "runs.json").read_text())
+    ibot = [(e["recipe"], e["setting"]) for e in index["runs"] if e["method"] == "ibot"]
+    assert ("shared", next(s for r, s in ibot if r == "shared")) in ibot and any(r == "paper" for r, _ in ibot)
