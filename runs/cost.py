@@ -42,6 +42,7 @@ from filelock import FileLock
 
 from engine.data import list_images
 from engine.trainer import MaskedViews, adamw_cosine_plan, count_flops, total_steps, train_flops
+from eval.registry import split_name
 from methods import registry
 from methods.base import Batch
 from methods.vit import ViT
@@ -136,7 +137,7 @@ def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
     """FLOPs of evaluation `name` of a run at the profile's config of it, without the frozen
     protocols' shared feature extraction (`feature_flops`). ("knn@student", an evaluation of
     another encoder the run saves, costs what "knn" does.)"""
-    name = name.partition("@")[0]
+    name = split_name(name)[0]
     cfg = profile.eval_config(name)
     train, test = num_images(config.data, "train"), num_images(config.data, "test")
     if name == "knn":            # (test x train) similarities of both poolings
@@ -170,7 +171,7 @@ def evaluation_seconds(config: RunConfig, evals, profile: Budget, flops_per_seco
     reads frozen features of an encoder pays their extraction unless the run has them cached."""
     seconds, extracted = {}, set()
     for name in evals:
-        base, _, encoder = name.partition("@")
+        base, encoder = split_name(name)
         flops = evaluation_flops(name, config, profile)
         if base not in TRAINED_EVALUATIONS and encoder not in extracted and not (features_cached and not encoder):
             flops += feature_flops(config)

@@ -5,7 +5,7 @@ record. A run is a folder `outputs/runs/<method>-<hash>` (`runs.identity`):
     metrics.jsonl, tb/   per-step loss / lr / monitors (and TensorBoard event files)
     checkpoints/         the last two checkpoints (atomic)
     encoder.safetensors  the exported encoder, timm key names (tokenizer runs: tokenizer.safetensors)
-    <variant>.safetensors  the method's other encoders (`encoder_variants`; iBOT: student, teacher)
+    <variant>.safetensors  the method's other encoders (`encoder_variants`; iBOT: its student)
     figures/             reconstructions and attention maps
     features/            cached frozen features per split
     evals/<name>-<hash>/ an evaluation's working files (checkpoints) and, once finished, its record
