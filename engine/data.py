@@ -99,12 +99,16 @@ def list_images(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
-    files = [(str(p.relative_to(split_dir)), label)
-             for label, name in enumerate(classes)
-             for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                        f"put images in {split_dir}/<class>/")
+    files = []
+    for label, name in enumerate(classes):
+        images = [(str(p.relative_to(split_dir)), label)
+                  for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            # a class without images would shift every later label by one against the other
+            # split (torchvision's ImageFolder refuses it too)
+            raise DataError(f"class folder {split_dir / name} holds no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
+        files += images
     return classes, files
 
 

@@ -324,7 +324,8 @@ class Trainer:
     """Trains `module` on `data` by `plan`, in `run_dir` (checkpoints/, metrics.jsonl, tb/,
     train_stats.json); `fit()` resumes from the newest checkpoint of `config_hash`.
 
-    Pre-training: `Trainer(method, uint8_images, train_config, ...)`; every other use passes a
+    Pre-training: `Trainer(method, uint8_images, train_config, ...)`, or a BatchSource of the
+    same batches (engine.stream.StreamingViews) with the train_config; every other use passes a
     BatchSource and a TrainPlan.
     """
 
@@ -332,11 +333,12 @@ class Trainer:
                  run_dir: Path, seed: int, config_hash: str, device: str | torch.device = "cpu",
                  progress: bool = True):
         self.device = torch.device(device)
-        if isinstance(data, Tensor) != isinstance(plan, TrainConfig):
+        if isinstance(data, Tensor) and not isinstance(plan, TrainConfig):
             raise TypeError("pass uint8 images with a TrainConfig (pre-training), or a BatchSource with a TrainPlan")
         if isinstance(plan, TrainConfig):      # pre-training: the method's views and masks, AdamW + cosine
             plan.validate()
-            data = MaskedViews(module, data, plan.batch_size, plan.crop_scale_min, seed, self.device)
+            if isinstance(data, Tensor):       # else a source of the same batches (engine.stream)
+                data = MaskedViews(module, data, plan.batch_size, plan.crop_scale_min, seed, self.device)
             steps = round(plan.epochs * data.steps_per_epoch) if module.trains else 0
             plan = adamw_cosine_plan(plan, steps, desc=f"pre-train {module.name}")
         self.module, self.data, self.plan, self.seed = module, data, plan, seed
@@ -413,9 +415,10 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
     # ---- measurement ---------------------------------------------------------------------
-    def flops_per_step(self) -> int:
-        """FLOPs of one optimizer step over the global batch (every rank counts its slice)."""
-        flops = train_flops(self.module, self.batch_for_step(0), self.device) * self.world
+    def flops_per_step(self, step: int = 0) -> int:
+        """FLOPs of one optimizer step over the global batch (every rank counts its slice), on
+        step `step`'s batch (a step's shapes do not depend on the step)."""
+        flops = train_flops(self.module, self.batch_for_step(step), self.device) * self.world
         if self.device.type == "cuda":   # counting ran unfused attention: not the training peak
             torch.cuda.reset_peak_memory_stats(self.device)
         return flops
@@ -434,7 +437,9 @@ class Trainer:
         stats_file = self.run_dir / "train_stats.json"
         if start >= self.total_steps and stats_file.exists():
             return read_json(stats_file)   # finished earlier: its stats, not those of an empty session
-        flops = self.flops_per_step()   # (also when a kill came between the last checkpoint and the stats)
+        # on the first step this session trains, so a streaming source reads no batch before it
+        # (also when a kill came between the last checkpoint and the stats)
+        flops = self.flops_per_step(min(start, self.total_steps - 1))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log = MetricLog(self.run_dir, start) if self.rank == 0 else None   # rank 0's slice of the batch
         timer = StepTimer(skip_until=start + 2)  # skip warm-up steps (allocation, compile) in timings

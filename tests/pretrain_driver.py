@@ -4,11 +4,14 @@
     torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --dump-state PREFIX
     torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --nan-on-last-rank-at STEP
     torchrun --nproc_per_node 2 tests/pretrain_driver.py RUN_DIR --method ibot --dump-state PREFIX
+    python tests/pretrain_driver.py RUN_DIR --stream IMAGEFOLDER_SPLIT [--workers N]
 
 --nan-on-last-rank-at makes the loss of the last rank alone non-finite at one step (with
 max_bad_steps 1, so the step is skipped). Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
 "saving N" while a checkpoint's temp file is written; with --slow-checkpoint-at it pauses
-there, so a test can kill it in the middle of a checkpoint write.
+there, so a test can kill it in the middle of a checkpoint write. --stream reads the images
+from an ImageFolder split through engine.stream (decoded per step in --workers workers)
+instead of the synthetic in-memory images.
 """
 import argparse
 import dataclasses
@@ -23,6 +26,7 @@ import torch  # noqa: E402
 import engine.checkpoint as checkpoint  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.data import synthetic_splits  # noqa: E402
+from engine.stream import FolderReader, StreamingViews  # noqa: E402
 from engine.trainer import Preempted, Trainer, TrainConfig  # noqa: E402
 from methods import build_method, registry  # noqa: E402
 
@@ -45,15 +49,21 @@ def main() -> int:
     parser.add_argument("--nan-on-last-rank-at", type=int, default=-1)
     parser.add_argument("--method", choices=sorted(METHODS), default="mae")
     parser.add_argument("--paper-recipe", action="store_true", help="the method's paper recipe (methods.recipes)")
+    parser.add_argument("--stream", default=None, help="an ImageFolder split to stream instead of synthetic images")
+    parser.add_argument("--workers", type=int, default=0, help="with --stream: DataLoader workers")
     args = parser.parse_args()
     distributed.init_from_env()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     overrides, cfg = paper_recipe(args.method) if args.paper_recipe else (METHODS[args.method], CFG)
     method = build_method(args.method, **{**overrides, "encoder": {"size": "micro", "img_size": 16, "patch_size": 4}})
-    images = synthetic_splits(img_size=16, train_per_class=32).train.images
     cfg = dataclasses.replace(cfg, max_bad_steps=1) if args.nan_on_last_rank_at >= 0 else cfg
-    trainer = Trainer(method, images, cfg, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
+    if args.stream:
+        data = StreamingViews(method, FolderReader(args.stream), cfg.batch_size, cfg.crop_scale_min, seed=0,
+                              device=torch.device("cpu"), workers=args.workers)
+    else:
+        data = synthetic_splits(img_size=16, train_per_class=32).train.images
+    trainer = Trainer(method, data, cfg, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
     if distributed.rank() == distributed.world_size() - 1 and args.nan_on_last_rank_at >= 0:
         forward, calls = trainer.step_fn, []
 

@@ -1,0 +1,310 @@
+"""Streaming pre-training batches: image files decoded per step in DataLoader workers.
+
+The in-memory path (`engine.data.load_imagefolder` + `trainer.MaskedViews`) keeps a split as one
+uint8 array; ImageNet-1k at 224 px is ~190 GB of it. Here a split stays on disk (an ImageFolder,
+or WebDataset tar shards, `engine.shards`) and each step's images are read, decoded and cropped
+from their full resolution when the step comes:
+
+    order      EpochOrder(num_items, batch_size, seed): step s's global indices, from (seed, epoch)
+    sampler    this rank's part of them (`StepSampler`), from the step a run starts or resumes at:
+               the batches before it are never read
+    workers    per image (`ImageViews`): decode (torchvision.io, libjpeg-turbo), the method's views
+               as RandomResizedCrop from the full image (bicubic, antialiased) + flip, and the
+               recipe's photometric augmentation, all from generators seeded by
+               (seed, step, position in the global batch): a batch is the same for any number of
+               workers and ranks
+    main       masks for the global batch (stream 2 of the step seed, as MaskedViews), this
+               rank's rows of them; views standardised on the device
+
+So a run is deterministic, a resumed run bit-identical to an uninterrupted one, and two ranks
+see together exactly the batch one rank sees alone. It is not bit-identical to the in-memory
+path, whose crops are one batched `grid_sample` on images already resized to the model's size.
+
+Unreadable files: with on_bad_image="error" (the default) the first one stops the run with a
+one-line DataError naming it, also when a worker met it; with "skip" it is left out of its
+batch (that step trains on fewer images) and counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from engine import distributed
+from engine.augment import photometric
+from engine.data import DataError, list_images, standardize
+from engine.trainer import EpochOrder, step_seed, view_augmentations
+from methods.base import Batch
+
+# torchvision 0.29 marks its decoders deprecated in favour of torchcodec (not a dependency here);
+# they are torch's libjpeg-turbo / libpng bindings and the fastest we measured (bench.data)
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+# MAE's loader: 10 workers per GPU (main_pretrain.py --num_workers); fewer where cores are fewer
+MAX_WORKERS = 10
+
+
+class ImageReader(Protocol):
+    """A split whose images are read one at a time, by index: an ImageFolder or tar shards.
+    Pickled into each DataLoader worker, so it opens files lazily."""
+    classes: list[str]
+    labels: Tensor                      # (N,) int64
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> bytes:
+        """The encoded bytes of image `index`."""
+
+    def name(self, index: int) -> str:
+        """Where image `index` lives, for error messages."""
+
+
+class FolderReader:
+    """`split_dir/<class>/<image>` (ImageFolder), listed once in sorted order."""
+
+    def __init__(self, split_dir: str | Path):
+        self.root = Path(split_dir).expanduser().resolve()
+        if not self.root.is_dir():
+            raise DataError(f"image folder {self.root} not found; pass the path of an ImageFolder split")
+        self.classes, files = list_images(self.root)
+        self.files = [rel for rel, _ in files]
+        self.labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> bytes:
+        return (self.root / self.files[index]).read_bytes()
+
+    def name(self, index: int) -> str:
+        return str(self.root / self.files[index])
+
+
+class BadImage(Exception):
+    pass
+
+
+def decode_rgb(data: bytes) -> Tensor:
+    """Encoded image bytes -> uint8 (3, H, W) RGB. JPEG, PNG, WebP and GIF through torchvision
+    (libjpeg-turbo: 1.3x PIL's decode of the same JPEGs, measured by bench.data), anything else
+    PIL reads (BMP, TIFF, PPM) through PIL. Raises BadImage for bytes no decoder reads."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadImage(err.__class__.__name__) from None
+
+
+def image_generator(seed: int, step: int, position: int, stream: int) -> torch.Generator:
+    """A generator of its own for the image at `position` of step `step`'s global batch: hashed,
+    so no (step, position) pair shares a seed with another or with the step streams."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{position}/{stream}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+             gen: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop, by torchvision's sampling (area fraction in
+    `scale`, log-uniform aspect in `ratio`, ten tries, then the whole image's centre at the
+    nearest allowed aspect), drawn from `gen`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        draw = torch.rand(4, generator=gen).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * draw[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draw[1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(draw[2] * (height - h + 1)), int(draw[3] * (width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_flip(image: Tensor, size: int, scale: tuple[float, float], gen: torch.Generator) -> Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): RandomResizedCrop (MAE: bicubic; antialiased,
+    as PIL resizes) and a horizontal flip with probability 1/2."""
+    top, left, h, w = crop_box(image.shape[1], image.shape[2], scale, (3 / 4, 4 / 3), gen)
+    view = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                           antialias=True)
+    return view.flip(-1) if torch.rand(1, generator=gen).item() < 0.5 else view
+
+
+# per-image generator streams (hashed with the step and position, so clear of the step streams)
+CROP_STREAM, COLOUR_STREAM = 0, 1
+
+
+@dataclass
+class Item:
+    """One image of a step as a worker returns it: its views or why it has none."""
+    position: int                       # in the step's global batch
+    label: int
+    views: list[Tensor] = field(default_factory=list)   # uint8 (3, s, s), or float [0, 1] with colour
+    bad: str | None = None              # "path (error)" of a file no decoder read
+
+
+class ImageViews(Dataset):
+    """Indexed by (step, position, image index): that image's views (the worker's side)."""
+
+    def __init__(self, reader: ImageReader, specs: list, seed: int):
+        self.reader, self.specs, self.seed = reader, specs, seed
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Item:
+        step, position, index = key
+        item = Item(position, int(self.reader.labels[index]))
+        try:
+            image = decode_rgb(self.reader.read(index))
+        except BadImage as err:
+            item.bad = f"{self.reader.name(index)} ({err})"
+            return item
+        except OSError as err:
+            item.bad = f"{self.reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
+            return item
+        crop_gen = image_generator(self.seed, step, position, CROP_STREAM)
+        colour_gen = image_generator(self.seed, step, position, COLOUR_STREAM)
+        for (size, scale), colour in self.specs:
+            view = crop_flip(image, size, scale, crop_gen)
+            if colour is not None and colour.active:
+                view = photometric(view[None].float() / 255, colour, colour_gen)[0]
+            item.views.append(view)
+        return item
+
+
+@dataclass
+class StepPart:
+    """A rank's part of one step, collated in the worker: the readable images' views stacked."""
+    positions: Tensor                   # (B_rank,) positions in the global batch
+    labels: Tensor                      # (B_rank,)
+    views: list[Tensor]                 # per view (B_rank, 3, s, s): uint8, or float [0, 1] with colour
+    bad: list[str]                      # the unreadable files of this part
+
+    def pin_memory(self) -> "StepPart":  # (the DataLoader's pin_memory thread calls it)
+        return StepPart(self.positions, self.labels, [v.pin_memory() for v in self.views], self.bad)
+
+
+def collate_items(items: list[Item]) -> StepPart:
+    kept = [item for item in items if item.bad is None]
+    views = [torch.stack([item.views[v] for item in kept]) for v in range(len(kept[0].views))] if kept else []
+    return StepPart(torch.tensor([item.position for item in kept], dtype=torch.int64),
+                    torch.tensor([item.label for item in kept], dtype=torch.int64), views,
+                    [item.bad for item in items if item.bad is not None])
+
+
+class StepSampler:
+    """The DataLoader's batch sampler: for each step from `start` on, this rank's part of the
+    step's global batch as (step, position, image index) keys. Endless: the trainer stops
+    asking when its steps are done."""
+
+    def __init__(self, order: EpochOrder, start: int, rank: int, world: int):
+        self.order, self.start, self.rank, self.world = order, start, rank, world
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        step = self.start
+        while True:
+            yield [(step, position, int(self.order.indices(step)[position]))
+                   for position in rank_positions(self.order.batch_size, self.rank, self.world)]
+            step += 1
+
+
+def rank_positions(batch_size: int, rank: int, world: int) -> range:
+    """The positions of the global batch that rank `rank` of `world` trains on (as MaskedViews)."""
+    return range(rank * batch_size // world, (rank + 1) * batch_size // world)
+
+
+def default_workers() -> int:
+    """DataLoader workers per process: the cores this process may use, shared with the other
+    ranks on the node (LOCAL_WORLD_SIZE), at most MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+class StreamingViews:
+    """A BatchSource of pre-training batches read from `reader` (see the module's docstring);
+    the same Batch as MaskedViews gives. workers=0 decodes in this process."""
+
+    def __init__(self, method, reader: ImageReader, batch_size: int, crop_scale_min: float, seed: int,
+                 device: torch.device, workers: int | None = None, on_bad_image: str = "error",
+                 prefetch: int = 2):
+        if on_bad_image not in ("error", "skip"):
+            raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.method, self.reader, self.seed, self.device = method, reader, seed, torch.device(device)
+        self.on_bad_image, self.prefetch = on_bad_image, prefetch
+        self.workers = default_workers() if workers is None else workers
+        self.order = EpochOrder(len(reader), batch_size, seed, check=method.trains)
+        self.steps_per_epoch = self.order.steps_per_epoch
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        specs = method.view_specs(crop_scale_min)
+        self.dataset = ImageViews(reader, list(zip(specs, view_augmentations(
+            method.augmentation, len(specs), method.num_views))), seed)
+        self.skipped: list[str] = []        # the unreadable files met so far (on_bad_image="skip")
+        self._batches: Iterator | None = None
+        self._next_step = -1                # the step the running iterator yields next
+        self._last: tuple[int, Batch] | None = None
+
+    def describe(self) -> dict:
+        """What a run record keeps of the source."""
+        return {"kind": "stream", "images": len(self.reader), "workers": self.workers,
+                "skipped_images": len(self.skipped)}
+
+    def batch_for_step(self, step: int) -> Batch:
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]            # (the trainer counts FLOPs on the step it trains first)
+        if self._batches is None or step != self._next_step:
+            self._batches = iter(self._loader(step))
+        part = next(self._batches)
+        self._next_step = step + 1
+        batch = self._assemble(step, part)
+        self._last = (step, batch)
+        return batch
+
+    def _loader(self, start: int) -> DataLoader:
+        extra = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.workers else {}
+        return DataLoader(self.dataset, batch_sampler=StepSampler(self.order, start, self.rank, self.world),
+                          num_workers=self.workers, collate_fn=collate_items,
+                          pin_memory=self.device.type == "cuda", **extra)
+
+    def _assemble(self, step: int, part: StepPart) -> Batch:
+        if part.bad and self.on_bad_image == "error":
+            raise DataError(f"cannot read image {part.bad[0]}; remove it or pass --skip-bad-images")
+        for name in part.bad:
+            self.skipped.append(name)
+            print(f"[data] skipped unreadable image {name} ({len(self.skipped)} so far)", flush=True)
+        if not len(part.positions):
+            raise DataError(f"every image of step {step}'s batch on rank {self.rank} is unreadable "
+                            f"(first: {part.bad[0]}); check the dataset's files")
+        views = []
+        for view in part.views:                                             # (B_rank, 3, s, s)
+            view = view.to(self.device, non_blocking=True)
+            views.append(standardize(view.float() / 255 if view.dtype == torch.uint8 else view))
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
+        mask = self.method.draw_masks(self.order.batch_size, gen)           # the global batch's
+        if mask is not None:
+            mask = mask[..., part.positions, :].to(self.device)             # this rank's readable rows
+        return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)

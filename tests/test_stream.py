@@ -1,0 +1,180 @@
+"""The streaming data path (engine.stream): image files decoded per step in DataLoader workers.
+Deterministic for any number of workers and ranks, resumable bit for bit after kill -9, two gloo
+ranks together equal to one process, bad files named or skipped, empty class folders refused."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from bench.data import make_jpeg_folder
+from conftest import ROOT, micro_overrides
+from engine.data import DataError, load_imagefolder
+from engine.stream import FolderReader, ImageViews, StreamingViews, crop_box
+from methods import build_method
+from test_reliability import DRIVER, TOTAL_STEPS, final_state, run_until, torchrun_driver
+
+IBOT_SMALL = dict(out_dim=128, head_hidden_dim=64, head_bottleneck_dim=32)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """320 JPEGs of 20-48 px in 4 classes: 10 steps of the driver's batch of 32."""
+    return make_jpeg_folder(tmp_path_factory.mktemp("stream") / "train", num_classes=4, per_class=80,
+                            min_px=20, max_px=48)
+
+
+def ibot(**extra):
+    """iBOT at its paper recipe's views: two global crops with DINO colour, local crops, masks."""
+    torch.manual_seed(0)
+    recipe = build_method("ibot", **micro_overrides(**IBOT_SMALL)).paper_recipe.method
+    return build_method("ibot", **micro_overrides(**{**IBOT_SMALL, **recipe, **extra}))
+
+
+def source(method, folder, workers=0, **kwargs):
+    return StreamingViews(method, FolderReader(folder), 16, 0.2, seed=0, device=torch.device("cpu"),
+                          workers=workers, **kwargs)
+
+
+def assert_same_batch(a, b):
+    assert torch.equal(a.images, b.images)
+    assert (a.mask is None) == (b.mask is None) and (a.mask is None or torch.equal(a.mask, b.mask))
+    assert len(a.views or []) == len(b.views or [])
+    for x, y in zip(a.views or [], b.views or []):
+        assert torch.equal(x, y)
+
+
+def test_streaming_batches_are_the_same_for_any_number_of_workers_and_from_any_start(folder):
+    method = ibot()
+    alone = source(method, folder, workers=0)
+    expected = [alone.batch_for_step(step) for step in range(4)]
+    assert len(expected[0].views) > 2, "the paper recipe's local crops"
+    assert expected[0].views[2].shape[-1] < expected[0].views[0].shape[-1]
+    workers = source(method, folder, workers=2)
+    for step in range(4):
+        assert_same_batch(expected[step], workers.batch_for_step(step))
+    resumed = source(method, folder, workers=2)
+    assert_same_batch(expected[3], resumed.batch_for_step(3))
+    assert not torch.equal(expected[0].images, expected[1].images)
+
+
+def test_a_source_started_at_a_step_reads_no_image_of_an_earlier_step(folder, monkeypatch):
+    asked = []
+    getitem = ImageViews.__getitem__
+
+    def recording(self, key):
+        asked.append(key[0])
+        return getitem(self, key)
+
+    monkeypatch.setattr(ImageViews, "__getitem__", recording)
+    streaming = source(build_method("mae", **micro_overrides()), folder, workers=0)
+    streaming.batch_for_step(7)
+    streaming.batch_for_step(7)          # the trainer asks for its first step twice (FLOPs, then training)
+    streaming.batch_for_step(8)
+    assert asked and min(asked) == 7 and max(asked) == 8 and len(asked) == 2 * 16
+
+
+def test_two_ranks_read_disjoint_halves_that_together_are_the_one_process_batch(folder, monkeypatch):
+    """Rank r reads only positions [r B/2, (r+1) B/2) of each global batch, with the same views
+    and mask rows the single process has there."""
+    method = ibot()
+    single = source(method, folder).batch_for_step(5)
+    parts, read = [], {0: set(), 1: set()}
+    for rank in (0, 1):
+        part = source(method, folder)
+        part.world, part.rank = 2, rank
+        getitem = ImageViews.__getitem__
+        monkeypatch.setattr(ImageViews, "__getitem__",
+                            lambda self, key, rank=rank: read[rank].add(key[1]) or getitem(self, key))
+        parts.append(part.batch_for_step(5))
+        monkeypatch.setattr(ImageViews, "__getitem__", getitem)
+    assert read[0] == set(range(8)) and read[1] == set(range(8, 16))
+    assert torch.equal(torch.cat([p.images for p in parts]), single.images)
+    assert torch.equal(torch.cat([p.mask for p in parts], dim=-2), single.mask)
+    for v in range(len(single.views)):
+        assert torch.equal(torch.cat([p.views[v] for p in parts]), single.views[v])
+
+
+def test_crop_boxes_follow_torchvision_sampling_within_the_image():
+    gen = torch.Generator().manual_seed(0)
+    for height, width in ((300, 500), (500, 300), (20, 20), (10, 400)):
+        for _ in range(50):
+            top, left, h, w = crop_box(height, width, (0.2, 1.0), (3 / 4, 4 / 3), gen)
+            assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+    top, left, h, w = crop_box(10, 400, (0.9, 1.0), (3 / 4, 4 / 3), gen)   # no try fits: centre, nearest aspect
+    assert (h, w) == (10, 13) and left == (400 - 13) // 2
+
+
+def test_kill_9_during_streaming_then_resume_gives_identical_weights(tmp_path, folder):
+    stream = ("--stream", str(folder), "--workers", "2")
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run([*DRIVER, str(reference), *stream], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = tmp_path / "killed"
+    code, _ = run_until(resumed, "step 13", *stream)        # between checkpoints, mid-epoch
+    assert code == -signal.SIGKILL
+    again = subprocess.run([*DRIVER, str(resumed), *stream], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    expected, got = final_state(reference), final_state(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert (reference / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
+
+
+def test_torchrun_with_two_gloo_processes_streaming_matches_one_process(tmp_path, folder):
+    stream = ("--stream", str(folder), "--workers", "1")
+    single = subprocess.run([*DRIVER, str(tmp_path / "single"), *stream, "--dump-state", str(tmp_path / "single")],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-2000:]
+    rank0, rank1 = torchrun_driver(tmp_path / "ddp", 29541, *stream)
+    reference = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
+    for key in reference:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+        assert torch.allclose(rank0[key], reference[key], rtol=1e-3, atol=1e-4), key
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == TOTAL_STEPS
+
+
+def test_an_unreadable_file_is_named_in_one_line_also_from_a_worker_or_skipped_and_counted(tmp_path, capsys):
+    root = make_jpeg_folder(tmp_path / "train", num_classes=2, per_class=8, min_px=20, max_px=30)
+    broken = root / "n00000001" / "broken.JPEG"
+    broken.write_bytes(b"not a jpeg")
+    (root / "n00000000" / "cut.JPEG").write_bytes((root / "n00000000" / "0_0.JPEG").read_bytes()[:40])
+    method = build_method("mae", **micro_overrides())
+    streaming = StreamingViews(method, FolderReader(root), 18, 0.2, 0, torch.device("cpu"), workers=2)
+    with pytest.raises(DataError) as err:
+        streaming.batch_for_step(0)
+    message = str(err.value)
+    assert "\n" not in message and "--skip-bad-images" in message
+    assert "broken.JPEG" in message or "cut.JPEG" in message
+    skipping = StreamingViews(method, FolderReader(root), 18, 0.2, 0, torch.device("cpu"), workers=2,
+                              on_bad_image="skip")
+    batch = skipping.batch_for_step(0)      # one epoch of 18 holds every file
+    assert batch.images.shape[0] == 16 and batch.mask.shape[0] == 16
+    assert sorted(name.split(" ")[0].rsplit("/", 1)[1] for name in skipping.skipped) == ["broken.JPEG", "cut.JPEG"]
+    assert skipping.describe()["skipped_images"] == 2
+    assert "skipped unreadable image" in capsys.readouterr().out
+
+
+def test_an_empty_class_folder_is_an_error_naming_it_on_both_paths(tmp_path):
+    root = make_jpeg_folder(tmp_path / "train", num_classes=2, per_class=2, min_px=20, max_px=24)
+    (root / "n00000005").mkdir()
+    (root / "n00000005" / "notes.txt").write_text("no images here")
+    for load in (FolderReader, lambda path: load_imagefolder(path, 16)):
+        with pytest.raises(DataError, match=r"class folder .*n00000005 holds no images.*remove the folder"):
+            load(root)
+
+
+def test_greyscale_png_and_cmyk_files_stream_as_rgb(tmp_path):
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    Image.new("L", (30, 20), 90).save(root / "a" / "grey.png")
+    Image.new("CMYK", (30, 20), (0, 0, 0, 0)).save(root / "a" / "cmyk.jpg")
+    Image.new("RGBA", (30, 20), (10, 20, 30, 40)).save(root / "a" / "alpha.png")
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(root / "a" / "plain.bmp")
+    streaming = StreamingViews(build_method("mae", **micro_overrides()), FolderReader(root), 4, 0.2, 0,
+                               torch.device("cpu"), workers=0)
+    assert streaming.batch_for_step(0).images.shape == (4, 3, 16, 16)
