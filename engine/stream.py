@@ -308,3 +308,36 @@ class StreamingViews:
         if mask is not None:
             mask = mask[..., part.positions, :].to(self.device)             # this rank's readable rows
         return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
+
+
+# ---- which source a run reads ---------------------------------------------------------------
+DATA_SOURCES = ("auto", "memory", "stream")
+# A decoded train split up to this size is held in memory per process (engine.data; CIFAR-10 at
+# 32 px is 0.15 GB); a larger one streams (ImageNet-1k at 224 px: 180 GiB)
+MEMORY_SOURCE_MAX_BYTES = 4 * 2**30
+
+
+def open_reader(split_dir: str | Path) -> ImageReader:
+    """The split's images one at a time: an ImageFolder."""
+    return FolderReader(split_dir)
+
+
+def choose_source(data: dict, force: str = "auto") -> tuple[str, str]:
+    """("memory" | "stream", why) for pre-training on `data` (a run's data descriptor): `force`
+    as given (--data-source), else memory when the decoded train split at the model's size fits
+    MEMORY_SOURCE_MAX_BYTES."""
+    if force not in DATA_SOURCES:
+        raise DataError(f"unknown data source {force!r}; pass --data-source one of {', '.join(DATA_SOURCES)}")
+    if data["name"] == "synthetic":
+        if force == "stream":
+            raise DataError("the synthetic data set has no files to stream; pass --data PATH or drop --data-source stream")
+        return "memory", "synthetic images"
+    if force != "auto":
+        return force, f"--data-source {force}"
+    size = data["img_size"]
+    count = len(list_images(Path(data["path"]) / "train")[1])
+    decoded = count * 3 * size * size
+    kind = "memory" if decoded <= MEMORY_SOURCE_MAX_BYTES else "stream"
+    return kind, (f"{count} images x 3 x {size} x {size} = {decoded / 2**30:.2f} GiB decoded, "
+                  f"{'within' if kind == 'memory' else 'over'} the {MEMORY_SOURCE_MAX_BYTES / 2**30:.0f} GiB "
+                  f"kept in memory")

@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 from engine import distributed
 from engine.checkpoint import load_latest
 from engine.data import Splits, load_splits, synthetic_splits
+from engine.stream import StreamingViews, choose_source, open_reader
 from engine.trainer import Preempted, Trainer
 from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry
@@ -189,15 +190,17 @@ def load_variant(run_dir: Path, config: RunConfig, variant: str, steps: int):
 
 # ---- executing -----------------------------------------------------------------------------
 def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progress: bool = True,
-            on_bad_image: str = "error") -> RunRecord | None:
+            on_bad_image: str = "error", data_source: str = "auto", workers: int | None = None) -> RunRecord | None:
     """Run (or resume, or skip) one run; its record (None on ranks > 0). A failure is recorded
-    in result.json (status, error, traceback) and re-raised."""
+    in result.json (status, error, traceback) and re-raised. `data_source` is how pre-training
+    reads its images (engine.stream.choose_source: auto, memory or stream; recorded, not part of
+    the identity), `workers` the streaming source's DataLoader workers (None: as many as cores)."""
     run_dir = run.config.folder(outputs)
     distributed.barrier()  # under torchrun: rank 0 has finished writing the previous run
     if not distributed.is_main():
         # other ranks only take part in pre-training; rank 0 owns the lock, records and evaluations
         if not is_done(run_dir, run.spec.evals, profile):
-            train_and_evaluate(run, profile, run_dir, device, False, on_bad_image)
+            train_and_evaluate(run, profile, run_dir, device, False, on_bad_image, data_source, workers)
         distributed.barrier()
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,14 +210,14 @@ def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progr
     except Timeout:
         raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
     try:
-        return _execute_locked(run, profile, run_dir, device, progress, on_bad_image)
+        return _execute_locked(run, profile, run_dir, device, progress, on_bad_image, data_source, workers)
     finally:
         lock.release()
         distributed.barrier()
 
 
 def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
-                    on_bad_image: str) -> RunRecord:
+                    on_bad_image: str, data_source: str, workers: int | None) -> RunRecord:
     if is_done(run_dir, run.spec.evals, profile):
         return read_result(run_dir)
     config = run.config.to_dict()
@@ -226,7 +229,7 @@ def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progr
         write_json(run_dir / "config.json", config)
     started = time.time()
     try:
-        record = train_and_evaluate(run, profile, run_dir, device, progress, on_bad_image)
+        record = train_and_evaluate(run, profile, run_dir, device, progress, on_bad_image, data_source, workers)
     except Preempted:
         raise  # not a failure: the checkpoint is written, the same command resumes
     except RunSkipped:
@@ -248,9 +251,9 @@ def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progr
 
 
 def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
-                       on_bad_image: str) -> RunRecord | None:
+                       on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> RunRecord | None:
     config = run.config
-    splits = load_data(json.dumps(config.data, sort_keys=True), on_bad_image, progress)
+    data_json = json.dumps(config.data, sort_keys=True)
     previous = read_result(run_dir)
     train_stats = previous.train if previous is not None and previous.done else None
     evals = dict(previous.evals) if previous is not None else {}
@@ -266,15 +269,27 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         torch.manual_seed(config.seed)            # the encoder's initial weights
         method = config.build_method()
         if config.requires:
-            method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress, on_bad_image))
-        trainer = Trainer(method, splits.train.images, config.train_config() or profile.train, run_dir,
+            method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress, on_bad_image,
+                                                       data_source, workers))
+        train_config = config.train_config() or profile.train
+        kind, reason = choose_source(config.data, data_source)
+        if kind == "stream":
+            images = StreamingViews(method, open_reader(Path(config.data["path"]) / "train"), train_config.batch_size,
+                                    train_config.crop_scale_min, config.seed, torch.device(device), workers,
+                                    on_bad_image)
+        else:
+            images = load_data(data_json, on_bad_image, progress).train.images
+        trainer = Trainer(method, images, train_config, run_dir,
                           seed=config.seed, config_hash=config.hash, device=device, progress=progress)
         train_stats = trainer.fit()
+        train_stats["data_source"] = {**(images.describe() if kind == "stream" else {"kind": "memory"}),
+                                      "reason": reason}
+        del images, trainer       # a streaming source's workers end here
         if distributed.is_main():
             save_product(method, run_dir)
             save_variants(method, run_dir)
             if method.product == "encoder":
-                write_figures(method, splits.test, run_dir, device=device)
+                write_figures(method, load_data(data_json, on_bad_image, progress).test, run_dir, device=device)
             record_progress()
     if not distributed.is_main():
         return None     # ranks > 0 take part in pre-training only; rank 0 evaluates and records
@@ -285,6 +300,8 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         if not is_current(evals.get(name), name, profile, config.method):
             variant = split_name(name)[1]
             taken = load_variant(run_dir, config, variant, train_stats["steps"]) if variant else product
+            # evaluations read the splits decoded at the model's size (engine.data)
+            splits = load_data(data_json, on_bad_image, progress)
             evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, device, progress,
                                    config.method)
             record_progress()
@@ -341,7 +358,7 @@ def done_record(config: RunConfig, evals: dict[str, EvalRecord], train_stats: di
 
 
 def run_prerequisites(config: RunConfig, profile: Budget, outputs: Path, device: str, progress: bool,
-                      on_bad_image: str) -> dict:
+                      on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> dict:
     """Finish the runs `config` requires (or find them finished); their products by role."""
     products = {}
     for role, need in config.requires.items():
@@ -350,6 +367,6 @@ def run_prerequisites(config: RunConfig, profile: Budget, outputs: Path, device:
         state = "done, reused" if is_done(run_dir, run.spec.evals) else "running it first"
         print(f"  {role}: {run_dir.name} ({state})", flush=True)
         budget = dataclasses.replace(profile, train=need.config.train_config())
-        execute(run, budget, outputs, device, progress, on_bad_image)
+        execute(run, budget, outputs, device, progress, on_bad_image, data_source, workers)
         products[role] = load_product(run_dir, registry[need.config.method][0].product)
     return products

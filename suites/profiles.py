@@ -5,9 +5,14 @@ cpu       CIFAR-10 on the nano ViT, 2 cores; budgets from ../shared/DESIGN.md (C
           ~5 epochs of MAE are what separate its k-NN from random init by 6-9 points
 gpu       CIFAR-10 on ViT-Tiny, one GPU, 100 epochs
 imagenet  ViT-B/16 at 224 px with the papers' schedules; pass --data /path/to/imagenet
+
+`override` applies `--set KEY=VALUE` to a profile (a smaller model or batch, e.g. the imagenet
+profile on a small folder on a CPU).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 
 from engine.trainer import TrainConfig
@@ -16,7 +21,7 @@ from eval.finetune import FinetuneConfig
 from eval.knn import KNNConfig
 from eval.linear import LinearConfig
 from eval.segmentation import SegmentationConfig
-from methods.registry import unknown
+from methods.registry import ConfigError, unknown
 
 
 @dataclass(frozen=True)
@@ -144,3 +149,37 @@ def get_profile(name: str) -> Profile:
     if name not in PROFILES:
         raise unknown("profile", name, PROFILES)
     return PROFILES[name]
+
+
+def override(profile: Profile, settings: list[str]) -> Profile:
+    """`profile` with `--set KEY=VALUE` settings applied, KEY a dotted path into its fields
+    (`encoder.img_size=64`, `train.batch_size=32`, `method_defaults.mae.decoder_dim=64`,
+    `feature_batch=64`); VALUE as JSON (`64`, `false`, `"micro"`), else as a string. A changed
+    config is another run (its folder name is the hash of the resolved config)."""
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {setting!r}: write KEY=VALUE, e.g. --set encoder.img_size=64")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        profile = _set_path(profile, key.split("."), value, key)
+    return profile
+
+
+def _set_path(obj, parts: list[str], value, key: str):
+    if not parts:
+        return value
+    head, rest = parts[0], parts[1:]
+    if isinstance(obj, dict):
+        if rest and not isinstance(obj.get(head, {}), dict):
+            raise ConfigError(f"--set {key}: {head} holds a value, not fields")
+        return {**obj, head: _set_path(obj.get(head, {}), rest, value, key)}
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in fields(obj)]
+        if head not in names or head == "name":
+            raise ConfigError(f"--set {key}: {type(obj).__name__} has no field {head!r}; known: "
+                              f"{', '.join(n for n in names if n != 'name')}")
+        return dataclasses.replace(obj, **{head: _set_path(getattr(obj, head), rest, value, key)})
+    raise ConfigError(f"--set {key}: {parts[0]!r} is inside a value ({obj!r}), not a config")

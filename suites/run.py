@@ -39,6 +39,7 @@ from pathlib import Path
 
 from engine import distributed
 from engine.data import DataError
+from engine.stream import DATA_SOURCES, MAX_WORKERS, MEMORY_SOURCE_MAX_BYTES
 from engine.trainer import Preempted
 from methods.registry import ConfigError, UnknownNameError
 from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, read_index, summarize, warn
@@ -51,7 +52,7 @@ from runs.execute import RunSkipped, UnreadableRecord, check_inputs, execute, re
 from runs.identity import Run, data_descriptor, resolve
 from runs.records import RecordError, read_json, write_json
 from suites import compare_methods
-from suites.profiles import PROFILES, get_profile
+from suites.profiles import PROFILES, get_profile, override
 from suites.registry import SUITES, get_suite
 
 BUDGET_SUITE = "compare_methods"        # the suite --budget applies to
@@ -63,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("suite", nargs="?", help=f"one of: {', '.join(SUITES)}")
     parser.add_argument("--profile", default="cpu", help=f"one of: {', '.join(PROFILES)} (default cpu)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per grid cell (default: the profile's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile field (repeatable; dotted keys, JSON values), e.g. the imagenet "
+                             "profile on a small folder: --set encoder.size=micro --set encoder.img_size=32 "
+                             "--set train.batch_size=32 (changed configs are other runs)")
     parser.add_argument("--only", default=None,
                         help="comma-separated methods to keep from the grid; METHOD:SETTING keeps one cell "
                              "(e.g. --only 'none,beit:random 0.4'; a setting with a comma stays whole: "
@@ -88,6 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave unreadable image files out (counted) instead of stopping at the first")
+    parser.add_argument("--data-source", default="auto", choices=DATA_SOURCES,
+                        help="how pre-training reads --data: memory (decoded once at the model's size, "
+                             "cached), stream (files decoded per step in DataLoader workers, engine.stream) "
+                             f"or auto (default: memory when the decoded train split fits "
+                             f"{MEMORY_SOURCE_MAX_BYTES // 2**30} GiB, else stream); recorded in result.json")
+    parser.add_argument("--data-workers", type=int, default=None, metavar="N",
+                        help="with a streaming source: DataLoader workers per process (default: the "
+                             f"process's cores, at most {MAX_WORKERS})")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
     parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
     parser.add_argument("--table-only", action="store_true",
@@ -141,11 +154,11 @@ def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None
 
 
 def plan_grid(suite_name: str, profile_name: str, seeds: int | None, data: str | None,
-              check_data: bool = True, recipe: str = "paper") -> list[Run]:
+              check_data: bool = True, recipe: str = "paper", settings: tuple[str, ...] = ()) -> list[Run]:
     """Every run of the suite's whole grid. `check_data=False` (--dry-run) names the runs
-    without looking at the data folder."""
+    without looking at the data folder; `settings` are --set overrides of the profile."""
     suite = get_suite(suite_name)
-    profile = get_profile(profile_name)
+    profile = override(get_profile(profile_name), list(settings))
     check_recipe(recipe)
     descriptor = data_descriptor(profile, data, check=check_data)
     return resolve_runs(suite.grid(profile, recipe), profile, seed_count(profile, seeds), descriptor, recipe)
@@ -358,10 +371,11 @@ def run_state(run_dir: Path, spec, profile) -> str:
 
 
 def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Path, recipe: str = "paper",
-               allocation: Allocation | None = None, grid: list[Run] | None = None) -> None:
+               allocation: Allocation | None = None, grid: list[Run] | None = None, profile=None) -> None:
     """Each run with its estimated cost and state; with a budget, its allocation and its total
-    (over the whole `grid`, whatever --only keeps) against the budget."""
-    profile = get_profile(profile_name)
+    (over the whole `grid`, whatever --only keeps) against the budget. `profile`: the named
+    one with its --set overrides."""
+    profile = profile or get_profile(profile_name)
     print(f"suite {suite_name}, profile {profile_name}, recipe {recipe}: {len(runs)} runs")
     if allocation is not None:
         print_budget_plan(runs, grid or runs, outputs, profile, allocation)
@@ -551,6 +565,8 @@ def table_command(args: argparse.Namespace) -> str:
         if value is not None and not (flag == "--outputs" and value == "outputs") \
                 and not (flag == "--recipe" and value == "paper"):
             words += [flag, str(value)]
+    for setting in args.set:
+        words += ["--set", setting]
     return " ".join(words)
 
 
@@ -592,13 +608,15 @@ def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_recipe(args.recipe)
+    if args.data_workers is not None and args.data_workers < 0:
+        raise ConfigError(f"--data-workers {args.data_workers}: pass 0 (decode in the training process) or more")
     if args.list:
         list_suites(args.profile, args.recipe)
         return 0
     if not args.suite:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
     outputs = Path(args.outputs)
-    profile = get_profile(args.profile)
+    profile = override(get_profile(args.profile), args.set)
     budget = budget_arguments(args)
     options = slurm_options(args)
     if budget is not None and budget.hours is not None and options:
@@ -609,7 +627,8 @@ def main(argv=None) -> int:
     # the suite's index (and so its table) lists the whole grid, whatever --only picked to run:
     # processes running different cells side by side then write the same index
     if budget is None:
-        grid = plan_grid(args.suite, args.profile, args.seeds, args.data, not args.dry_run, args.recipe)
+        grid = plan_grid(args.suite, args.profile, args.seeds, args.data, not args.dry_run, args.recipe,
+                         tuple(args.set))
     else:
         # the budgeted block is its own table beside the full grid's: <profile>-budget
         suite_dir = outputs / "suites" / args.suite / f"{args.profile}-budget"
@@ -630,14 +649,14 @@ def main(argv=None) -> int:
     jobs = slurm.plan_jobs(runs, profile, outputs, args.device, not args.no_progress,
                            "skip" if args.skip_bad_images else "error") if options else []
     if args.dry_run:
-        print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid)
+        print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid, profile)
         if options:
             slurm.print_jobs(jobs, options, len(runs))
         return 0
     index_budget = None
     if allocation is not None:
         if distributed.is_main():
-            print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid)
+            print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid, profile)
         estimated = plan_seconds(grid, profile, outputs, allocation.calibration.flops_per_second)[2]
         index_budget = allocation.record(estimated, descriptor)
     if args.table_only:
@@ -659,7 +678,8 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(runs)}] {run.spec.method} {run.spec.setting} seed {run.seed} -> {name}", flush=True)
         try:
             execute(run, profile, outputs, device=device, progress=not args.no_progress,
-                    on_bad_image="skip" if args.skip_bad_images else "error")
+                    on_bad_image="skip" if args.skip_bad_images else "error", data_source=args.data_source,
+                    workers=args.data_workers)
         except RunSkipped as err:
             skipped.append(name)
             print(f"  skipped: {err}")

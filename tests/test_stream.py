@@ -1,6 +1,7 @@
 """The streaming data path (engine.stream): image files decoded per step in DataLoader workers.
 Deterministic for any number of workers and ranks, resumable bit for bit after kill -9, two gloo
 ranks together equal to one process, bad files named or skipped, empty class folders refused."""
+import json
 import os
 import signal
 import subprocess
@@ -13,9 +14,12 @@ from PIL import Image
 from bench.data import make_jpeg_folder
 from conftest import ROOT, micro_overrides
 from engine.data import DataError, load_imagefolder
-from engine.stream import FolderReader, ImageViews, StreamingViews, crop_box
+from engine import stream
+from engine.stream import FolderReader, ImageViews, StreamingViews, choose_source, crop_box
 from methods import build_method
 from test_reliability import DRIVER, TOTAL_STEPS, final_state, run_until, torchrun_driver
+from suites.profiles import get_profile, override
+from test_suite_cli import run_cli
 
 IBOT_SMALL = dict(out_dim=128, head_hidden_dim=64, head_bottleneck_dim=32)
 
@@ -178,3 +182,58 @@ def test_greyscale_png_and_cmyk_files_stream_as_rgb(tmp_path):
     streaming = StreamingViews(build_method("mae", **micro_overrides()), FolderReader(root), 4, 0.2, 0,
                                torch.device("cpu"), workers=0)
     assert streaming.batch_for_step(0).images.shape == (4, 3, 16, 16)
+
+
+# the imagenet profile at a size a CPU runs in seconds (README: "Streaming data and ImageNet")
+IMAGENET_SMALL = ("--set", "encoder.size=micro", "--set", "encoder.img_size=32", "--set", "encoder.patch_size=8",
+                  "--set", "encoder.drop_path=0", "--set", "train.batch_size=32", "--set", "train.epochs=2",
+                  "--set", "train.compile=false", "--set", "method_defaults.mae.decoder_dim=32",
+                  "--set", "method_defaults.mae.decoder_heads=2", "--set", "feature_batch=64")
+
+
+def test_the_imagenet_profile_runs_on_a_small_folder_through_the_streaming_path_to_knn(tmp_path):
+    make_jpeg_folder(tmp_path / "imagenet" / "train", num_classes=4, per_class=60, min_px=40, max_px=80)
+    make_jpeg_folder(tmp_path / "imagenet" / "test", num_classes=4, per_class=20, min_px=40, max_px=80, seed=1)
+    args = ("ablation_mae_decoder", "--profile", "imagenet", "--data", str(tmp_path / "imagenet"),
+            "--recipe", "shared", "--only", "mae:depth 1 x 32", "--data-workers", "2", *IMAGENET_SMALL)
+    done = run_cli(*args, "--data-source", "stream", outputs=tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("mae-*/result.json")]
+    assert record["status"] == "done" and record["metrics"]["knn_top1_cls"] > 25     # 4 classes: chance is 25
+    assert record["train"]["data_source"] == {"kind": "stream", "images": 240, "workers": 2, "skipped_images": 0,
+                                              "reason": "--data-source stream"}
+    assert record["train"]["steps"] == 2 * (240 // 32)
+    config = json.loads(next((tmp_path / "out" / "runs").glob("mae-*/config.json")).read_text())
+    assert config["method_config"]["encoder"]["img_size"] == 32 and config["train"]["batch_size"] == 32
+    # the same command again finds it done; the source is no part of the run's name
+    again = run_cli(*args, "--data-source", "memory", outputs=tmp_path / "out")
+    assert again.returncode == 0 and "1 runs" in again.stdout
+    assert len(list((tmp_path / "out" / "runs").glob("mae-*"))) == 1
+
+
+def test_a_split_streams_when_its_decoded_size_is_over_the_memory_limit_unless_forced(tmp_path, monkeypatch):
+    make_jpeg_folder(tmp_path / "data" / "train", num_classes=2, per_class=5, min_px=20, max_px=24)
+    data = {"name": "data", "path": str(tmp_path / "data"), "img_size": 32}
+    kind, reason = choose_source(data)
+    assert kind == "memory" and reason.startswith("10 images x 3 x 32 x 32 = 0.00 GiB decoded, within")
+    monkeypatch.setattr(stream, "MEMORY_SOURCE_MAX_BYTES", 10 * 3 * 32 * 32 - 1)
+    assert choose_source(data)[0] == "stream"
+    assert choose_source(data, "memory") == ("memory", "--data-source memory")
+    assert choose_source({"name": "synthetic", "img_size": 16}) == ("memory", "synthetic images")
+    with pytest.raises(DataError, match="no files to stream"):
+        choose_source({"name": "synthetic", "img_size": 16}, "stream")
+
+
+def test_bad_set_overrides_are_one_line_errors_naming_the_known_fields(tmp_path, capsys):
+    from suites.run import cli
+
+    assert cli(["ablation_mae_decoder", "--profile", "smoke", "--set", "train.batchsize=3", "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "TrainConfig has no field 'batchsize'; known:" in error and "batch_size" in error
+    assert cli(["ablation_mae_decoder", "--profile", "smoke", "--set", "encoder", "--dry-run"]) == 2
+    assert "write KEY=VALUE" in capsys.readouterr().err
+    small = override(get_profile("imagenet"), ["encoder.img_size=32", "train.batch_size=32",
+                                               "method_defaults.mae.decoder_dim=32", "train.compile=false"])
+    assert small.encoder["img_size"] == 32 and small.encoder["size"] == "base"
+    assert (small.train.batch_size, small.train.compile, small.train.epochs) == (32, False, 800)
+    assert small.method_defaults["mae"]["decoder_dim"] == 32 and small.method_defaults["mae"]["decoder_depth"] == 8
