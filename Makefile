@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 SUITE  ?= ablation_masking
 PROFILE ?= cpu
 
-.PHONY: setup test report smoke bench
+.PHONY: setup test report smoke bench bench-data
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ report: $(STAMP)
 bench: $(STAMP)
 	$(PY) -c "import lightly" 2>/dev/null || $(PY) -m pip install --quiet lightly
 	$(PY) -m bench $(BENCH_ARGS)
+
+# the streaming loader (engine.stream) vs MAE's torchvision loader at 1, 2 and all workers, the
+# decode-only ceiling, peak RSS at 10x the images, on JPEGs it makes (bench/data_results.json)
+bench-data: $(STAMP)
+	$(PY) -m bench.data $(BENCH_DATA_ARGS)
 
 smoke: $(STAMP)
 	$(PY) -m suites.run $(SUITE) --profile smoke

@@ -55,3 +55,181 @@ def make_jpeg_folder(root: str | Path, num_classes: int, per_class: int, min_px:
             pixels = np.clip(0.5 * field + 0.5 * hue + texture, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{c}_{i}.JPEG", quality=quality)
     return root
+
+
+def link_copies(src: Path, dest: Path, copies: int) -> Path:
+    """`dest` with each file of `src` under `copies` names (hard links: a folder 10x the size in
+    file count, at no disk cost; the loader cannot tell)."""
+    for path in sorted(src.rglob("*.JPEG")):
+        folder = dest / path.parent.relative_to(src)
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            os.link(path, folder / f"{path.stem}_{k}{path.suffix}")
+    return dest
+
+
+class DecodeOnly:
+    """The ceiling: the same files read and decoded as the streaming source does, nothing else."""
+
+    def __init__(self, folder: Path):
+        from engine.stream import FolderReader
+
+        self.reader = FolderReader(folder)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        from engine.stream import decode_rgb
+
+        return decode_rgb(self.reader.read(index)).shape[1]
+
+
+def first(items):
+    return items
+
+
+def mae_method(size: int):
+    """MAE's views and masks at `size` px (patch 16); the encoder is never run here."""
+    from methods import build_method
+
+    return build_method("mae", encoder={"size": "micro", "img_size": size, "patch_size": 16},
+                        decoder_dim=32, decoder_depth=1, decoder_heads=2)
+
+
+def torchvision_loader(folder: Path, size: int, batch: int, workers: int):
+    """MAE's main_pretrain.py loader: ImageFolder + RandomResizedCrop(0.2-1, bicubic) + flip +
+    ToTensor + Normalize, shuffled, the last partial batch dropped."""
+    import torch
+    from torchvision import datasets, transforms
+
+    from engine.data import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=batch,
+                                       shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False)
+
+
+def images_per_second(kind: str, folder: Path, size: int, batch: int, workers: int, steps: int) -> float:
+    """img/s of `steps` batches after the first (worker start-up and the first batch excluded)."""
+    import torch
+
+    if kind == "stream":
+        from engine.stream import FolderReader, StreamingViews
+
+        source = StreamingViews(mae_method(size), FolderReader(folder), batch, 0.2, seed=0,
+                                device=torch.device("cpu"), workers=workers)
+        source.batch_for_step(0)
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            source.batch_for_step(step)
+        seconds = time.perf_counter() - start
+        del source
+        return steps * batch / seconds
+    if kind == "torchvision":
+        loader = torchvision_loader(folder, size, batch, workers)
+    else:
+        loader = torch.utils.data.DataLoader(DecodeOnly(folder), batch_size=batch, shuffle=True,
+                                             num_workers=workers, collate_fn=first, drop_last=True)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    seconds = time.perf_counter() - start
+    del batches
+    return steps * batch / seconds
+
+
+def peak_rss_mb(folder: Path, size: int, batch: int, workers: int, steps: int) -> dict:
+    """Peak RSS (MB) of a fresh process streaming `steps` batches of `folder`: its own and its
+    largest worker's."""
+    probe = [sys.executable, "-m", "bench.data", "--rss-probe", str(folder), "--size", str(size),
+             "--batch", str(batch), "--workers", str(workers), "--steps", str(steps)]
+    out = subprocess.run(probe, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def rss_probe(folder: Path, size: int, batch: int, workers: int, steps: int) -> None:
+    import resource
+
+    images_per_second("stream", folder, size, batch, workers, steps)
+    print(json.dumps({"main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{os.cpu_count()} cores, {cpu}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000, help="JPEGs in the synthetic folder (default 1000)")
+    parser.add_argument("--size", type=int, default=224, help="view size in px (default 224, MAE's)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="timed batches per measurement (default 10)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median; default 3)")
+    parser.add_argument("--workers", default=None,
+                        help="comma-separated worker counts (default 1,2 and all cores)")
+    parser.add_argument("--folder", default=None, help="keep the synthetic folder here (default: a temp dir)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_probe:
+        rss_probe(Path(args.rss_probe), args.size, args.batch, int(args.workers), args.steps)
+        return 0
+    import statistics
+
+    import torch
+
+    torch.set_num_threads(1)
+    counts = sorted({int(w) for w in args.workers.split(",")}) if args.workers else sorted({1, 2, os.cpu_count() or 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.folder or tmp)
+        folder = base / "train"
+        if not folder.is_dir():
+            classes = 10
+            make_jpeg_folder(folder, classes, max(1, args.images // classes))
+        figures: dict = {}
+        for workers in counts:
+            runs = {kind: [] for kind in ("stream", "torchvision", "decode")}
+            for _ in range(args.reps):
+                for kind in runs:
+                    runs[kind].append(images_per_second(kind, folder, args.size, args.batch, workers, args.steps))
+            figures[str(workers)] = {kind: statistics.median(values) for kind, values in runs.items()}
+            print(f"{workers} worker(s): " + ", ".join(f"{kind} {v:.0f} img/s" for kind, v in figures[str(workers)].items()),
+                  flush=True)
+        large = base / "train-10x"
+        if not large.is_dir():
+            link_copies(folder, large, 10)
+        rss_workers = max(counts)
+        rss = {label: peak_rss_mb(path, args.size, args.batch, rss_workers, args.steps)
+               for label, path in (("1x", folder), ("10x", large))}
+        rss["growth"] = {part: rss["10x"][part] / rss["1x"][part] - 1 for part in ("main", "largest_worker")}
+        num_images = sum(1 for _ in folder.rglob("*.JPEG"))
+    results = {
+        "machine": machine(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
+        "images": num_images, "image_px": "300-500 a side, JPEG quality 90", "view_px": args.size,
+        "batch": args.batch, "steps": args.steps, "reps": args.reps,
+        "img_per_s": figures,
+        "stream_vs_torchvision": {w: f["stream"] / f["torchvision"] for w, f in figures.items()},
+        "decode_ceiling_share": {w: f["stream"] / f["decode"] for w, f in figures.items()},
+        "rss_mb": rss,
+    }
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    for key in ("stream_vs_torchvision", "decode_ceiling_share"):
+        print(f"{key}: " + ", ".join(f"{w} workers {v:.2f}" for w, v in results[key].items()))
+    print(f"peak RSS (MB) 1x / 10x images: main {rss['1x']['main']:.0f} / {rss['10x']['main']:.0f}, "
+          f"largest worker {rss['1x']['largest_worker']:.0f} / {rss['10x']['largest_worker']:.0f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

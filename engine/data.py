@@ -138,7 +138,7 @@ def load_imagefolder(split_dir: str | Path, img_size: int, on_bad_image: str = "
                            disable=not progress, mininterval=1.0):
         try:
             with Image.open(split_dir / rel) as img:
-                images[kept] = _to_square_rgb(img, img_size)
+                images[kept] = to_square_rgb(img, img_size)
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             if on_bad_image == "error":
                 raise DataError(f"cannot read image {split_dir / rel} ({err.__class__.__name__}); "
@@ -155,7 +155,7 @@ def load_imagefolder(split_dir: str | Path, img_size: int, on_bad_image: str = "
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes)
 
 
-def _to_square_rgb(img: Image.Image, size: int) -> np.ndarray:
+def to_square_rgb(img: Image.Image, size: int) -> np.ndarray:
     img = img.convert("RGB")
     if img.size != (size, size):
         scale = size / min(img.size)

@@ -32,8 +32,8 @@ from filelock import FileLock, Timeout
 
 from engine import distributed
 from engine.checkpoint import load_latest
-from engine.data import Splits, load_splits, synthetic_splits
-from engine.stream import StreamingViews, choose_source, open_reader
+from engine.data import Splits, synthetic_splits
+from engine.stream import StreamingViews, choose_source, load_splits, open_reader
 from engine.trainer import Preempted, Trainer
 from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry

@@ -14,8 +14,8 @@ from PIL import Image
 from bench.data import make_jpeg_folder
 from conftest import ROOT, micro_overrides
 from engine.data import DataError, load_imagefolder
-from engine import stream
-from engine.stream import FolderReader, ImageViews, StreamingViews, choose_source, crop_box
+from engine import shards, stream
+from engine.stream import FolderReader, ImageViews, StreamingViews, choose_source, crop_box, load_splits, open_reader
 from methods import build_method
 from test_reliability import DRIVER, TOTAL_STEPS, final_state, run_until, torchrun_driver
 from suites.profiles import get_profile, override
@@ -237,3 +237,44 @@ def test_bad_set_overrides_are_one_line_errors_naming_the_known_fields(tmp_path,
     assert small.encoder["img_size"] == 32 and small.encoder["size"] == "base"
     assert (small.train.batch_size, small.train.compile, small.train.epochs) == (32, False, 800)
     assert small.method_defaults["mae"]["decoder_dim"] == 32 and small.method_defaults["mae"]["decoder_depth"] == 8
+
+
+def test_shards_written_from_an_imagefolder_stream_the_batches_of_the_folder_and_decode_its_splits(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIMBENCH_CACHE", str(tmp_path / "cache"))    # (other tests count the session cache's files)
+    make_jpeg_folder(tmp_path / "data" / "train", num_classes=3, per_class=12, min_px=20, max_px=40)
+    make_jpeg_folder(tmp_path / "data" / "test", num_classes=3, per_class=4, min_px=20, max_px=40, seed=1)
+    assert shards.main([str(tmp_path / "data"), str(tmp_path / "shards"), "--images-per-shard", "10"]) == 0
+    assert "train on them with --data" in capsys.readouterr().out
+    assert len(list((tmp_path / "shards" / "train").glob("shard-*.tar"))) == 4        # 36 images, 10 a shard
+    method = ibot()
+    from_folder = source(method, tmp_path / "data" / "train")
+    from_shards = StreamingViews(method, open_reader(tmp_path / "shards" / "train"), 16, 0.2, seed=0,
+                                 device=torch.device("cpu"), workers=2)
+    assert isinstance(from_shards.reader, shards.ShardReader)
+    for step in (0, 3):
+        assert_same_batch(from_folder.batch_for_step(step), from_shards.batch_for_step(step))
+    folder_splits = load_splits(tmp_path / "data", 16)
+    shard_splits = load_splits(tmp_path / "shards", 16)
+    assert shard_splits.train.classes == folder_splits.train.classes == ["n00000000", "n00000001", "n00000002"]
+    for split in ("train", "test", "fit", "holdout"):
+        assert torch.equal(getattr(shard_splits, split).images, getattr(folder_splits, split).images), split
+        assert torch.equal(getattr(shard_splits, split).labels, getattr(folder_splits, split).labels), split
+    assert choose_source({"name": "shards", "path": str(tmp_path / "shards"), "img_size": 16})[0] == "memory"
+    # shards of another writer (no index.json) are listed from their tars, classes by number
+    (tmp_path / "shards" / "train" / "index.json").unlink()
+    listed = shards.ShardReader(tmp_path / "shards" / "train")
+    assert torch.equal(listed.labels, FolderReader(tmp_path / "data" / "train").labels)
+    assert listed.classes == ["0", "1", "2"] and listed.read(5) == FolderReader(tmp_path / "data" / "train").read(5)
+
+
+def test_a_corrupt_image_in_a_shard_is_named_by_shard_and_offset(tmp_path):
+    root = make_jpeg_folder(tmp_path / "data" / "train", num_classes=2, per_class=8, min_px=20, max_px=30)
+    (root / "n00000000" / "0_3.JPEG").write_bytes(b"garbage, not a JPEG at all")
+    shards.write_shards(root, tmp_path / "shards", images_per_shard=5)
+    streaming = StreamingViews(build_method("mae", **micro_overrides()), open_reader(tmp_path / "shards"), 16, 0.2,
+                               0, torch.device("cpu"), workers=1)
+    with pytest.raises(DataError, match=r"cannot read image .*shard-000000\.tar at byte \d+ \(\w+\); remove it"):
+        streaming.batch_for_step(0)
+    with pytest.raises(DataError, match="neither index.json nor"):
+        shards.ShardReader(tmp_path)
