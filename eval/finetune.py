@@ -6,6 +6,11 @@ layer-wise lr decay (timm's optimizer factory reading `ViT.group_matcher`), labe
 smoothing, mixup / cutmix (timm `Mixup`, on the batch) and RandAugment (timm, per image:
 its ops are PIL ops). The test split is read once, after the last step.
 
+With `blr_sweep` (multiples of `blr`; the `none` baseline's from-scratch recipe) the learning
+rate is chosen like the linear probe's: each candidate fine-tunes on `Splits.fit` and is read on
+`Splits.holdout`, the best is retrained on the whole training split, and only that one reads
+the test split. Each candidate has its own folder, so a killed sweep resumes where it stopped.
+
 Fine-tuning is `engine.trainer.Trainer` with a labelled batch source (`LabelledBatches`) and a
 layer-decayed optimizer (`finetune_trainer`), so it has the trainer's checkpoints, exact resume
 (every random draw of step s comes from generators seeded by (seed, s)), non-finite-loss guard,
@@ -31,7 +36,7 @@ from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, 
 from eval.features import POOLINGS
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.base import Batch
-from methods.registry import ConfigError, identity_record
+from methods.registry import ConfigError, identity_record, late_field
 from methods.vit import ViT, pool
 from runs.records import config_hash
 
@@ -61,8 +66,14 @@ class FinetuneConfig:
     checkpoint_every: int = 500
     log_every: int = 20
     compile: bool = False
+    # multiples of blr tried on the held-out part of train, the best retrained on all of it;
+    # () = fine-tune at blr alone (every run before the sweep existed)
+    blr_sweep: tuple[float, ...] = late_field(())
 
     def validate(self) -> None:
+        if any(factor <= 0 for factor in self.blr_sweep) or len(set(self.blr_sweep)) != len(self.blr_sweep):
+            raise ConfigError(f"blr_sweep {self.blr_sweep} must hold distinct multiples of blr > 0, "
+                              f"e.g. (0.5, 1.0, 2.0), or () for no sweep")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"fine-tune pooling {self.pooling!r} unknown; known: {', '.join(POOLINGS)}")
         if not 0 < self.layer_decay <= 1:
@@ -197,17 +208,43 @@ def top1(model: Classifier, data: ImageSet, batch_size: int = 1024, device: str 
     return 100.0 * correct / len(data)
 
 
+def fine_tune(encoder: ViT, train: ImageSet, num_classes: int, cfg: FinetuneConfig, work_dir: Path,
+              ctx: EvalContext) -> tuple[Classifier, dict]:
+    """A fine-tuned copy of `encoder` (resuming from `work_dir`'s checkpoints) and its train stats."""
+    torch.manual_seed(ctx.seed)                               # the head's initial weights
+    model = Classifier(encoder.with_config(drop_path=cfg.drop_path), num_classes,
+                       cfg.pooling, cfg.label_smoothing).train()
+    trainer = finetune_trainer(model, train, cfg, work_dir, ctx.seed,
+                               config_hash=f"{cfg.config_hash()}-seed{ctx.seed}", device=ctx.device,
+                               progress=ctx.progress)
+    return model, trainer.fit()
+
+
+def choose_blr(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> tuple[float, dict]:
+    """The blr of `cfg.blr_sweep` (multiples of cfg.blr) with the best held-out top-1, each
+    candidate fine-tuned on `splits.fit` in its own folder; ties go to the first listed."""
+    num_classes, sweep = len(splits.train.classes), []
+    for factor in cfg.blr_sweep:
+        candidate = replace(cfg, blr=cfg.blr * factor, blr_sweep=())
+        model, _ = fine_tune(encoder, splits.fit, num_classes, candidate, Path(ctx.work_dir) / f"sweep-x{factor:g}", ctx)
+        sweep.append({"blr": candidate.blr, "holdout_top1": top1(model, splits.holdout, ctx.feature_batch, ctx.device)})
+    best = max(range(len(sweep)), key=lambda i: (sweep[i]["holdout_top1"], -i))
+    blr = sweep[best]["blr"]
+    blrs = [point["blr"] for point in sweep]
+    return blr, {"blr": blr, "blr_at_edge": len(blrs) > 1 and blr in (min(blrs), max(blrs)), "sweep": sweep}
+
+
 @register_evaluation("finetune", FinetuneConfig)
 def run(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> EvalResult:
     """Fine-tune a copy of `encoder` on the training split (resuming from `ctx.work_dir`'s
-    checkpoints), then read the test split once: metrics {"finetune_top1": ...}."""
+    checkpoints; with `cfg.blr_sweep`, at the blr chosen on the held-out part first), then
+    read the test split once: metrics {"finetune_top1": ...}."""
     cfg.validate()
-    torch.manual_seed(ctx.seed)                               # the head's initial weights
-    model = Classifier(encoder.with_config(drop_path=cfg.drop_path), len(splits.train.classes),
-                       cfg.pooling, cfg.label_smoothing).train()
-    trainer = finetune_trainer(model, splits.train, cfg, Path(ctx.work_dir), ctx.seed,
-                               config_hash=f"{cfg.config_hash()}-seed{ctx.seed}", device=ctx.device,
-                               progress=ctx.progress)
-    stats = trainer.fit()
-    return EvalResult(metrics={"finetune_top1": top1(model, splits.test, ctx.feature_batch, trainer.device)},
-                      details={"train": stats})
+    details = {}
+    if cfg.blr_sweep:
+        blr, details["blr_choice"] = choose_blr(encoder, splits, cfg, ctx)
+        cfg = replace(cfg, blr=blr, blr_sweep=())
+    model, details["train"] = fine_tune(encoder, splits.train, len(splits.train.classes), cfg, Path(ctx.work_dir), ctx)
+    # The test split is read here, once, after every choice has been made.
+    return EvalResult(metrics={"finetune_top1": top1(model, splits.test, ctx.feature_batch, ctx.device)},
+                      details=details)

@@ -109,6 +109,8 @@ def baseline_footnote(runs: pd.DataFrame, metrics: list[str]) -> list[str]:
                 "from-scratch recipe, layer decay 1.0)")
 
     recipes = {verb: how(decays) for verb, decays in shown.items()}
+    if "fine-tuned" in recipes and "finetune blr_sweep" in base and base["finetune blr_sweep"].eq(True).any():
+        recipes["fine-tuned"] += " and its lr chosen on the held-out part of train"
     if len(set(recipes.values())) == 1:
         said = f"{' and '.join(recipes)} {next(iter(recipes.values()))}"
     else:

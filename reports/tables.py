@@ -108,6 +108,8 @@ def load_index(index_file: Path, index: dict | None = None) -> pd.DataFrame:
             for name in LAYER_DECAY_EVALS:
                 if name in record.evals:
                     row[f"{name} layer_decay"] = record.evals[name].config.get("layer_decay")
+            if "finetune" in record.evals:    # its lr chosen on held-out train (eval.finetune)
+                row["finetune blr_sweep"] = bool(record.evals["finetune"].config.get("blr_sweep"))
             if record.done:   # a run shared with a suite that asked for fewer evaluations
                 row["missing evaluations"] = ", ".join(e for e in entry.get("evals", []) if e not in record.evals)
                 if record.failed_evaluation is not None:

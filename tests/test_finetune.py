@@ -1,5 +1,7 @@
 """Fine-tuning: BEiT/MAE layer decay, exact resume of a killed fine-tune, recipe checks.
 (A kill -9 and a SIGTERM in a separate process: tests/test_train_loop_resume.py.)"""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from engine.data import synthetic_splits
 from eval import finetune
 from eval.finetune import Classifier, FinetuneConfig, LabelledBatches, finetune_trainer
 from eval.registry import EvalContext, get_evaluation
-from methods.registry import ConfigError
+from methods.registry import ConfigError, identity_record
 from methods.vit import ViT, ViTConfig
 
 SMALL = dict(epochs=1, batch_size=64, blr=1e-3, checkpoint_every=3, warmup_frac=0.2)
@@ -91,11 +93,40 @@ def test_finetuning_leaves_the_given_encoder_untouched_uses_drop_path_and_gives_
     assert result.details["train"]["steps"] == 10
 
 
+def test_a_blr_sweep_chooses_on_the_held_out_part_and_retrains_the_best_on_all_of_train(tmp_path):
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4))
+    splits = synthetic_splits(img_size=16)
+    cfg = FinetuneConfig(**SMALL, blr_sweep=(0.3, 3.0))
+    result = finetune.run(vit, splits, cfg, context(tmp_path / "sweep"))
+    choice = result.details["blr_choice"]
+    assert [point["blr"] for point in choice["sweep"]] == pytest.approx([3e-4, 3e-3])
+    held_out = [point["holdout_top1"] for point in choice["sweep"]]
+    assert choice["blr"] == choice["sweep"][held_out.index(max(held_out))]["blr"] and choice["blr_at_edge"]
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("sweep-*")) == ["sweep-x0.3", "sweep-x3"]
+    # each candidate trained on train minus the held-out part; the final one on all of train
+    steps_of = lambda n: n // SMALL["batch_size"]                            # one epoch
+    assert result.details["train"]["steps"] == steps_of(len(splits.train)) > steps_of(len(splits.fit))
+    # the final fine-tune is the plain one at the chosen blr: same test top-1
+    plain = finetune.run(vit, splits, replace(cfg, blr=choice["blr"], blr_sweep=()), context(tmp_path / "plain"))
+    assert plain.metrics == result.metrics
+    # run again: every candidate and the final fine-tune resume from their checkpoints, nothing retrains
+    again = finetune.run(vit, splits, cfg, context(tmp_path / "sweep"))
+    assert again.metrics == result.metrics and again.details["blr_choice"] == choice
+
+
+def test_the_sweep_leaves_the_identity_of_every_earlier_fine_tune_config_alone():
+    assert "blr_sweep" not in identity_record(FinetuneConfig())
+    assert FinetuneConfig().config_hash() != FinetuneConfig(blr_sweep=(1.0, 2.0)).config_hash()
+
+
 @pytest.mark.parametrize("changes,message", [
     (dict(randaug="augmix-m5"), "is not a timm RandAugment spec"),
     (dict(layer_decay=0.0), "layer_decay 0.0 must be in (0, 1]"),
     (dict(batch_size=33), "mixup/cutmix need an even batch_size"),
     (dict(pooling="max"), "fine-tune pooling 'max' unknown; known: cls, mean"),
+    (dict(blr_sweep=(1.0, 0.0)), "blr_sweep (1.0, 0.0) must hold distinct multiples of blr > 0"),
+    (dict(blr_sweep=(1.0, 1.0)), "must hold distinct multiples"),
 ])
 def test_bad_recipes_are_refused_with_the_fix(changes, message):
     with pytest.raises(ConfigError) as err:

@@ -206,6 +206,9 @@ def test_the_baseline_is_fine_tuned_and_segmented_without_layer_decay_the_others
     for name in ("finetune", "segmentation"):
         assert eval_config(name, budget, "none").layer_decay == 1.0
         assert eval_config(name, budget, "mae").layer_decay == budget.eval_config(name).layer_decay < 1.0
+    # and its own fine-tune lr, chosen on the held-out part around the profile's; the others: the profile's
+    assert eval_config("finetune", budget, "none").blr_sweep == (0.5, 1.0, 2.0)
+    assert eval_config("finetune", budget, "mae").blr_sweep == ()
 
 
 # ---- the student beside the teacher ------------------------------------------------------------------

@@ -209,3 +209,14 @@ def test_fine_tune_and_segmentation_share_one_note():
     assert baseline_footnote(runs, ["finetune_top1", "seg_miou"]) == [
         "none: fine-tuned and segmented with a from-scratch recipe (layer decay 1.0), pre-trained encoders "
         "at their profile's layer decay"]
+
+
+def test_the_baseline_note_says_its_fine_tune_lr_was_chosen_on_held_out_data():
+    from reports.build import baseline_footnote
+    runs = pd.DataFrame([{"method": "none", "status": "done", "finetune_top1": 40.0, "seg_miou": 20.0,
+                          "finetune layer_decay": 1.0, "segmentation layer_decay": 1.0,
+                          "finetune blr_sweep": True}])
+    assert baseline_footnote(runs, ["finetune_top1", "seg_miou"]) == [
+        "none: fine-tuned with a from-scratch recipe (layer decay 1.0) and its lr chosen on the held-out part "
+        "of train; segmented with a from-scratch recipe (layer decay 1.0), pre-trained encoders at their "
+        "profile's layer decay"]
