@@ -89,17 +89,20 @@ class FolderReader:
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} not found; pass the path of an ImageFolder split")
         self.classes, files = list_images(self.root)
-        self.files = [rel for rel, _ in files]
+        # one fixed-width byte array, not a list of str: workers read it without touching
+        # reference counts, so its pages stay shared with the training process (a list of
+        # 1.28M str would be copied into every worker as they read it)
+        self.files = np.array([rel.encode() for rel, _ in files], dtype=np.bytes_)
         self.labels = torch.tensor([label for _, label in files], dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, index: int) -> bytes:
-        return (self.root / self.files[index]).read_bytes()
+        return (self.root / self.files[index].decode()).read_bytes()
 
     def name(self, index: int) -> str:
-        return str(self.root / self.files[index])
+        return str(self.root / self.files[index].decode())
 
 
 class BadImage(Exception):
@@ -285,10 +288,14 @@ def rank_positions(batch_size: int, rank: int, world: int) -> range:
 
 
 def default_workers() -> int:
-    """DataLoader workers per process: the cores this process may use, shared with the other
-    ranks on the node (LOCAL_WORLD_SIZE), at most MAX_WORKERS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    """DataLoader workers per process, at most MAX_WORKERS: the cores this process is bound to
+    (a Slurm task's --cpus-per-task), or, when it may use the whole node (torchrun), its share
+    of them among the node's ranks (LOCAL_WORLD_SIZE)."""
+    node = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    if cores >= node:
+        cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_WORKERS, cores))
 
 
 class StreamingViews:
