@@ -278,3 +278,19 @@ def test_a_corrupt_image_in_a_shard_is_named_by_shard_and_offset(tmp_path):
         streaming.batch_for_step(0)
     with pytest.raises(DataError, match="neither index.json nor"):
         shards.ShardReader(tmp_path)
+
+
+def test_bench_data_writes_every_loader_rate_and_its_stable_keys(tmp_path):
+    """`make bench-data` at a toy size: what it measures, never how fast (a loaded machine)."""
+    out = tmp_path / "data_results.json"
+    done = subprocess.run([sys.executable, "-m", "bench.data", "--images", "40", "--size", "32", "--batch", "8",
+                           "--steps", "1", "--reps", "1", "--workers", "1", "--folder", str(tmp_path / "jpegs"),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["img_per_s"]["1"]) == {"stream", "torchvision", "decode"}
+    assert all(rate > 0 for rate in results["img_per_s"]["1"].values())
+    assert results["stream_vs_torchvision"]["1"] > 0 and results["decode_ceiling_share"]["1"] > 0
+    assert set(results["rss_mb"]) == {"1x", "10x", "growth"} and results["rss_mb"]["10x"]["main"] > 0
+    assert len(list((tmp_path / "jpegs" / "train-10x").rglob("*.JPEG"))) == 10 * 40
