@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +288,15 @@ def rank_positions(batch_size: int, rank: int, world: int) -> range:
     return range(rank * batch_size // world, (rank + 1) * batch_size // world)
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A worker's init: SIGINT / SIGTERM sent to the whole process group (Ctrl-C, Slurm's
+    pre-emption) are the training process's to handle (it finishes the step and checkpoints);
+    a worker that died of them would fail that step instead. Workers still end with it: the
+    DataLoader shuts them down, and they exit when it is gone (kill -9)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def default_workers() -> int:
     """DataLoader workers per process, at most MAX_WORKERS: the cores this process is bound to
     (a Slurm task's --cpus-per-task), or, when it may use the whole node (torchrun), its share
@@ -338,7 +348,8 @@ class StreamingViews:
         return batch
 
     def _loader(self, start: int) -> DataLoader:
-        extra = dict(prefetch_factor=self.prefetch, persistent_workers=False) if self.workers else {}
+        extra = dict(prefetch_factor=self.prefetch, persistent_workers=False,
+                     worker_init_fn=ignore_stop_signals) if self.workers else {}
         return DataLoader(self.dataset, batch_sampler=StepSampler(self.order, start, self.rank, self.world),
                           num_workers=self.workers, collate_fn=Collate(self.device.type == "cpu"),
                           pin_memory=self.device.type == "cuda", **extra)

@@ -112,12 +112,24 @@ def test_crop_boxes_follow_torchvision_sampling_within_the_image():
     assert (h, w) == (10, 13) and left == (400 - 13) // 2
 
 
-def test_kill_9_during_streaming_then_resume_gives_identical_weights(tmp_path, folder):
+def test_sigterm_to_the_process_group_then_kill_9_during_streaming_then_resume_gives_identical_weights(
+        tmp_path, folder):
+    """SIGTERM to every process of the group, workers included (Slurm's pre-emption, Ctrl-C):
+    the step in flight finishes and is checkpointed (exit 143), not failed by a dead worker."""
     stream = ("--stream", str(folder), "--workers", "2")
     reference = tmp_path / "uninterrupted"
     done = subprocess.run([*DRIVER, str(reference), *stream], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = tmp_path / "killed"
+    group = subprocess.Popen([*DRIVER, str(resumed), *stream], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    for line in group.stdout:
+        if line.strip() == "step 5":
+            os.killpg(group.pid, signal.SIGTERM)
+            break
+    rest, errors = group.communicate(timeout=120)
+    assert group.returncode == 143, errors[-2000:]
+    assert "checkpoint saved - run the same command again to resume" in rest
     code, _ = run_until(resumed, "step 13", *stream)        # between checkpoints, mid-epoch
     assert code == -signal.SIGKILL
     again = subprocess.run([*DRIVER, str(resumed), *stream], capture_output=True, text=True, cwd=ROOT)
