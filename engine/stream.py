@@ -448,3 +448,87 @@ def choose_source(data: dict, force: str = "auto") -> tuple[str, str]:
     return kind, (f"{count} images x 3 x {size} x {size} = {decoded / 2**30:.2f} GiB decoded, "
                   f"{'within' if kind == 'memory' else 'over'} the {MEMORY_SOURCE_MAX_BYTES / 2**30:.0f} GiB "
                   f"kept in memory")
+
+
+# ---- evaluation splits, streamed ------------------------------------------------------------
+def center_square(image: Tensor, size: int) -> Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size): the shorter side resized to `size` (bicubic,
+    antialiased), then the centre crop, as the memory path decodes a split (engine.data,
+    through PIL: equal to within rounding, not bit for bit)."""
+    height, width = image.shape[1:]
+    if (height, width) != (size, size):
+        scale = size / min(height, width)
+        height, width = max(size, round(height * scale)), max(size, round(width * scale))
+        image = TF.resize(image, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[:, top:top + size, left:left + size]
+
+
+class SquareImages(Dataset):
+    """Image i of a reader at the evaluation size, with its label (the worker's side)."""
+
+    def __init__(self, reader: ImageReader, size: int):
+        self.reader, self.size = reader, size
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> Item:
+        item = Item(index, int(self.reader.labels[index]))
+        try:
+            item.views.append(center_square(decode_rgb(self.reader.read(index)), self.size))
+        except BadImage as err:
+            item.bad = f"{self.reader.name(index)} ({err})"
+        except OSError as err:
+            item.bad = f"{self.reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
+        return item
+
+
+class StreamedSet:
+    """A split the evaluations read in batches, in order, without holding it (what an ImageSet
+    is for the memory path): `batches(n)` yields (uint8 (B, 3, s, s), labels (B,))."""
+
+    def __init__(self, reader: ImageReader, img_size: int, workers: int | None = None,
+                 on_bad_image: str = "error"):
+        self.reader, self.img_size, self.on_bad_image = reader, img_size, on_bad_image
+        self.workers = default_workers() if workers is None else workers
+        self.classes = reader.classes
+        self.labels = reader.labels
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def batches(self, batch_size: int, index: list[int] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Its images (or those at `index`) in order, `batch_size` at a time."""
+        order = list(range(len(self))) if index is None else index
+        chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        extra = dict(prefetch_factor=2, worker_init_fn=ignore_stop_signals) if self.workers else {}
+        loader = DataLoader(SquareImages(self.reader, self.img_size), batch_sampler=chunks,
+                            num_workers=min(self.workers, len(chunks)), collate_fn=Collate(False), **extra)
+        for part in loader:
+            if part.bad and self.on_bad_image == "error":
+                raise DataError(f"cannot read image {part.bad[0]}; remove it or pass --skip-bad-images")
+            for name in part.bad:
+                print(f"[data] skipped unreadable image {name}", flush=True)
+            if len(part.positions):
+                yield part.views[0], part.labels
+
+    def in_memory(self, index: list[int]) -> ImageSet:
+        """The images at `index` as an ImageSet (a few, for figures)."""
+        images, labels = zip(*self.batches(len(index) or 1, index)) if index else ((), ())
+        return ImageSet(torch.cat(images) if images else torch.empty(0, 3, self.img_size, self.img_size,
+                                                                     dtype=torch.uint8),
+                        torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64), self.classes)
+
+
+def streamed_splits(root: str | Path, img_size: int, workers: int | None = None,
+                    on_bad_image: str = "error") -> Splits:
+    """train/ and test/ as StreamedSets, for the evaluations that read splits in batches
+    (eval.registry `streams`: k-NN). fit and holdout are None: they are rows of train found by
+    their pixels (eval.features.subset_positions), which only the memory path holds."""
+    root = check_dataset_root(root)
+    train, test = (StreamedSet(open_reader(root / split), img_size, workers, on_bad_image)
+                   for split in ("train", "test"))
+    if train.classes != test.classes:
+        raise DataError(f"train/ and test/ of {root} have different classes; make them the same")
+    return Splits(train, test, None, None)

@@ -1,6 +1,7 @@
 """Frozen-encoder features, extracted once per (encoder, split) and cached on disk."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,21 +20,34 @@ def extract_features(vit: ViT, data: ImageSet, batch_size: int = 1024,
                      device: str | torch.device = "cpu", desc: str = "features",
                      progress: bool = True, block: int | None = None) -> dict[str, torch.Tensor]:
     """{'cls': (N, D), 'mean': (N, D), 'labels': (N,)} from one pass of the frozen encoder:
-    its final (normed) tokens, or the raw output of block `block` (BEiT probes block 9)."""
+    its final (normed) tokens, or the raw output of block `block` (BEiT probes block 9).
+    `data` is an ImageSet, or a split read in batches from its files (engine.stream.StreamedSet:
+    decoded in DataLoader workers, never held whole)."""
     vit = vit.eval().to(device)
     out = {p: [] for p in POOLINGS}
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, unit="batch", leave=False,
-                      disable=not progress):
-        images = normalize(data.images[start:start + batch_size].to(device))
+    labels = []
+    for images, batch_labels in tqdm(image_batches(data, batch_size), total=math.ceil(len(data) / batch_size),
+                                     desc=desc, unit="batch", leave=False, disable=not progress):
+        images = normalize(images.to(device))
         if block is None:
             tokens = vit(images)                               # (B, 1+N, D)
         else:
             tokens = vit.block_outputs(images, [block])[0]     # (B, 1+N, D)
         for p in POOLINGS:
             out[p].append(pool(tokens, p).float().cpu())
+        labels.append(batch_labels)
     feats = {p: torch.cat(chunks) for p, chunks in out.items()}
-    feats["labels"] = data.labels.clone()
+    feats["labels"] = torch.cat(labels).clone()
     return feats
+
+
+def image_batches(data, batch_size: int):
+    """(uint8 images, labels) of `data` in order, `batch_size` at a time."""
+    if hasattr(data, "batches"):                # streamed (engine.stream.StreamedSet)
+        yield from data.batches(batch_size)
+        return
+    for start in range(0, len(data), batch_size):
+        yield data.images[start:start + batch_size], data.labels[start:start + batch_size]
 
 
 def cached_features(vit: ViT, data: ImageSet, cache_file: Path, **kwargs) -> dict[str, torch.Tensor]:

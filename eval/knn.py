@@ -21,9 +21,16 @@ class KNNConfig:
     chunk_size: int = 2048       # test features per similarity matmul (bounds memory)
 
 
+# Similarities held at once (float32): 1 GiB. A test chunk against all of CIFAR-10's train
+# (2048 x 50,000) fits, so those runs compute as they always did; ImageNet's 1.28M train
+# features are compared in slices, keeping each test row's running top k.
+MAX_SIMILARITIES = 2**28
+
+
 @torch.inference_mode()
 def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-             test_labels: torch.Tensor, cfg: KNNConfig = KNNConfig()) -> float:
+             test_labels: torch.Tensor, cfg: KNNConfig = KNNConfig(),
+             max_similarities: int = MAX_SIMILARITIES) -> float:
     """Top-1 accuracy (%) of the temperature-weighted k-NN classifier."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     k = min(cfg.k, len(train_feats))
@@ -31,12 +38,28 @@ def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
     test = F.normalize(test_feats.float(), dim=1)
     correct = 0
     for start in range(0, len(test), cfg.chunk_size):
-        sims = test[start:start + cfg.chunk_size] @ train.T                 # (C, N_train)
-        top_sims, top_idx = sims.topk(k, dim=1)                             # (C, k)
+        top_sims, top_idx = nearest(test[start:start + cfg.chunk_size], train, k, max_similarities)   # (C, k)
         weights = (top_sims / cfg.temperature).exp()
         votes = torch.zeros(len(top_idx), num_classes).scatter_add_(1, train_labels[top_idx], weights)
         correct += (votes.argmax(dim=1) == test_labels[start:start + cfg.chunk_size]).sum().item()
     return 100.0 * correct / len(test)
+
+
+def nearest(queries: torch.Tensor, keys: torch.Tensor, k: int, max_similarities: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, indices) of each query's k most similar keys, descending: one matmul
+    when (C, N_keys) fits `max_similarities`, else over slices of the keys, merging top ks."""
+    step = max(k, max_similarities // max(1, len(queries)))
+    if step >= len(keys):
+        return (queries @ keys.T).topk(k, dim=1)                            # (C, N_train) -> (C, k)
+    best_sims = best_idx = None
+    for start in range(0, len(keys), step):
+        sims, idx = (queries @ keys[start:start + step].T).topk(min(k, len(keys) - start), dim=1)
+        idx = idx + start
+        if best_sims is not None:
+            sims, pick = torch.cat([best_sims, sims], dim=1).topk(k, dim=1)
+            idx = torch.cat([best_idx, idx], dim=1).gather(1, pick)
+        best_sims, best_idx = sims, idx
+    return best_sims, best_idx
 
 
 def knn_metrics(train_features: dict, test_features: dict, cfg: KNNConfig = KNNConfig()) -> dict[str, float]:
@@ -46,7 +69,7 @@ def knn_metrics(train_features: dict, test_features: dict, cfg: KNNConfig = KNNC
             for p in ("cls", "mean") if p in train_features and p in test_features}
 
 
-@register_evaluation("knn", KNNConfig)
+@register_evaluation("knn", KNNConfig, streams=True)
 def run(encoder: ViT, splits: Splits, cfg: KNNConfig, ctx: EvalContext) -> EvalResult:
     """{'knn_top1_cls', 'knn_top1_mean'} of the frozen encoder's final tokens."""
     kw = dict(batch_size=ctx.feature_batch, device=ctx.device, progress=ctx.progress)

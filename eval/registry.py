@@ -47,13 +47,16 @@ class Evaluation:
     run: Callable[..., EvalResult]
     takes: str = "encoder"                          # what of a finished run it evaluates (methods.base.PRODUCTS)
     check_inputs: Callable[[Any], None] | None = None   # fails early (before any training) on missing data
+    # reads only splits.train and splits.test, in order (eval.features): a run whose data streams
+    # passes them as engine.stream.StreamedSets, read from the files in batches, never held whole
+    streams: bool = False
 
 
 registry: dict[str, Evaluation] = {}
 
 
 def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
-                        check_inputs: Callable[[Any], None] | None = None) -> Callable:
+                        check_inputs: Callable[[Any], None] | None = None, streams: bool = False) -> Callable:
     """Decorator that adds `run(product, splits, cfg, ctx) -> EvalResult` under `name`;
     registering a name twice raises."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
@@ -64,7 +67,7 @@ def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
     def add(run: Callable) -> Callable:
         if name in registry:
             raise ValueError(f"evaluation {name!r} is already registered (by {registry[name].run.__module__})")
-        registry[name] = Evaluation(name, config_cls, run, takes, check_inputs)
+        registry[name] = Evaluation(name, config_cls, run, takes, check_inputs, streams)
         return run
 
     return add

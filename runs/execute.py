@@ -33,14 +33,14 @@ from filelock import FileLock, Timeout
 from engine import distributed
 from engine.checkpoint import load_latest
 from engine.data import Splits, synthetic_splits
-from engine.stream import StreamingViews, choose_source, load_splits, open_reader
+from engine.stream import StreamingViews, choose_source, load_splits, streamed_splits
 from engine.trainer import Preempted, Trainer
 from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.registry import ConfigError
 from methods.vit import load_encoder, save_encoder
-from runs.figures import write_figures
+from runs.figures import first_of_each_class, write_figures
 from runs.identity import Budget, Run, RunConfig, RunSpec, build_from_record, identity_record
 from runs.records import (EvalRecord, NewerSchemaError, RecordError, RunRecord, atomic_path, config_hash,
                           read_json, read_record, write_json, write_record)
@@ -254,6 +254,9 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
                        on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> RunRecord | None:
     config = run.config
     data_json = json.dumps(config.data, sort_keys=True)
+    kind, reason = choose_source(config.data, data_source)
+    streamed = None if kind == "memory" else streamed_splits(config.data["path"], config.data["img_size"], workers,
+                                                             on_bad_image)
     previous = read_result(run_dir)
     train_stats = previous.train if previous is not None and previous.done else None
     evals = dict(previous.evals) if previous is not None else {}
@@ -272,9 +275,8 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
             method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress, on_bad_image,
                                                        data_source, workers))
         train_config = config.train_config() or profile.train
-        kind, reason = choose_source(config.data, data_source)
         if kind == "stream":
-            images = StreamingViews(method, open_reader(Path(config.data["path"]) / "train"), train_config.batch_size,
+            images = StreamingViews(method, streamed.train.reader, train_config.batch_size,
                                     train_config.crop_scale_min, config.seed, torch.device(device), workers,
                                     on_bad_image)
         else:
@@ -289,7 +291,9 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
             save_product(method, run_dir)
             save_variants(method, run_dir)
             if method.product == "encoder":
-                write_figures(method, load_data(data_json, on_bad_image, progress).test, run_dir, device=device)
+                test = load_data(data_json, on_bad_image, progress).test if streamed is None else \
+                    streamed.test.in_memory(first_of_each_class(streamed.test.labels))
+                write_figures(method, test, run_dir, device=device)
             record_progress()
     if not distributed.is_main():
         return None     # ranks > 0 take part in pre-training only; rank 0 evaluates and records
@@ -300,8 +304,10 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         if not is_current(evals.get(name), name, profile, config.method):
             variant = split_name(name)[1]
             taken = load_variant(run_dir, config, variant, train_stats["steps"]) if variant else product
-            # evaluations read the splits decoded at the model's size (engine.data)
-            splits = load_data(data_json, on_bad_image, progress)
+            # the splits decoded at the model's size (engine.data), or read from the files in
+            # batches when pre-training streams and the evaluation can (k-NN)
+            splits = streamed if streamed is not None and get_evaluation(name).streams else \
+                load_data(data_json, on_bad_image, progress)
             evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, device, progress,
                                    config.method)
             record_progress()

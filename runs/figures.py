@@ -24,8 +24,12 @@ NUM_IMAGES = 8
 
 
 def fixed_images(test: ImageSet) -> torch.Tensor:
-    index = [int(torch.nonzero(test.labels == c)[0]) for c in test.labels.unique()[:NUM_IMAGES]]
-    return test.images[index]
+    return test.images[first_of_each_class(test.labels)]
+
+
+def first_of_each_class(labels: torch.Tensor) -> list[int]:
+    """The figures' images: the first test image of each of the first NUM_IMAGES classes."""
+    return [int(torch.nonzero(labels == c)[0]) for c in labels.unique()[:NUM_IMAGES]]
 
 
 def to_display(images: torch.Tensor) -> torch.Tensor:

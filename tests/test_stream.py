@@ -13,10 +13,14 @@ from PIL import Image
 
 from bench.data import make_jpeg_folder
 from conftest import ROOT, micro_overrides
-from engine.data import DataError, load_imagefolder
+from engine.data import DataError, load_imagefolder, to_square_rgb
 from engine import shards, stream
-from engine.stream import FolderReader, ImageViews, StreamingViews, choose_source, crop_box, load_splits, open_reader
+from engine.stream import (FolderReader, ImageViews, StreamedSet, StreamingViews, choose_source, crop_box, load_splits,
+                           open_reader)
+from eval.features import extract_features
+from eval.knn import KNNConfig, knn_top1, nearest
 from methods import build_method
+from methods.vit import ViT, ViTConfig
 from test_reliability import DRIVER, TOTAL_STEPS, final_state, run_until, torchrun_driver
 from suites.profiles import get_profile, override
 from test_suite_cli import run_cli
@@ -208,8 +212,11 @@ def test_the_imagenet_profile_runs_on_a_small_folder_through_the_streaming_path_
     make_jpeg_folder(tmp_path / "imagenet" / "test", num_classes=4, per_class=20, min_px=40, max_px=80, seed=1)
     args = ("ablation_mae_decoder", "--profile", "imagenet", "--data", str(tmp_path / "imagenet"),
             "--recipe", "shared", "--only", "mae:depth 1 x 32", "--data-workers", "2", *IMAGENET_SMALL)
-    done = run_cli(*args, "--data-source", "stream", outputs=tmp_path / "out")
+    cache = {"MIMBENCH_CACHE": str(tmp_path / "cache")}
+    done = run_cli(*args, "--data-source", "stream", outputs=tmp_path / "out", env_extra=cache)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((tmp_path / "cache").rglob("*.npz")), "a split was decoded into memory"
+    assert list((tmp_path / "out" / "runs").glob("mae-*/figures/*.png"))
     [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("mae-*/result.json")]
     assert record["status"] == "done" and record["metrics"]["knn_top1_cls"] > 25     # 4 classes: chance is 25
     assert record["train"]["data_source"] == {"kind": "stream", "images": 240, "workers": 2, "skipped_images": 0,
@@ -218,7 +225,7 @@ def test_the_imagenet_profile_runs_on_a_small_folder_through_the_streaming_path_
     config = json.loads(next((tmp_path / "out" / "runs").glob("mae-*/config.json")).read_text())
     assert config["method_config"]["encoder"]["img_size"] == 32 and config["train"]["batch_size"] == 32
     # the same command again finds it done; the source is no part of the run's name
-    again = run_cli(*args, "--data-source", "memory", outputs=tmp_path / "out")
+    again = run_cli(*args, "--data-source", "memory", outputs=tmp_path / "out", env_extra=cache)
     assert again.returncode == 0 and "1 runs" in again.stdout
     assert len(list((tmp_path / "out" / "runs").glob("mae-*"))) == 1
 
@@ -306,3 +313,30 @@ def test_bench_data_writes_every_loader_rate_and_its_stable_keys(tmp_path):
     assert results["stream_vs_torchvision"]["1"] > 0 and results["decode_ceiling_share"]["1"] > 0
     assert set(results["rss_mb"]) == {"1x", "10x", "growth"} and results["rss_mb"]["10x"]["main"] > 0
     assert len(list((tmp_path / "jpegs" / "train-10x").rglob("*.JPEG"))) == 10 * 40
+
+
+def test_streamed_evaluation_splits_give_the_features_of_the_same_images_held_in_memory(tmp_path):
+    root = make_jpeg_folder(tmp_path / "train", num_classes=3, per_class=7, min_px=20, max_px=60)
+    streamed = StreamedSet(FolderReader(root), 16, workers=2)
+    held = streamed.in_memory(list(range(len(streamed))))
+    assert held.images.shape == (21, 3, 16, 16) and torch.equal(held.labels, streamed.labels)
+    with Image.open(root / "n00000001" / "1_2.JPEG") as img:     # as the memory path decodes it, within rounding
+        memory = torch.from_numpy(to_square_rgb(img, 16)).permute(2, 0, 1).int()
+    assert (memory - held.images[9].int()).abs().max() <= 1
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4)).eval()
+    from_files = extract_features(vit, streamed, batch_size=8, progress=False)    # 8 + 8 + 5
+    from_memory = extract_features(vit, held, batch_size=8, progress=False)
+    for key in ("cls", "mean", "labels"):
+        assert torch.equal(from_files[key], from_memory[key]), key
+
+
+def test_knn_over_slices_of_the_train_features_equals_one_similarity_matmul():
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(500, 16, generator=gen), torch.randn(70, 16, generator=gen)
+    train_labels, test_labels = torch.randint(0, 5, (500,), generator=gen), torch.randint(0, 5, (70,), generator=gen)
+    cfg = KNNConfig(k=20, chunk_size=32)
+    whole = knn_top1(train, train_labels, test, test_labels, cfg)
+    assert knn_top1(train, train_labels, test, test_labels, cfg, max_similarities=32 * 45) == whole   # 45 a slice
+    sims, idx = nearest(test, train, 20, max_similarities=70 * 33)
+    expected_sims, expected_idx = (test @ train.T).topk(20, dim=1)
+    assert torch.equal(idx, expected_idx) and torch.equal(sims, expected_sims)
