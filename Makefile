@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 SUITE  ?= ablation_masking
 PROFILE ?= cpu
 
-.PHONY: setup test report smoke bench bench-data
+.PHONY: setup test report smoke bench bench-data gpu-check
 
 setup: $(STAMP)
 
@@ -45,6 +45,15 @@ bench: $(STAMP)
 # decode-only ceiling, peak RSS at 10x the images, on JPEGs it makes (bench/data_results.json)
 bench-data: $(STAMP)
 	$(PY) -m bench.data $(BENCH_DATA_ARGS)
+
+# the prepared GPU check (scripts/gpu_check.py): smoke suite, every method's step (bf16, MFU),
+# MAE ViT-B/16 224 px eager/compiled/lightly, a gpu-profile MAE pre-train + fine-tune beside
+# the from-scratch baseline; outputs/gpu_check/summary.{json,md}. Without CUDA: the same steps
+# at micro size on the CPU. It uses .venv when there is one and never builds it (a GPU lease
+# is minutes; mmcv's build alone is longer): elsewhere, any python with the requirements.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 smoke: $(STAMP)
 	$(PY) -m suites.run $(SUITE) --profile smoke
