@@ -365,6 +365,8 @@ class Trainer:
         self.step_fn = torch.compile(model) if plan.compile else model
         self._stop_signal: int | None = None
         self.start_step = 0                     # where the last fit() began (after resuming)
+        self.flops: int | None = None           # FLOPs per step (fit() counts them; checkpoints keep them)
+        self.resumed_flops: int | None = None   # ... as the checkpoint resumed from had them
         self.last_loss: float | None = None     # the last loss written to metrics.jsonl
 
     @property
@@ -377,7 +379,7 @@ class Trainer:
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict:
-        state = {"config_hash": self.config_hash, "step": step,
+        state = {"config_hash": self.config_hash, "step": step, "flops_per_step": self.flops,
                  "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -391,6 +393,7 @@ class Trainer:
             return 0
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.resumed_flops = state.get("flops_per_step")      # None in checkpoints of before it
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
@@ -417,7 +420,7 @@ class Trainer:
     # ---- measurement ---------------------------------------------------------------------
     def flops_per_step(self, step: int = 0) -> int:
         """FLOPs of one optimizer step over the global batch (every rank counts its slice), on
-        step `step`'s batch (a step's shapes do not depend on the step)."""
+        step `step`'s batch (the same for every step, except where masks change the shapes: iBOT)."""
         flops = train_flops(self.module, self.batch_for_step(step), self.device) * self.world
         if self.device.type == "cuda":   # counting ran unfused attention: not the training peak
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -437,9 +440,12 @@ class Trainer:
         stats_file = self.run_dir / "train_stats.json"
         if start >= self.total_steps and stats_file.exists():
             return read_json(stats_file)   # finished earlier: its stats, not those of an empty session
-        # on the first step this session trains, so a streaming source reads no batch before it
-        # (also when a kill came between the last checkpoint and the stats)
-        flops = self.flops_per_step(min(start, self.total_steps - 1))
+        # FLOPs of step 0's batch (iBOT's vary a little from step to step), kept in every
+        # checkpoint, so a resumed run records the figure of an uninterrupted one. A streaming
+        # source resumed from a checkpoint of before that counts its first batch of this session
+        # (it reads no batch before it). Also when a kill came between the last checkpoint and the stats.
+        flops = self.flops = self.resumed_flops if self.resumed_flops is not None else \
+            self.flops_per_step(0 if isinstance(self.data, MaskedViews) else min(start, self.total_steps - 1))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log = MetricLog(self.run_dir, start) if self.rank == 0 else None   # rank 0's slice of the batch
         timer = StepTimer(skip_until=start + 2)  # skip warm-up steps (allocation, compile) in timings

@@ -53,6 +53,26 @@ def test_resumed_run_ends_with_bit_identical_weights_and_metrics(tmp_path, name)
     assert tensorboard_scalars(tmp_path / "resumed") == tensorboard_scalars(tmp_path / "full")
 
 
+def test_a_resumed_run_records_the_flops_of_an_uninterrupted_one_where_they_vary_by_step(tmp_path):
+    # iBOT's masked-patch count, and so its FLOPs, differ from batch to batch: every session
+    # must report step 0's figure (kept in the checkpoints), not that of the step it resumed at
+    full = make_trainer(tmp_path / "full", "ibot")
+    stats = full.fit()
+    assert full.flops_per_step(10) != stats["flops_per_step"]        # the premise: they vary (resumed at 10)
+    interrupted = make_trainer(tmp_path / "resumed", "ibot")
+    original = interrupted.module.after_step
+
+    def crash_at_step_12(step, total):
+        original(step, total)
+        if step == 12:
+            raise Interrupt
+    interrupted.module.after_step = crash_at_step_12
+    with pytest.raises(Interrupt):
+        interrupted.fit()
+    resumed = make_trainer(tmp_path / "resumed", "ibot").fit()
+    assert (resumed["flops_per_step"], resumed["flops_total"]) == (stats["flops_per_step"], stats["flops_total"])
+
+
 def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
