@@ -33,6 +33,7 @@ import json
 import math
 import os
 import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +55,9 @@ from engine.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet, Split
                          list_images, split_holdout, standardize, to_square_rgb)
 from engine.data import load_splits as load_folder_splits
 from engine.shards import ShardReader, is_shard_split
-from runs.records import atomic_write
 from engine.trainer import EpochOrder, step_seed, view_augmentations
 from methods.base import Batch
+from runs.records import atomic_write
 
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec (not a dependency here);
 # they are torch's libjpeg-turbo / libpng bindings and the fastest we measured (bench.data)
@@ -126,8 +127,9 @@ def decode_rgb(data: bytes) -> Tensor:
 
 
 def image_generator(seed: int, step: int, position: int, stream: int) -> torch.Generator:
-    """A generator of its own for the image at `position` of step `step`'s global batch: hashed,
-    so no (step, position) pair shares a seed with another or with the step streams."""
+    """A generator of its own for the image at `position` of step `step`'s global batch. Its
+    seed is a hash, not a sum as step_seed's: sums of (step, position) pairs would collide
+    across steps once a batch is larger than the step stride."""
     digest = hashlib.blake2b(f"{seed}/{step}/{position}/{stream}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
@@ -277,9 +279,10 @@ class StepSampler:
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         step = self.start
+        positions = rank_positions(self.order.batch_size, self.rank, self.world)
         while True:
-            yield [(step, position, int(self.order.indices(step)[position]))
-                   for position in rank_positions(self.order.batch_size, self.rank, self.world)]
+            index = self.order.indices(step).tolist()
+            yield [(step, position, index[position]) for position in positions]
             step += 1
 
 
@@ -289,12 +292,21 @@ def rank_positions(batch_size: int, rank: int, world: int) -> range:
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """A worker's init: SIGINT / SIGTERM sent to the whole process group (Ctrl-C, Slurm's
-    pre-emption) are the training process's to handle (it finishes the step and checkpoints);
-    a worker that died of them would fail that step instead. Workers still end with it: the
-    DataLoader shuts them down, and they exit when it is gone (kill -9)."""
+    """A worker's init: SIGINT / SIGTERM sent to every process of the job (Ctrl-C to the process
+    group, Slurm's pre-emption, `kill -TERM -PGID`) are the training process's to handle (it
+    finishes the step and checkpoints); a worker that died of them would fail that step instead.
+    A SIGTERM from the training process itself (the DataLoader's shutdown, multiprocessing at
+    exit) still ends the worker: SIGTERM is blocked and taken by a thread that looks at its sender."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})     # threads started later inherit it
+    parent = os.getppid()
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="sigterm", daemon=True).start()
 
 
 def default_workers() -> int:
@@ -330,6 +342,11 @@ class StreamingViews:
         self._batches: Iterator | None = None
         self._next_step = -1                # the step the running iterator yields next
         self._last: tuple[int, Batch] | None = None
+
+    def close(self) -> None:
+        """End the workers now (they also end when the source is garbage collected)."""
+        self._batches = self._last = None
+        self._next_step = -1
 
     def describe(self) -> dict:
         """What a run record keeps of the source."""

@@ -286,7 +286,9 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         train_stats = trainer.fit()
         train_stats["data_source"] = {**(images.describe() if kind == "stream" else {"kind": "memory"}),
                                       "reason": reason}
-        del images, trainer       # a streaming source's workers end here
+        if kind == "stream":
+            images.close()        # its workers end here, before the evaluations start theirs
+        del images, trainer
         if distributed.is_main():
             save_product(method, run_dir)
             save_variants(method, run_dir)
