@@ -182,6 +182,12 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_name(device: torch.device, precision: str = "auto") -> str:
+    """What `precision` trains in on `device`: "fp32", "bf16 autocast" or "fp16 autocast"."""
+    dtype = autocast_dtype(device, precision)
+    return "fp32" if dtype is None else f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} autocast"
+
+
 def device_autocast(device: torch.device, precision: str = "auto"):
     dtype = autocast_dtype(device, precision)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -471,7 +477,8 @@ class Trainer:
         stats = timer.stats(self.plan.batch_size)
         stats = {"steps": self.total_steps, "images_seen": self.total_steps * self.plan.batch_size,
                  **stats, "flops_per_step": flops, "flops_total": flops * self.total_steps if flops else None,
-                 "peak_memory_mb": peak_memory_mb(self.device), "skipped_nonfinite_steps": bad_steps}
+                 "peak_memory_mb": peak_memory_mb(self.device), "skipped_nonfinite_steps": bad_steps,
+                 "precision": precision_name(self.device, self.plan.precision), "device": str(self.device)}
         if self.rank == 0:
             write_json(stats_file, stats)
         return stats

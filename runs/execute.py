@@ -89,7 +89,9 @@ def provenance() -> dict:
     return {"git_commit": SOURCE_COMMIT, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
 # ---- state of a run folder -----------------------------------------------------------------

@@ -169,3 +169,19 @@ def test_the_training_step_reads_no_tensor_on_the_host_beyond_the_known_syncs(na
     per_step = {site: n / steps for site, n in calls.items() if site not in CPU_ONLY}
     expected = {site: n for site, n in KNOWN_SYNCS.items() if site in per_step or site[0] == "trainer.py"}
     assert per_step == expected, per_step
+
+
+def test_the_run_record_states_precision_device_and_cuda_versions(tmp_path):
+    from engine.data import synthetic_splits
+    from engine.trainer import Trainer, TrainConfig, precision_name
+    from runs.execute import provenance
+
+    assert precision_name(torch.device("cpu")) == "fp32"                       # auto: fp32 on the CPU
+    assert precision_name(torch.device("cuda")) == "bf16 autocast"             # ... bf16 on CUDA
+    assert precision_name(torch.device("cpu"), "fp16") == "fp16 autocast"
+    images = synthetic_splits(img_size=16, train_per_class=8).train.images
+    cfg = TrainConfig(epochs=1, batch_size=16, blr=1e-3, precision="bf16")
+    stats = Trainer(build_method("mae", **micro_overrides()), images, cfg, tmp_path, seed=0,
+                    config_hash="t", progress=False).fit()
+    assert (stats["precision"], stats["device"]) == ("bf16 autocast", "cpu")
+    assert {"device", "cuda", "cudnn", "torch"} <= set(provenance())
