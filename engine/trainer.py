@@ -559,8 +559,10 @@ class Trainer:
     def _nan_message(self, step: int, loss: Tensor) -> str:
         last = checkpoint_paths(self.run_dir / "checkpoints")
         where = last[0] if last else "none yet"
-        return (f"loss is {loss.item()} at step {step}; last good checkpoint: {where}. "
-                f"Lower the learning rate or raise max_bad_steps to skip bad steps")
+        precision = precision_name(self.device, self.plan.precision)
+        hint = "; or train in fp32 (precision='fp32')" if precision != "fp32" else ""
+        return (f"loss is {loss.item()} at step {step} ({precision}); last good checkpoint: {where}. "
+                f"Lower the learning rate or raise max_bad_steps to skip bad steps{hint}")
 
 
 class MetricLog:

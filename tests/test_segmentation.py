@@ -160,7 +160,7 @@ def test_a_nonfinite_segmentation_loss_stops_with_the_trainers_message(tmp_path,
 
     monkeypatch.setattr(segmentation.SegBatches, "batch_for_step", batch_for_step)
     monkeypatch.setattr(segmentation.Segmentor, "forward", nan_at_step_3)
-    with pytest.raises(NonFiniteLoss, match=r"^loss is nan at step 3; last good checkpoint: .*ckpt-00000002\.pt\. "
+    with pytest.raises(NonFiniteLoss, match=r"^loss is nan at step 3 \(fp32\); last good checkpoint: .*ckpt-00000002\.pt\. "
                                             r"Lower the learning rate or raise max_bad_steps"):
         segmentation.run(micro_vit(), None, cfg, context(tmp_path))
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()

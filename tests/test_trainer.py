@@ -114,8 +114,10 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         assert again.resume() == 15
 
 
-def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
-    trainer = make_trainer(tmp_path, cfg=TrainConfig(epochs=1, batch_size=32, checkpoint_every=3))
+@pytest.mark.parametrize("precision, named", [("auto", r"\(fp32\)"), ("bf16", r"\(bf16 autocast\)")])
+def test_a_nonfinite_loss_stops_the_run_naming_the_step_and_precision(tmp_path, precision, named):
+    trainer = make_trainer(tmp_path, cfg=TrainConfig(epochs=1, batch_size=32, checkpoint_every=3,
+                                                     precision=precision))
     forward = trainer.module.forward
 
     def nan_after_4(batch, calls=[0]):
@@ -124,7 +126,7 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step(tmp_path):
         return (loss * float("nan") if calls[0] > 4 else loss), logs
 
     trainer.step_fn = nan_after_4
-    with pytest.raises(NonFiniteLoss, match="at step 4; last good checkpoint: .*ckpt-00000003.pt"):
+    with pytest.raises(NonFiniteLoss, match=rf"at step 4 {named}; last good checkpoint: .*ckpt-00000003.pt"):
         trainer.fit()
 
 
