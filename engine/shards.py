@@ -13,12 +13,14 @@ Reading goes by that index (`ShardReader.read(i)`: a seek and a read in shard i'
 a WebDataset stream: the epoch order stays a function of (seed, epoch), each rank reads only its
 part of each global batch, and a resumed run starts at its step (engine.stream). Shards written
 by other tools (webdataset's ShardWriter, `tarp`) are read too: without an index.json, their
-members are listed once (`<key>.cls` holding an integer label, class names "0", "1", ...).
+numbered tars (`<prefix><digits>.tar`, as SHARD_PATTERN's `%06d` and ShardWriter's patterns name
+them) are listed once (`<key>.cls` holding an integer label, class names "0", "1", ...).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -31,11 +33,20 @@ from runs.records import atomic_write
 
 INDEX = "index.json"
 SHARD_PATTERN = "shard-%06d.tar"
+# a shard's name: a writer's pattern with a shard number before .tar; an ImageFolder's stray
+# `backup.tar` or `images.tar` is not one
+SHARD_NAME = re.compile(r".*\d+\.tar")
+
+
+def shard_files(split_dir: Path) -> list[Path]:
+    """The tars of `split_dir` named like shards, in order."""
+    return sorted(path for path in split_dir.glob("*.tar") if SHARD_NAME.fullmatch(path.name) and path.is_file())
 
 
 def is_shard_split(split_dir: Path) -> bool:
-    """A split folder of tar shards (rather than class folders)."""
-    return (split_dir / INDEX).is_file() or any(split_dir.glob("*.tar"))
+    """A split folder of tar shards (rather than class folders): it holds index.json or a tar
+    named like a shard."""
+    return (split_dir / INDEX).is_file() or bool(shard_files(split_dir))
 
 
 class ShardReader:
@@ -87,9 +98,10 @@ def read_index(split_dir: Path) -> dict:
         except json.JSONDecodeError as err:
             raise DataError(f"{path} does not parse ({err.msg}); delete it (it is listed from the shards "
                             f"again) or write the shards again") from None
-    tars = sorted(split_dir.glob("*.tar"))
+    tars = shard_files(split_dir)
     if not tars:
-        raise DataError(f"{split_dir} holds neither {INDEX} nor *.tar shards; write them with python -m engine.shards")
+        raise DataError(f"{split_dir} holds neither {INDEX} nor numbered *.tar shards; write them with "
+                        f"python -m engine.shards")
     shards, labels = [], set()
     for tar in tars:
         members = list_members(tar)
@@ -128,6 +140,9 @@ def write_shards(split_dir: Path, dest: Path, images_per_shard: int = 5000) -> i
 
     classes, files = list_images(split_dir)
     dest.mkdir(parents=True, exist_ok=True)
+    # the old index goes first: a write stopped midway must not leave its offsets over new tars
+    # (without it the tars written so far are listed from their members)
+    (dest / INDEX).unlink(missing_ok=True)
     for old in dest.glob("shard-*.tar"):
         old.unlink()
     # mtime 0: the same folder gives byte-identical shards

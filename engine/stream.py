@@ -22,7 +22,9 @@ path, whose crops are one batched `grid_sample` on images already resized to the
 
 Unreadable files: with on_bad_image="error" (the default) the first one stops the run with a
 one-line DataError naming it, also when a worker met it; with "skip" it is left out of its
-batch (that step trains on fewer images) and counted.
+batch (that step trains on fewer images) and counted once however many epochs meet it. A
+DataError inside a worker (a missing shard) is carried to the training process and raised there
+as the same one line, whatever on_bad_image says.
 """
 from __future__ import annotations
 
@@ -114,9 +116,14 @@ class BadImage(Exception):
 def decode_rgb(data: bytes) -> Tensor:
     """Encoded image bytes -> uint8 (3, H, W) RGB. JPEG, PNG, WebP and GIF through torchvision
     (libjpeg-turbo: 1.3x PIL's decode of the same JPEGs, measured by bench.data), anything else
-    PIL reads (BMP, TIFF, PPM) through PIL. Raises BadImage for bytes no decoder reads."""
+    PIL reads (BMP, TIFF, PPM) through PIL. Raises BadImage for bytes no decoder reads.
+    torchvision gives 16-bit PNGs as uint16 and animated GIFs as (frames, 3, H, W): those go
+    through PIL too, which reads them as the memory path does (engine.data: convert("RGB"),
+    the first frame)."""
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8 and image.ndim == 3:
+            return image
     except (RuntimeError, ValueError):
         pass
     try:
@@ -175,9 +182,13 @@ CROP_STREAM, COLOUR_STREAM = 0, 1
 class Item:
     """One image of a step as a worker returns it: its views or why it has none."""
     position: int                       # in the step's global batch
+    index: int                          # the image's index in the reader
     label: int
     views: list[Tensor] = field(default_factory=list)   # uint8 (3, s, s), or float [0, 1] with colour
     bad: str | None = None              # "path (error)" of a file no decoder read
+    # a DataError's message (a missing shard): torch would re-raise the error itself in the
+    # training process wrapped in its worker's traceback, so it travels as data and is raised there
+    error: str | None = None
 
 
 class ImageViews(Dataset):
@@ -191,7 +202,7 @@ class ImageViews(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> Item:
         step, position, index = key
-        item = Item(position, int(self.reader.labels[index]))
+        item = Item(position, index, int(self.reader.labels[index]))
         try:
             image = decode_rgb(self.reader.read(index))
         except BadImage as err:
@@ -199,6 +210,9 @@ class ImageViews(Dataset):
             return item
         except OSError as err:
             item.bad = f"{self.reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
+            return item
+        except DataError as err:
+            item.error = str(err)
             return item
         crop_gen = image_generator(self.seed, step, position, CROP_STREAM)
         colour_gen = image_generator(self.seed, step, position, COLOUR_STREAM)
@@ -219,7 +233,8 @@ class StepPart:
     # float [0, 1] pixels
     views: list[Tensor]
     standardized: bool
-    bad: list[str]                      # the unreadable files of this part
+    bad: dict[int, str]                 # the unreadable files of this part: image index -> "path (error)"
+    error: str | None = None            # the first DataError a worker met (Item.error)
 
     def pin_memory(self) -> "StepPart":  # (the DataLoader's pin_memory thread calls it)
         return dataclasses.replace(self, views=[v.pin_memory() for v in self.views])
@@ -255,7 +270,7 @@ class Collate:
     standardize: bool
 
     def __call__(self, items: list[Item]) -> StepPart:
-        kept = [item for item in items if item.bad is None]
+        kept = [item for item in items if item.bad is None and item.error is None]
         views = []
         for v in range(len(kept[0].views) if kept else 0):
             images = [item.views[v] for item in kept]
@@ -266,7 +281,8 @@ class Collate:
                 views.append(torch.stack(images, out=batch_buffer(shape, images[0].dtype)))
         return StepPart(torch.tensor([item.position for item in kept], dtype=torch.int64),
                         torch.tensor([item.label for item in kept], dtype=torch.int64), views, self.standardize,
-                        [item.bad for item in items if item.bad is not None])
+                        {item.index: item.bad for item in items if item.bad is not None},
+                        next((item.error for item in items if item.error is not None), None))
 
 
 class StepSampler:
@@ -320,6 +336,15 @@ def default_workers() -> int:
     return max(1, min(MAX_WORKERS, cores))
 
 
+def check_part(part: StepPart, on_bad_image: str) -> None:
+    """Raise, as one line, the DataError a worker met, or (on_bad_image="error") the first
+    unreadable file of the part."""
+    if part.error is not None:
+        raise DataError(part.error)
+    if part.bad and on_bad_image == "error":
+        raise DataError(f"cannot read image {next(iter(part.bad.values()))}; remove it or pass --skip-bad-images")
+
+
 class StreamingViews:
     """A BatchSource of pre-training batches read from `reader` (see the module's docstring);
     the same Batch as MaskedViews gives. workers=0 decodes in this process."""
@@ -338,7 +363,8 @@ class StreamingViews:
         specs = method.view_specs(crop_scale_min)
         self.dataset = ImageViews(reader, list(zip(specs, view_augmentations(
             method.augmentation, len(specs), method.num_views))), seed)
-        self.skipped: list[str] = []        # the unreadable files met so far (on_bad_image="skip")
+        # the distinct unreadable files met so far (on_bad_image="skip"): image index -> "path (error)"
+        self.skipped: dict[int, str] = {}
         self._batches: Iterator | None = None
         self._next_step = -1                # the step the running iterator yields next
         self._last: tuple[int, Batch] | None = None
@@ -349,7 +375,11 @@ class StreamingViews:
         self._next_step = -1
 
     def describe(self) -> dict:
-        """What a run record keeps of the source."""
+        """What a run record keeps of the source. skipped_images: the distinct unreadable files
+        this process left out in this session (a file met in every epoch counts once; a resumed
+        run counts from 0 again). Under torchrun each rank reads its own part of each batch and
+        the record is rank 0's: not summed, as ranks meet the same file in different epochs and
+        engine.distributed has no union of sets over ranks."""
         return {"kind": "stream", "images": len(self.reader), "workers": self.workers,
                 "skipped_images": len(self.skipped)}
 
@@ -372,14 +402,14 @@ class StreamingViews:
                           pin_memory=self.device.type == "cuda", **extra)
 
     def _assemble(self, step: int, part: StepPart) -> Batch:
-        if part.bad and self.on_bad_image == "error":
-            raise DataError(f"cannot read image {part.bad[0]}; remove it or pass --skip-bad-images")
-        for name in part.bad:
-            self.skipped.append(name)
-            print(f"[data] skipped unreadable image {name} ({len(self.skipped)} so far)", flush=True)
+        check_part(part, self.on_bad_image)
+        for index, name in part.bad.items():
+            if index not in self.skipped:
+                self.skipped[index] = name
+                print(f"[data] skipped unreadable image {name} ({len(self.skipped)} distinct so far)", flush=True)
         if not len(part.positions):
             raise DataError(f"every image of step {step}'s batch on rank {self.rank} is unreadable "
-                            f"(first: {part.bad[0]}); check the dataset's files")
+                            f"(first: {next(iter(part.bad.values()))}); check the dataset's files")
         views = [view if part.standardized else standardize_pixels(view.to(self.device, non_blocking=True))
                  for view in part.views]                                    # (B_rank, 3, s, s)
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
@@ -491,13 +521,15 @@ class SquareImages(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> Item:
-        item = Item(index, int(self.reader.labels[index]))
+        item = Item(index, index, int(self.reader.labels[index]))
         try:
             item.views.append(center_square(decode_rgb(self.reader.read(index)), self.size))
         except BadImage as err:
             item.bad = f"{self.reader.name(index)} ({err})"
         except OSError as err:
             item.bad = f"{self.reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
+        except DataError as err:
+            item.error = str(err)
         return item
 
 
@@ -523,9 +555,8 @@ class StreamedSet:
         loader = DataLoader(SquareImages(self.reader, self.img_size), batch_sampler=chunks,
                             num_workers=min(self.workers, len(chunks)), collate_fn=Collate(False), **extra)
         for part in loader:
-            if part.bad and self.on_bad_image == "error":
-                raise DataError(f"cannot read image {part.bad[0]}; remove it or pass --skip-bad-images")
-            for name in part.bad:
+            check_part(part, self.on_bad_image)
+            for name in part.bad.values():
                 print(f"[data] skipped unreadable image {name}", flush=True)
             if len(part.positions):
                 yield part.views[0], part.labels

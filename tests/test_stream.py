@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,8 +16,8 @@ from bench.data import make_jpeg_folder
 from conftest import ROOT, micro_overrides
 from engine.data import DataError, load_imagefolder, to_square_rgb
 from engine import shards, stream
-from engine.stream import (FolderReader, ImageViews, StreamedSet, StreamingViews, choose_source, crop_box, load_splits,
-                           open_reader)
+from engine.stream import (FolderReader, ImageViews, StreamedSet, StreamingViews, choose_source, crop_box, decode_rgb,
+                           load_splits, open_reader)
 from eval.features import extract_features
 from eval.knn import KNNConfig, knn_top1, nearest
 from methods import build_method
@@ -175,7 +176,8 @@ def test_an_unreadable_file_is_named_in_one_line_also_from_a_worker_or_skipped_a
                               on_bad_image="skip")
     batch = skipping.batch_for_step(0)      # one epoch of 18 holds every file
     assert batch.images.shape[0] == 16 and batch.mask.shape[0] == 16
-    assert sorted(name.split(" ")[0].rsplit("/", 1)[1] for name in skipping.skipped) == ["broken.JPEG", "cut.JPEG"]
+    assert sorted(name.split(" ")[0].rsplit("/", 1)[1] for name in skipping.skipped.values()) == \
+        ["broken.JPEG", "cut.JPEG"]
     assert skipping.describe()["skipped_images"] == 2
     assert "skipped unreadable image" in capsys.readouterr().out
 
@@ -297,6 +299,78 @@ def test_a_corrupt_image_in_a_shard_is_named_by_shard_and_offset(tmp_path):
         streaming.batch_for_step(0)
     with pytest.raises(DataError, match="neither index.json nor"):
         shards.ShardReader(tmp_path)
+
+
+def test_a_missing_shard_met_in_a_worker_is_the_one_line_data_error_also_when_skipping(tmp_path):
+    root = make_jpeg_folder(tmp_path / "data" / "train", num_classes=2, per_class=8, min_px=20, max_px=30)
+    shards.write_shards(root, tmp_path / "shards", images_per_shard=5)
+    (tmp_path / "shards" / "shard-000001.tar").unlink()
+    method = build_method("mae", **micro_overrides())
+    for on_bad_image in ("error", "skip"):
+        streaming = StreamingViews(method, open_reader(tmp_path / "shards"), 16, 0.2, 0, torch.device("cpu"),
+                                   workers=1, on_bad_image=on_bad_image)
+        with pytest.raises(DataError) as err:
+            streaming.batch_for_step(0)
+        assert str(err.value).startswith("shard ") and "shard-000001.tar is missing" in str(err.value)
+        assert "\n" not in str(err.value) and "worker" not in str(err.value)
+    with pytest.raises(DataError, match=r"^shard .*shard-000001\.tar is missing; copy it back[^\n]*$"):
+        list(StreamedSet(open_reader(tmp_path / "shards"), 16, workers=1).batches(8))
+
+
+def test_writing_shards_drops_the_old_index_first_and_only_numbered_tars_make_a_shard_folder(tmp_path, monkeypatch):
+    import webdataset
+
+    root = make_jpeg_folder(tmp_path / "data" / "train", num_classes=2, per_class=4, min_px=20, max_px=30)
+    dest = tmp_path / "shards"
+    shards.write_shards(root, dest, images_per_shard=3)
+    write, calls = webdataset.ShardWriter.write, []
+
+    def crash_midway(self, sample):
+        calls.append(sample)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return write(self, sample)
+
+    monkeypatch.setattr(webdataset.ShardWriter, "write", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_shards(root, dest, images_per_shard=2)
+    assert not (dest / "index.json").exists(), "the old offsets would be read over the new tars"
+    # an ImageFolder split with a stray archive is still a folder; numbered tars are shards
+    (root / "backup.tar").write_bytes(b"")
+    assert not shards.is_shard_split(root) and isinstance(open_reader(root), FolderReader)
+    assert shards.is_shard_split(dest)
+    other = tmp_path / "other"
+    other.mkdir()
+    (dest / "shard-000000.tar").rename(other / "imagenet-train-000000.tar")
+    assert shards.is_shard_split(other) and len(shards.ShardReader(other)) == 2
+
+
+def test_16_bit_pngs_and_animated_gifs_stream_as_the_memory_path_reads_them(tmp_path):
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)).save(root / "a" / "deep.png")
+    frames = [Image.new("RGB", (30, 20), (50 * i, 100, 200)) for i in range(3)]
+    # folders list no .gif, but decoders go by the bytes: a GIF saved as .jpg reaches them
+    frames[0].save(root / "a" / "moving.jpg", format="GIF", save_all=True, append_images=frames[1:])
+    for name in ("deep.png", "moving.jpg"):
+        with Image.open(root / "a" / name) as img:
+            expected = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+        got = decode_rgb((root / "a" / name).read_bytes())
+        assert got.dtype == torch.uint8 and torch.equal(got, expected), name
+    streaming = StreamingViews(build_method("mae", **micro_overrides()), FolderReader(root), 2, 0.2, 0,
+                               torch.device("cpu"), workers=0)
+    assert streaming.batch_for_step(0).images.shape == (2, 3, 16, 16)
+
+
+def test_a_bad_file_met_in_every_epoch_is_skipped_and_counted_once(tmp_path, capsys):
+    root = make_jpeg_folder(tmp_path / "train", num_classes=2, per_class=4, min_px=20, max_px=30)
+    (root / "n00000001" / "broken.JPEG").write_bytes(b"not a jpeg")
+    skipping = StreamingViews(build_method("mae", **micro_overrides()), FolderReader(root), 9, 0.2, 0,
+                              torch.device("cpu"), workers=0, on_bad_image="skip")
+    for step in range(3):               # a batch of 9 is the whole folder: three epochs
+        assert skipping.batch_for_step(step).images.shape[0] == 8
+    assert skipping.describe()["skipped_images"] == 1
+    assert capsys.readouterr().out.count("skipped unreadable image") == 1
 
 
 def test_bench_data_writes_every_loader_rate_and_its_stable_keys(tmp_path):
