@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from runs.cost import CALIBRATION_FILE, Calibration, calibrate, plan_seconds
+from runs.cost import CALIBRATION_FILE, Calibration, calibrate, machine, plan_seconds
+from runs.identity import data_descriptor
 from suites.profiles import get_profile
 from suites.run import ComputeBudget, allocate, budget_runs, cli, parse_budget
 
@@ -141,7 +142,14 @@ def test_the_index_records_recipe_and_budget_and_the_same_command_keeps_the_solv
 
 
 def test_finished_runs_cost_nothing_so_the_same_hours_then_buy_more_epochs(tmp_path, capsys):
+    # a recorded FLOP/s for this machine, not a measured one: the estimate is a staircase in E (whole
+    # steps), so whether freeing `none`'s evaluations crosses the next step's cost (one iBOT step is
+    # ~10x `none`'s evaluations at smoke size) would otherwise depend on where a measured FLOP/s lands
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({
+        **machine(), "device": "cpu", "profile": "smoke", "flops_per_second": 10e9, "steps": 8,
+        "batch_size": 64, "method": "mae", "timestamp": "test"}))
     before = dry_run(capsys, tmp_path, "--budget", "0.5h")
+    assert "10.0 GFLOP/s recorded" in before
     assert cli(["compare_methods", "--profile", "smoke", "--budget", "1ep", "--only", "none", "--no-progress",
                 "--outputs", str(tmp_path)]) == 0
     capsys.readouterr()
@@ -153,6 +161,11 @@ def test_finished_runs_cost_nothing_so_the_same_hours_then_buy_more_epochs(tmp_p
         return float(text.split("E = ")[1].split()[0])
 
     assert solved(after) > solved(before)
+    # exactly nothing left of `none` (the printed "0.0 min" is rounded)
+    profile = get_profile("smoke")
+    grid = budget_runs(profile, "paper", solved(after), ("knn", "linear"), 1, data_descriptor(profile, None))
+    left = plan_seconds(grid, profile, tmp_path, 10e9)[0]
+    assert [sum(phases.values()) for name, phases in left.items() if name.startswith("none-")] == [0.0]
 
 
 def test_the_other_recipes_finished_runs_stay_in_the_index_though_their_epochs_label_differs(tmp_path):
