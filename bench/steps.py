@@ -92,8 +92,7 @@ def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder
     mask = method.draw_masks(batch, torch.Generator().manual_seed(0))
     views = [images if size == enc.img_size else F.interpolate(images, size=size, mode="bilinear")
              for size, _ in method.view_specs(0.2)]
-    data = Batch(images=images, mask=None if mask is None else mask.to(device),
-                 views=views if len(views) > 1 else None)
+    data = Batch.of_views(views, mask, device)
 
     def loss_of(model: Callable) -> Callable[[], torch.Tensor]:
         return lambda: model(data)[0]

@@ -415,8 +415,8 @@ class StreamingViews:
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
         mask = self.method.draw_masks(self.order.batch_size, gen)           # the global batch's
         if mask is not None:
-            mask = mask[..., part.positions, :].to(self.device)             # this rank's readable rows
-        return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
+            mask = mask[..., part.positions, :]                             # this rank's readable rows
+        return Batch.of_views(views, mask, self.device)
 
 
 # ---- which source a run reads ---------------------------------------------------------------

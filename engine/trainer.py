@@ -304,9 +304,7 @@ class MaskedViews:
             shard = slice(self.rank * len(index) // self.world, (self.rank + 1) * len(index) // self.world)
             views = [v[shard] for v in views]
             mask = None if mask is None else mask[..., shard, :]
-        if mask is not None:
-            mask = mask.to(self.device)
-        return Batch(images=views[0], mask=mask, views=views if len(views) > 1 else None)
+        return Batch.of_views(views, mask, self.device)
 
 
 def view_augmentations(name: str, num_views: int, num_global: int) -> list:
@@ -459,14 +457,15 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, desc=self.plan.desc, unit="step",
                    disable=not self.progress or self.rank != 0, dynamic_ncols=True)
         try:
+            self.watch = NonFiniteWatch(self.device)
             for step in range(start, self.total_steps):
-                loss, stop = self._step(step, timer, log)
+                loss = self._step(step, timer, log)
                 if loss is not None:   # skipped; the checkpoint and stop checks below still apply
                     bad_steps += 1
                     if bad_steps > self.plan.max_bad_steps:
-                        raise NonFiniteLoss(self._nan_message(step, loss))
+                        raise NonFiniteLoss(self._nan_message(f"loss is {float(loss)} at step {step}"))
                 bar.update(1)
-                self._end_of_step(step + 1, stop, log, bar)
+                self._end_of_step(step + 1, log, bar, timer)
         finally:
             bar.close()
             if log is not None:
@@ -483,9 +482,9 @@ class Trainer:
             write_json(stats_file, stats)
         return stats
 
-    def _step(self, step: int, timer: "StepTimer", log: "MetricLog | None") -> tuple[Tensor | None, bool]:
-        """One optimizer step; returns (the loss when it was non-finite and skipped, whether a
-        stop signal reached any rank)."""
+    def _step(self, step: int, timer: "StepTimer", log: "MetricLog | None") -> Tensor | None:
+        """One optimizer step, reading nothing on the host; returns the loss when it was
+        non-finite and skipped (only with max_bad_steps > 0)."""
         t0 = time.perf_counter()
         self.scheduler.step_update(step)
         if self.plan.weight_decay_at is not None:
@@ -497,14 +496,17 @@ class Trainer:
         torch.manual_seed(step_seed(self.seed, step, stream=self.plan.torch_stream + self.rank))
         with device_autocast(self.device, self.plan.precision):
             loss, logs = self.step_fn(batch)
-        # every rank takes the same branches (a rank skipping backward or stopping alone
-        # would hang the others): one all-reduce per step agrees on both flags
-        nonfinite, stop = not torch.isfinite(loss), self._stop_signal is not None
-        if self.world > 1:
-            nonfinite, stop = distributed.on_any_rank(nonfinite, stop)
-        if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss, stop
+        if self.plan.max_bad_steps > 0:
+            # skipping a bad step is decided before its update: a host sync per step (and with
+            # several ranks an all-reduce, so every rank skips it: one skipping alone would hang)
+            nonfinite = not torch.isfinite(loss)
+            if self.world > 1:
+                (nonfinite,) = distributed.on_any_rank(nonfinite)
+            if nonfinite:
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss
+        else:
+            self.watch.see(step, loss)      # on the device; read at the next flush point
         self._backward_and_step(step, loss, logs)
         self.module.after_step(step, self.total_steps)
         if self.world > 1:
@@ -513,14 +515,31 @@ class Trainer:
             scheduled = {"weight_decay": weight_decay} if self.plan.weight_decay_at is not None else {}
             log.add({"step": step, "lr": self.optimizer.param_groups[0]["lr"], **scheduled, **logs})
         timer.add(step, t1 - t0, time.perf_counter() - t0)
-        return None, stop
+        return None
 
     def _barrier(self) -> None:
         if self.world > 1:
             distributed.barrier()
 
-    def _end_of_step(self, done: int, stop: bool, log: "MetricLog | None", bar: tqdm) -> None:
-        """Flush metrics, checkpoint, and stop on a signal, as the step count says."""
+    def _end_of_step(self, done: int, log: "MetricLog | None", bar: tqdm, timer: "StepTimer") -> None:
+        """At a flush point (log_every, checkpoint_every, the end, a stop signal): stop on a
+        non-finite loss before anything is saved, flush metrics, checkpoint, and stop on a signal."""
+        stop = self._stop_signal is not None
+        flush = (done % self.plan.log_every == 0 or done % self.plan.checkpoint_every == 0
+                 or done == self.total_steps)
+        if self.world > 1 and not flush:
+            return      # ranks agree on a stop and on a non-finite loss at flush points only
+        waited = time.perf_counter()
+        bad = self.watch.first() if flush or stop else None      # the loop's one host sync, per flush
+        elsewhere = False
+        if self.world > 1:      # every rank takes the same branch (one alone would hang the others)
+            stop, elsewhere = distributed.on_any_rank(stop, bad is not None)
+        # on a GPU the steps since the last sync finish here: their time, not the writes' below
+        timer.add_wait(done - 1, time.perf_counter() - waited)
+        if bad is not None:
+            raise NonFiniteLoss(self._nan_message(f"loss is {bad[1]} at step {bad[0]}"))
+        if elsewhere:
+            raise NonFiniteLoss(self._nan_message(f"loss is non-finite on another rank before step {done}"))
         checkpoint_now = done % self.plan.checkpoint_every == 0 or done == self.total_steps or stop
         if log is not None and (checkpoint_now or done % self.plan.log_every == 0):
             if self.scaler is not None:   # one host sync per flush, not per step
@@ -556,13 +575,35 @@ class Trainer:
             self.scaler.update()                      # ... and then the scale halves
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _nan_message(self, step: int, loss: Tensor) -> str:
+    def _nan_message(self, what: str) -> str:
         last = checkpoint_paths(self.run_dir / "checkpoints")
         where = last[0] if last else "none yet"
         precision = precision_name(self.device, self.plan.precision)
         hint = "; or train in fp32 (precision='fp32')" if precision != "fp32" else ""
-        return (f"loss is {loss.item()} at step {step} ({precision}); last good checkpoint: {where}. "
+        return (f"{what} ({precision}); last good checkpoint: {where}. "
                 f"Lower the learning rate or raise max_bad_steps to skip bad steps{hint}")
+
+
+class NonFiniteWatch:
+    """The first non-finite loss of a session, kept on the device (no host sync per step) and
+    read at flush points before anything is written: the run stops there naming that step, and
+    no checkpoint holds the weights its update touched (the steps after it are wasted, at most
+    log_every of them). With max_bad_steps > 0 the trainer checks each step instead."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+
+    def see(self, step: int, loss: Tensor) -> None:
+        loss = loss.detach().float()
+        first = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def first(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss, or None: one host sync."""
+        step = int(self.step)
+        return None if step < 0 else (step, float(self.loss))
 
 
 class MetricLog:
@@ -607,7 +648,8 @@ class MetricLog:
 
 
 class StepTimer:
-    """Data and step seconds of the steps after warm-up (allocation, compile)."""
+    """Data and step seconds of the steps after warm-up (allocation, compile), and the waits for
+    the device at flush points."""
 
     def __init__(self, skip_until: int):
         self.skip_until = skip_until
@@ -619,6 +661,12 @@ class StepTimer:
             self.data_seconds += data_seconds
             self.step_seconds += step_seconds
             self.steps += 1
+
+    def add_wait(self, step: int, seconds: float) -> None:
+        """Time a flush point waited for the device after `step`: the queued steps' work (a
+        step without a host sync returns once its kernels are queued)."""
+        if step >= self.skip_until:
+            self.step_seconds += seconds
 
     def stats(self, batch_size: int) -> dict:
         seconds = self.step_seconds

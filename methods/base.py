@@ -18,6 +18,32 @@ class Batch:
     images: Tensor                  # (B, 3, H, W) augmented, normalised (the first view)
     mask: Tensor | None = None      # (B, N) bool, True = masked (per view: (V, B, N)); from methods.masking
     views: list[Tensor] | None = None   # all augmented views (`view_specs`) when there is more than one
+    # found on the host mask as drawn, so the step gathers patches without a device sync:
+    visible: int | None = None      # patches every image leaves visible, when all leave as many (MAE)
+    masked: Tensor | None = None    # flat indices of the masked positions, in mask.nonzero() order (`at_masked`)
+
+    @classmethod
+    def of_views(cls, views: list[Tensor], mask: Tensor | None = None,
+                 device: torch.device | str | None = None) -> "Batch":
+        """A step's batch from its views and its masks as drawn (on the host), moved to `device`."""
+        visible = masked = None
+        if mask is not None:
+            fewest, most = torch.stack((~mask).sum(dim=-1).flatten().aminmax()).tolist()
+            visible = fewest if fewest == most else None
+            masked = mask.flatten().nonzero().squeeze(1)
+            if device is not None:
+                mask, masked = mask.to(device), masked.to(device, non_blocking=True)
+        return cls(images=views[0], mask=mask, views=views if len(views) > 1 else None, visible=visible,
+                   masked=masked)
+
+
+def at_masked(x: Tensor, mask: Tensor, masked: Tensor | None = None) -> Tensor:
+    """`x[mask]`: the entries of `x` (the mask's dims first) at its masked positions, in
+    mask.nonzero() order. Given `masked` (`Batch.masked`, their flat indices) an index_select
+    with no device sync; else boolean indexing, whose output size the host must read."""
+    if masked is None:
+        return x[mask]
+    return x.flatten(0, mask.dim() - 1).index_select(0, masked)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.base import Batch, MIMMethod, Prerequisite, check_augment
+from methods.base import Batch, MIMMethod, Prerequisite, at_masked, check_augment
 from methods.dvae import DVAE, TOKENIZER_FILE, DVAEConfig, TokenizerConfig, load_tokenizer
 from methods.masking import MaskConfig
 from methods.recipes import Recipe
@@ -125,8 +125,8 @@ class BEiT(MIMMethod):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         targets = self.tokenizer.tokenize(batch.images)                 # (B, N) visual tokens
         tokens = self.encoder(batch.images, mask=batch.mask)            # (B, 1+N, D)
-        logits = self.head(tokens[:, 1:][batch.mask])                   # (M, V): masked positions only
-        return self.forward_loss(logits, targets, batch.mask)
+        logits = self.head(at_masked(tokens[:, 1:], batch.mask, batch.masked))   # (M, V): masked only
+        return self.forward_loss(logits, targets, batch.mask, batch.masked)
 
     def reconstruct(self, batch: Batch) -> Tensor:
         """Images (B, C, H, W) for the run's figures: the tokenizer decodes the predicted tokens of
@@ -135,9 +135,10 @@ class BEiT(MIMMethod):
         logits = self.head(self.encoder(batch.images, mask=batch.mask)[:, 1:])   # (B, N, V)
         return self.tokenizer.decode(torch.where(batch.mask, logits.argmax(dim=-1), tokens))
 
-    def forward_loss(self, logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_loss(self, logits: Tensor, targets: Tensor, mask: Tensor,
+                     masked: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy of the masked positions' logits (M, V) against their tokens."""
-        masked_targets = targets[mask]                                  # (M,)
+        masked_targets = at_masked(targets, mask, masked)               # (M,)
         loss = F.cross_entropy(logits.float(), masked_targets)
         accuracy = (logits.argmax(dim=-1) == masked_targets).float().mean()
         return loss, {"loss": loss.detach(), "token_accuracy": accuracy.detach()}

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from methods.base import Batch, MIMMethod, check_augment
+from methods.base import Batch, MIMMethod, at_masked, check_augment
 from methods.masking import block_mask_per_image
 from methods.recipes import Recipe
 from methods.registry import ConfigError, late_field, register_method
@@ -179,12 +179,13 @@ def cross_view_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, num_
     return (cross.sum() - cross.diagonal().sum()) / pairs
 
 
-def masked_image_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
+def masked_image_mean(per_patch: Tensor, mask: Tensor, masked: Tensor | None = None) -> Tensor:
     """iBOT's MIM reduction of a per-patch loss (M,) given at the M masked positions of `mask`
     (B, N), in `mask.nonzero()` order: the mean over each image's masked patches, then the
     mean over all B images, so an image without a mask adds 0 (the iBOT code; `masked_mean`
-    of methods.base would weigh every masked patch equally instead)."""
-    image_of_patch = mask.nonzero(as_tuple=True)[0]
+    of methods.base would weigh every masked patch equally instead). `masked`: the positions'
+    flat indices (`Batch.masked`; without them the host reads `mask.nonzero()`)."""
+    image_of_patch = mask.nonzero(as_tuple=True)[0] if masked is None else masked // mask.shape[1]
     per_image = torch.zeros(mask.shape[0], device=per_patch.device).index_add_(0, image_of_patch, per_patch)
     return (per_image / mask.sum(dim=1).clamp(min=1)).mean()
 
@@ -284,26 +285,27 @@ class IBOT(MIMMethod):
         mask = batch.mask.flatten(0, 1)                                   # (2B, N)
         with torch.no_grad():
             teacher_cls, teacher_patch = self.forward_teacher(images)     # (2B, K), (2B, N, K)
-        student_cls, student_patch = self.forward_student(images, mask)   # (2B, K), (M, K)
+        student_cls, student_patch = self.forward_student(images, mask, batch.masked)   # (2B, K), (M, K)
         local_views = batch.views[self.num_views:]
         if local_views:             # multi-crop: the student alone, unmasked, [CLS] only
             tokens = self.encoder(torch.cat(local_views))                 # (L*B, 1+n, D)
             student_cls = torch.cat([student_cls, self._heads(self.heads)[0](tokens[:, 0])])   # ((2+L)B, K)
-        return self.forward_loss(teacher_cls, teacher_patch, student_cls, student_patch, mask)
+        return self.forward_loss(teacher_cls, teacher_patch, student_cls, student_patch, mask, batch.masked)
 
     def forward_teacher(self, images: Tensor) -> tuple[Tensor, Tensor]:
         tokens = self.teacher.encoder(images)                             # (2B, 1+N, D), unmasked
         cls_head, patch_head = self._heads(self.teacher.heads)
         return cls_head(tokens[:, 0]).float(), patch_head(tokens[:, 1:]).float()
 
-    def forward_student(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_student(self, images: Tensor, mask: Tensor, masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
         tokens = self.encoder(images, mask=mask)                          # (2B, 1+N, D), [M] where masked
         cls_head, patch_head = self._heads(self.heads)
         # only masked patches enter the MIM loss, so only they go through the head
-        return cls_head(tokens[:, 0]), patch_head(tokens[:, 1:][mask])
+        return cls_head(tokens[:, 0]), patch_head(at_masked(tokens[:, 1:], mask, masked))
 
     def forward_loss(self, teacher_cls: Tensor, teacher_patch: Tensor, student_cls: Tensor,
-                     student_patch: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                     student_patch: Tensor, mask: Tensor, masked: Tensor | None = None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
         """iBOT's cross-entropies, returned minus the targets' entropy, i.e. as KL divergences.
         The gradient is the same (the targets are constants), but the value does not rise when
         centring and the temperature warm-up flatten the targets, so it shows what the student
@@ -311,12 +313,13 @@ class IBOT(MIMMethod):
         cfg = self.cfg
         cls_targets = centred_softmax(teacher_cls, self.center_cls, self.teacher_temps[0])       # (2B, K)
         patch_targets = centred_softmax(teacher_patch, self.center_patch, self.teacher_temps[1])  # (2B, N, K)
-        masked_targets = patch_targets[mask]                                                     # (M, K)
+        masked_targets = at_masked(patch_targets, mask, masked)                                  # (M, K)
         ce_cls = cross_view_cross_entropy(cls_targets, student_cls / cfg.student_temp, self.num_views)
-        ce_mim = masked_image_mean(soft_cross_entropy(masked_targets, student_patch / cfg.student_temp), mask)
+        ce_mim = masked_image_mean(soft_cross_entropy(masked_targets, student_patch / cfg.student_temp), mask,
+                                   masked)
         entropy_cls = entropy(cls_targets).mean()
         loss_cls = ce_cls - entropy_cls
-        loss_mim = ce_mim - masked_image_mean(entropy(masked_targets), mask)
+        loss_mim = ce_mim - masked_image_mean(entropy(masked_targets), mask, masked)
         loss = cfg.cls_loss_weight * loss_cls + cfg.mim_loss_weight * loss_mim
         # applied in after_step, so that a forward pass (FLOP counting, a skipped step) changes nothing
         self._batch_centres = (teacher_cls.mean(dim=0), teacher_patch.mean(dim=(0, 1)))

@@ -71,7 +71,7 @@ class MAE(MIMMethod):
         return loss, {"loss": loss.detach()}
 
     def predict_patches(self, batch: Batch) -> Tensor:
-        idx_keep = visible_indices(batch.mask)                      # (B, N_vis)
+        idx_keep = visible_indices(batch.mask, batch.visible)       # (B, N_vis)
         latent = self.encoder(batch.images, idx_keep=idx_keep)      # (B, 1+N_vis, D)
         return self.forward_decoder(latent, idx_keep)               # (B, N, p*p*3)
 

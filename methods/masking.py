@@ -160,12 +160,15 @@ def grid_mask(batch_size: int, grid: int, ratio: float, generator: torch.Generat
     return (~keep).reshape(batch_size, grid * grid)
 
 
-def visible_indices(mask: Tensor) -> Tensor:
-    """(B, N) mask with the same count per row -> (B, N_visible) indices of unmasked patches."""
-    num_visible, most = torch.stack((~mask).sum(dim=1).aminmax()).tolist()   # one host sync
-    if num_visible != most:
-        raise ValueError(f"masks hide different numbers of patches per image ({num_visible} to "
-                         f"{most} visible); draw them with make_masks(..., exact_count=True)")
+def visible_indices(mask: Tensor, num_visible: int | None = None) -> Tensor:
+    """(B, N) mask with the same count per row -> (B, N_visible) indices of unmasked patches.
+    `num_visible`: that count when the caller has it (`Batch.visible`); else it is counted
+    here, a host sync on a device mask."""
+    if num_visible is None:
+        num_visible, most = torch.stack((~mask).sum(dim=1).aminmax()).tolist()   # one host sync
+        if num_visible != most:
+            raise ValueError(f"masks hide different numbers of patches per image ({num_visible} to "
+                             f"{most} visible); draw them with make_masks(..., exact_count=True)")
     # stable sort puts False (visible) first, in raster order
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
     return order[:, :num_visible]

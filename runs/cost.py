@@ -67,7 +67,7 @@ def _flops_per_image(method: str, method_config_json: str) -> float:
     enc = model.cfg.encoder
     views = [torch.randn(2, enc.in_chans, size, size) for size, _ in model.view_specs(0.2)]
     mask = model.draw_masks(2, torch.Generator().manual_seed(0))
-    batch = Batch(views[0], mask, views if len(views) > 1 else None)
+    batch = Batch.of_views(views, mask)
     return train_flops(model, batch, torch.device("cpu")) / 2
 
 

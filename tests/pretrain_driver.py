@@ -7,7 +7,7 @@
     python tests/pretrain_driver.py RUN_DIR --stream IMAGEFOLDER_SPLIT [--workers N]
 
 --nan-on-last-rank-at makes the loss of the last rank alone non-finite at one step (with
-max_bad_steps 1, so the step is skipped). Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
+max_bad_steps 1, so the step is skipped; with --stop-on-nan 0, so the run stops). Prints "step N" after each optimizer step (so a test can kill it at a chosen step) and
 "saving N" while a checkpoint's temp file is written; with --slow-checkpoint-at it pauses
 there, so a test can kill it in the middle of a checkpoint write. --stream reads the images
 from an ImageFolder split through engine.stream (decoded per step in --workers workers)
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--slow-checkpoint-at", type=int, default=-1)
     parser.add_argument("--dump-state", default=None, help="save the final weights to PREFIX-rank<r>.pt")
     parser.add_argument("--nan-on-last-rank-at", type=int, default=-1)
+    parser.add_argument("--stop-on-nan", action="store_true", help="with --nan-on-last-rank-at: max_bad_steps 0")
     parser.add_argument("--method", choices=sorted(METHODS), default="mae")
     parser.add_argument("--paper-recipe", action="store_true", help="the method's paper recipe (methods.recipes)")
     parser.add_argument("--stream", default=None, help="an ImageFolder split to stream instead of synthetic images")
@@ -57,7 +58,8 @@ def main() -> int:
     torch.manual_seed(0)
     overrides, cfg = paper_recipe(args.method) if args.paper_recipe else (METHODS[args.method], CFG)
     method = build_method(args.method, **{**overrides, "encoder": {"size": "micro", "img_size": 16, "patch_size": 4}})
-    cfg = dataclasses.replace(cfg, max_bad_steps=1) if args.nan_on_last_rank_at >= 0 else cfg
+    if args.nan_on_last_rank_at >= 0 and not args.stop_on_nan:
+        cfg = dataclasses.replace(cfg, max_bad_steps=1)
     if args.stream:
         data = StreamingViews(method, FolderReader(args.stream), cfg.batch_size, cfg.crop_scale_min, seed=0,
                               device=torch.device("cpu"), workers=args.workers)

@@ -112,3 +112,16 @@ def test_visible_indices_refuses_masks_with_different_counts():
     mask[0, :12], mask[1, :10] = True, True
     with pytest.raises(ValueError, match="exact_count=True"):
         visible_indices(mask)
+
+
+def test_a_batch_counts_its_host_mask_so_mae_gathers_the_same_patches_without_a_sync():
+    from methods.base import Batch
+    views = [torch.zeros(5, 3, 16, 16)]
+    mask = random_mask(5, 4, 0.75, gen())
+    batch = Batch.of_views(views, mask, "cpu")
+    assert batch.visible == 4
+    assert torch.equal(visible_indices(batch.mask, batch.visible), visible_indices(mask))
+    uneven = make_masks(MaskConfig("block", 0.75), 64, 8, gen(1))          # block masks differ per image
+    assert (uneven.sum(1) != uneven.sum(1)[0]).any()
+    assert Batch.of_views(views, uneven).visible is None
+    assert Batch.of_views(views).visible is None and Batch.of_views(views).mask is None

@@ -22,8 +22,27 @@ def fixed_batch(method, batch_size=16, seed=0):
     enc = method.cfg.encoder
     views = [torch.randn(batch_size, 3, enc.img_size, enc.img_size, generator=gen)
              for _ in range(method.num_views)]
-    return Batch(images=views[0], mask=method.draw_masks(batch_size, gen),
-                 views=views if len(views) > 1 else None)
+    return Batch.of_views(views, method.draw_masks(batch_size, gen))     # as the trainer makes it
+
+
+@pytest.mark.parametrize("name", TRAINING_METHODS)
+def test_the_host_counted_mask_gives_the_loss_and_gradients_of_boolean_indexing(name):
+    """Batch.visible / Batch.masked (found on the host, no device sync) change no number."""
+    torch.manual_seed(0)
+    method = build_method(name, **micro_overrides())
+    batch = fixed_batch(method)
+    assert batch.masked is not None
+    plain = Batch(images=batch.images, mask=batch.mask, views=batch.views)     # counted on the device
+    results = []
+    for b in (batch, plain):
+        torch.manual_seed(1)
+        method.zero_grad()
+        loss, _ = method(b)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
 
 
 def test_registry_lists_the_foundation_methods():

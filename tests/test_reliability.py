@@ -259,6 +259,23 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank_without_a_hang(tm
     assert stats["skipped_nonfinite_steps"] == 1
 
 
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_the_next_flush_point_without_a_hang(tmp_path):
+    """max_bad_steps 0: no per-step check; the ranks agree at the next flush point (log_every 2)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29536",
+                str(ROOT / "tests" / "pretrain_driver.py"), str(tmp_path / "ddp"), "--nan-on-last-rank-at", "2",
+                "--stop-on-nan"]
+    out = subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert "NonFiniteLoss: loss is nan at step 2 (fp32); last good checkpoint: none yet" in out.stderr
+    # rank 0 stops too, at the same flush (its weights took the NaN gradients in DDP's all-reduce:
+    # its own step 3 is non-finite; without that, "non-finite on another rank before step 4")
+    assert re.search(r"\[rank0\]: engine\.trainer\.NonFiniteLoss: loss is (nan at step 3|non-finite on another "
+                     r"rank before step 4) \(fp32\)", out.stderr)
+    assert not list((tmp_path / "ddp" / "checkpoints").glob("ckpt-*.pt"))     # the flush at 4 saved nothing
+    assert "step 3" in out.stdout and "step 4" not in out.stdout
+
+
 def test_torchrun_runs_every_evaluation_on_rank_0_while_the_other_rank_waits(tmp_path):
     """Evaluations train on rank 0 alone (no DDP, no collectives): under torchrun a run with
     fine-tuning and segmentation finishes instead of hanging in rank 0's collectives."""

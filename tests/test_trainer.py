@@ -126,8 +126,11 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step_and_precision(tmp_path, 
         return (loss * float("nan") if calls[0] > 4 else loss), logs
 
     trainer.step_fn = nan_after_4
-    with pytest.raises(NonFiniteLoss, match=rf"at step 4 {named}; last good checkpoint: .*ckpt-00000003.pt"):
+    with pytest.raises(NonFiniteLoss, match=rf"^loss is nan at step 4 {named}; last good checkpoint: .*ckpt-00000003.pt"):
         trainer.fit()
+    # read at the next flush point (the checkpoint at 6), before it is written: no checkpoint
+    # holds weights that a non-finite step updated
+    assert [p.name for p in checkpoint_paths(tmp_path / "checkpoints")] == ["ckpt-00000003.pt"]
 
 
 def test_fp16_scales_the_loss_and_skips_an_overflowing_step_without_stopping(tmp_path):
