@@ -64,7 +64,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIMBENCH_CACHE", Path.home() / ".cache" / "mimbench"))
 
 
-def load_splits(root: str | Path, img_size: int, holdout: int = 5000,
+HOLDOUT_IMAGES = 5000      # train images held out for hyper-parameter choices (at most a fifth)
+
+
+def load_splits(root: str | Path, img_size: int, holdout: int = HOLDOUT_IMAGES,
                 on_bad_image: str = "error", progress: bool = True) -> Splits:
     """train/ and test/ of an ImageFolder dataset, plus a fixed held-out part of train."""
     root = check_dataset_root(root)
@@ -88,11 +91,17 @@ def check_dataset_root(root: str | Path) -> Path:
     return root
 
 
+def holdout_positions(num_train: int, holdout: int = HOLDOUT_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, holdout): the positions in train of each part. Fixed seed: the held-out part is a
+    property of the dataset, not of a run."""
+    holdout = min(holdout, num_train // 5)
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(0))
+    return order[holdout:], order[:holdout]
+
+
 def split_holdout(train: ImageSet, test: ImageSet, holdout: int) -> Splits:
-    # Fixed seed: the held-out part is a property of the dataset, not of a run.
-    holdout = min(holdout, len(train) // 5)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-    return Splits(train, test, train.subset(order[holdout:]), train.subset(order[:holdout]))
+    fit, held_out = holdout_positions(len(train), holdout)
+    return Splits(train, test, train.subset(fit), train.subset(held_out))
 
 
 def list_images(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:

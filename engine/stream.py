@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 from engine import distributed
 from engine.augment import photometric
-from engine.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet, Splits, cache_dir, check_dataset_root,
-                         list_images, split_holdout, standardize, to_square_rgb)
+from engine.data import (HOLDOUT_IMAGES, IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet, Splits, cache_dir,
+                         check_dataset_root, list_images, split_holdout, standardize, to_square_rgb)
 from engine.data import load_splits as load_folder_splits
 from engine.shards import ShardReader, is_shard_split
 from engine.trainer import EpochOrder, step_seed, view_augmentations
@@ -442,7 +442,7 @@ def load_splits(root: str | Path, img_size: int, on_bad_image: str = "error", pr
                    for split in ("train", "test"))
     if train.classes != test.classes:
         raise DataError(f"the train and test shards of {root} have different classes; write them from one ImageFolder")
-    return split_holdout(train, test, holdout=5000)
+    return split_holdout(train, test, holdout=HOLDOUT_IMAGES)
 
 
 def decode_split(reader: ShardReader, img_size: int, on_bad_image: str, progress: bool) -> ImageSet:
@@ -572,8 +572,8 @@ class StreamedSet:
 def streamed_splits(root: str | Path, img_size: int, workers: int | None = None,
                     on_bad_image: str = "error") -> Splits:
     """train/ and test/ as StreamedSets, for the evaluations that read splits in batches
-    (eval.registry `streams`: k-NN). fit and holdout are None: they are rows of train found by
-    their pixels (eval.features.subset_positions), which only the memory path holds."""
+    (eval.registry `streams`: k-NN, the linear probe). fit and holdout are None: an evaluation
+    takes their rows of train by position (engine.data.holdout_positions)."""
     root = check_dataset_root(root)
     train, test = (StreamedSet(open_reader(root / split), img_size, workers, on_bad_image)
                    for split in ("train", "test"))

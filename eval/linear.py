@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from engine.data import Splits
+from engine.data import DataError, Splits, holdout_positions
 from eval.features import POOLINGS, cached_features, feature_file, subset_positions
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.registry import ConfigError
@@ -101,7 +101,7 @@ def top1(weight: Tensor, bias: Tensor, stats: tuple[Tensor, Tensor], features: T
     return (logits.argmax(-1) == labels).double().mean(-1) * 100
 
 
-@register_evaluation("linear", LinearConfig)
+@register_evaluation("linear", LinearConfig, streams=True)
 def run(vit: ViT, splits: Splits, cfg: LinearConfig, ctx: EvalContext) -> EvalResult:
     """Sweep on fit/holdout, retrain the chosen values on train, then read test once.
 
@@ -117,8 +117,7 @@ def run(vit: ViT, splits: Splits, cfg: LinearConfig, ctx: EvalContext) -> EvalRe
     kw = dict(batch_size=ctx.feature_batch, device=ctx.device, progress=ctx.progress, block=cfg.block)
     train = cached_features(vit, splits.train, feature_file(feature_dir, "train", cfg.block),
                             desc="features train", **kw)
-    fit_index = subset_positions(splits.train, splits.fit)
-    holdout_index = subset_positions(splits.train, splits.holdout)
+    (fit_index, fit_labels), (holdout_index, holdout_labels) = held_out_rows(splits, train["labels"])
     num_classes = len(splits.train.classes)
     grid = [(lr, wd) for lr in cfg.lrs for wd in cfg.weight_decays]
     lrs = torch.tensor([lr for lr, _ in grid])
@@ -127,11 +126,11 @@ def run(vit: ViT, splits: Splits, cfg: LinearConfig, ctx: EvalContext) -> EvalRe
     chosen, details = {}, {}
     for pooling in cfg.poolings:
         feats = train[pooling].float()
-        weight, bias, stats = train_linear(feats[fit_index], splits.fit.labels, num_classes, lrs, wds, cfg)
-        holdout_top1 = top1(weight, bias, stats, feats[holdout_index], splits.holdout.labels)
+        weight, bias, stats = train_linear(feats[fit_index], fit_labels, num_classes, lrs, wds, cfg)
+        holdout_top1 = top1(weight, bias, stats, feats[holdout_index], holdout_labels)
         best = int(holdout_top1.argmax())        # ties: the first in grid order (the smaller lr)
         lr, wd = grid[best]
-        chosen[pooling] = train_linear(feats, splits.train.labels, num_classes,
+        chosen[pooling] = train_linear(feats, train["labels"], num_classes,
                                        torch.tensor([lr]), torch.tensor([wd]), cfg)
         details[pooling] = {
             "lr": lr, "weight_decay": wd,
@@ -149,5 +148,19 @@ def run(vit: ViT, splits: Splits, cfg: LinearConfig, ctx: EvalContext) -> EvalRe
     metrics = {}
     for pooling, (weight, bias, stats) in chosen.items():
         metrics[f"linear_top1_{pooling}{suffix}"] = float(
-            top1(weight, bias, stats, test[pooling].float(), splits.test.labels)[0])
+            top1(weight, bias, stats, test[pooling].float(), test["labels"])[0])
     return EvalResult(metrics, details)
+
+
+def held_out_rows(splits: Splits, train_labels: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(rows, labels) of `splits.fit` and of `splits.holdout` in the cached train features
+    (labelled `train_labels`): found by their pixels in memory; by position when train streams
+    (fit and holdout None)."""
+    if splits.fit is not None:
+        return ((subset_positions(splits.train, splits.fit), splits.fit.labels),
+                (subset_positions(splits.train, splits.holdout), splits.holdout.labels))
+    if len(train_labels) != len(splits.train):
+        raise DataError(f"{len(splits.train) - len(train_labels)} of the {len(splits.train)} train images were "
+                        f"unreadable and skipped: the streamed linear probe takes its held-out rows by "
+                        f"position, so it needs every one; remove or repair the bad files")
+    return tuple((rows, train_labels[rows]) for rows in holdout_positions(len(splits.train)))

@@ -414,3 +414,31 @@ def test_knn_over_slices_of_the_train_features_equals_one_similarity_matmul():
     sims, idx = nearest(test, train, 20, max_similarities=70 * 33)
     expected_sims, expected_idx = (test @ train.T).topk(20, dim=1)
     assert torch.equal(idx, expected_idx) and torch.equal(sims, expected_sims)
+
+
+def test_the_linear_probe_streams_and_takes_the_held_out_rows_the_memory_path_finds_by_pixels(tmp_path):
+    from engine.data import load_splits
+    from eval import linear
+    from eval.registry import EvalContext
+
+    root = tmp_path / "data"
+    make_jpeg_folder(root / "train", num_classes=3, per_class=30, min_px=20, max_px=60)
+    make_jpeg_folder(root / "test", num_classes=3, per_class=6, min_px=20, max_px=60, seed=1)
+    memory = load_splits(root, 16, progress=False)
+    streamed = stream.streamed_splits(root, 16, workers=0)
+    assert streamed.fit is None and len(streamed.train) == len(memory.train) == 90
+    labels = streamed.train.labels
+    rows_streamed = linear.held_out_rows(streamed, labels)
+    rows_memory = linear.held_out_rows(memory, memory.train.labels)
+    for (rows_s, labels_s), (rows_m, labels_m) in zip(rows_streamed, rows_memory):    # fit, then holdout
+        assert torch.equal(rows_s, rows_m) and torch.equal(labels_s, labels_m)
+    assert len(rows_streamed[1][0]) == 90 // 5
+
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4)).eval()
+    cfg = linear.LinearConfig(epochs=2, batch_size=32)
+    result = linear.run(vit, streamed, cfg, EvalContext(tmp_path / "w", tmp_path / "features", progress=False))
+    assert set(result.metrics) == {"linear_top1_cls", "linear_top1_mean"}
+    assert result.details["cls"]["sweep"]
+    with pytest.raises(DataError, match="2 of the 90 train images were unreadable and skipped"):
+        linear.held_out_rows(streamed, labels[:88])
