@@ -38,12 +38,13 @@ from tqdm import tqdm
 from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits, data_root
 from engine.trainer import Trainer, TrainPlan, step_seed
 from eval.registry import EvalContext, EvalResult, register_evaluation
-from methods.registry import ConfigError, identity_record
+from methods.registry import ConfigError, identity_record, late_field
 from methods.vit import ViT
 from runs.records import config_hash
 
 TORCH_STREAM = 8      # the per-iteration torch seed (dropout, drop path) of segmentation's step seeds
 LOG_EVERY = 20        # iterations between flushes of metrics.jsonl
+TEST_MODES = ("whole", "slide")
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist")
 
@@ -95,6 +96,9 @@ class SegmentationConfig:
     aux_weight: float = 0.4             # auxiliary loss weight (mmseg, BEiT, MAE)
     eval_images: int | None = None      # evaluate on the first N images only (None: all)
     checkpoint_every: int = 1000
+    # inference: "whole" (one pass over the resized image) or "slide" (crop_size windows at a
+    # stride of 2/3 of a crop, averaged where they overlap: BEiT's and MAE's ADE20K protocol)
+    test_mode: str = late_field("whole")
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:
@@ -107,6 +111,13 @@ class SegmentationConfig:
             raise ConfigError("segmentation iterations, batch_size and crop_size must be >= 1 and lr > 0")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay {self.layer_decay} must be in (0, 1] (1 = no decay)")
+        if self.test_mode not in TEST_MODES:
+            raise ConfigError(f"segmentation test_mode {self.test_mode!r} is not one of {', '.join(TEST_MODES)}")
+
+    @property
+    def slide_stride(self) -> int:
+        """The sliding window's stride: 2/3 of a crop (BEiT: 341 for 512)."""
+        return max(1, int(self.crop_size * 2 / 3))
 
     def config_hash(self) -> str:
         return config_hash(identity_record(self))     # late fields keep old checkpoints (see late_field)
@@ -193,7 +204,8 @@ def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore
                             loss_decode=dict(loss, loss_weight=cfg.aux_weight), **head),
         # mmseg reads these with attribute access, as its Config files give them
         train_cfg=ConfigDict(),
-        test_cfg=ConfigDict(mode="whole"))
+        test_cfg=ConfigDict(mode="whole") if cfg.test_mode == "whole" else ConfigDict(
+            mode="slide", crop_size=(cfg.crop_size, cfg.crop_size), stride=(cfg.slide_stride, cfg.slide_stride)))
 
 
 def build_segmentor(encoder: ViT, cfg: SegmentationConfig):

@@ -152,11 +152,16 @@ def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
         return encoder_forward_flops(config) * (3 * cfg.epochs * train + test)
     if name == "segmentation":
         crop = encoder_forward_flops(config, cfg.crop_size)
-        # whole-image inference, at a square of the resize bound's area
+        # inference at a square of the resize bound's area: whole, or in sliding crops
         patch = config.build_method_config().encoder.patch_size
-        whole = encoder_forward_flops(config, max(1, round(math.sqrt(cfg.scale[0] * cfg.scale[1]) / patch)) * patch)
+        side = max(1, round(math.sqrt(cfg.scale[0] * cfg.scale[1]) / patch)) * patch
+        if cfg.test_mode == "slide":
+            windows = (max(0, math.ceil((side - cfg.crop_size) / cfg.slide_stride)) + 1) ** 2
+            inference = crop * windows
+        else:
+            inference = encoder_forward_flops(config, side)
         images = cfg.eval_images or SEGMENTATION_EVAL_IMAGES.get(cfg.dataset, 2000)
-        return 3 * crop * cfg.iterations * cfg.batch_size + whole * images
+        return 3 * crop * cfg.iterations * cfg.batch_size + inference * images
     return 0.0                   # the tokenizer evaluation, or a frozen protocol beyond its features
 
 

@@ -138,8 +138,9 @@ PROFILES = {
                          "beit": dict(tokenizer={"vocab_size": 8192, "hidden_dim": 64}, tokenizer_epochs=30.0,
                                       tokenizer_blr=1e-4)},
         # the papers' protocols: MAE's linear probe (90 epochs, batch 16384), BEiT/MAE
-        # fine-tuning and UperNet on ADE20K (the EvalBudget defaults)
-        eval_budget=EvalBudget(linear=LinearConfig(epochs=90, batch_size=16384)),
+        # fine-tuning and UperNet on ADE20K (the EvalBudget defaults) with sliding-window inference
+        eval_budget=EvalBudget(linear=LinearConfig(epochs=90, batch_size=16384),
+                               segmentation=SegmentationConfig(test_mode="slide")),
         flops_per_second=8 * 300e12,
     ),
 }

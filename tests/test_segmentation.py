@@ -16,6 +16,7 @@ from eval import segmentation  # noqa: E402
 from eval.mmseg_vit import MimbenchViT, default_out_indices  # noqa: E402
 from eval.registry import EvalContext, get_evaluation  # noqa: E402
 from eval.segmentation import SegmentationConfig  # noqa: E402
+from methods.registry import ConfigError  # noqa: E402
 from methods.vit import ViT, ViTConfig  # noqa: E402
 
 TINY = dict(scale=(64, 48), crop_size=32, iterations=1, batch_size=2, channels=16, aux_channels=16,
@@ -172,3 +173,27 @@ def test_check_inputs_names_a_missing_dataset_folder_before_any_work(tmp_path):
     cfg = SegmentationConfig(dataset="ade20k", data_root=str(tmp_path / "nowhere"))
     with pytest.raises(Exception, match=r"nowhere has no (images|annotations)/(training|validation)/; expected"):
         get_evaluation("segmentation").check_inputs(cfg)
+
+
+def test_sliding_window_inference_runs_through_mmseg_and_keeps_the_whole_image_identity(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    make_ade20k_fixture(root, size=(96, 64))
+    whole = SegmentationConfig(dataset="ade20k", data_root=str(root), **TINY)
+    slide = SegmentationConfig(dataset="ade20k", data_root=str(root), test_mode="slide", **TINY)
+    from methods.registry import identity_record
+    # a late field: whole-image configs keep the identity (and the finished evaluations) they had
+    assert "test_mode" not in identity_record(whole) and identity_record(slide)["test_mode"] == "slide"
+    assert slide.config_hash() != whole.config_hash()
+    assert slide.slide_stride == 21 and SegmentationConfig().slide_stride == 341     # BEiT's 512 / 341
+    model = segmentation.build_segmentor(micro_vit(), slide)
+    assert (model.test_cfg.mode, model.test_cfg.crop_size, model.test_cfg.stride) == ("slide", (32, 32), (21, 21))
+    windows = []
+    encode = model.encode_decode
+    model.encode_decode = lambda inputs, metas: windows.append(inputs.shape[-2:]) or encode(inputs, metas)
+    dataset = segmentation.build_dataset(slide, "test", segmentation.pipelines(slide)[1], indices=1)
+    scores = segmentation.evaluate(model, dataset, 255, progress=False)
+    # the 96 x 64 image resized within (64, 48): 64 x 43, padded to 64 x 64 (size_divisor 32): 3 x 3 windows
+    assert len(windows) == 9 and set(windows) == {(32, 32)}
+    assert 0 <= scores["mIoU"] <= 100
+    with pytest.raises(ConfigError, match="test_mode 'tiles' is not one of whole, slide"):
+        SegmentationConfig(test_mode="tiles").validate()
