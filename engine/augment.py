@@ -32,6 +32,7 @@ from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
+from engine.transfer import to_device
 from methods.registry import ConfigError
 
 # the columns of the one uniform draw per call, (B, len(DRAWS))
@@ -99,10 +100,10 @@ def photometric(images: Tensor, spec: Photometric, generator: torch.Generator) -
         if len(rows) == 0:
             return
         if len(rows) == b:
-            out.copy_(op(out, *(p.to(device) for p in params)))
+            out.copy_(op(out, *(to_device(p, device) for p in params)))
         else:
-            on_device = rows.to(device)
-            out[on_device] = op(out[on_device], *(p[rows].to(device) for p in params))
+            on_device = to_device(rows, device)
+            out[on_device] = op(out[on_device], *(to_device(p[rows], device) for p in params))
 
     column = {name: draws[:, j] for j, name in enumerate(DRAWS)}
     jittered = column["jitter"] < spec.jitter_p

@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from engine.transfer import to_device
 from runs.records import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
@@ -214,14 +216,20 @@ def normalize(images: Tensor) -> Tensor:
 
 def standardize(images: Tensor) -> Tensor:
     """Float pixels in [0, 1] (B, 3, H, W) -> ImageNet mean/std."""
-    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    mean, std = mean_std_on(images.device)
     return (images - mean) / std
 
 
 def denormalize(images: Tensor) -> Tensor:
     """The inverse of `normalize`, as float pixels in [0, 1] (not clamped)."""
-    mean, std = _MEAN.to(images.device), _STD.to(images.device)
+    mean, std = mean_std_on(images.device)
     return images.float() * std + mean
+
+
+@lru_cache(maxsize=8)
+def mean_std_on(device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) tensors on `device` (copied there once)."""
+    return _MEAN.to(device), _STD.to(device)
 
 
 def random_resized_crop_flip(images: Tensor, out_size: int, generator: torch.Generator,
@@ -250,7 +258,7 @@ def random_resized_crop_flip(images: Tensor, out_size: int, generator: torch.Gen
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    theta = theta.to(images.device)
+    theta = to_device(theta, images.device)
     grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
     pixels = normalize(images) if standardized else images.float() / 255
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -7,8 +7,8 @@ so the data order stays exactly resumable. A run's result depends on the number 
 only through floating-point summation order, each rank's own drop-path draws, and losses
 averaged over a rank's masked patches (equal to the global mean when every image masks the
 same number of patches, as MAE's and the random/grid masks do). Rank 0 alone writes files.
-Per step, the ranks agree on whether the loss is finite and whether a stop signal came, so
-they all take the same branch; a trainable's `synced_buffers` (iBOT's centres) are averaged
+Per step the ranks agree on whether a stop signal came (over a CPU gloo group: no device
+sync), and at flush points on whether a loss was non-finite, so they all take the same branch; a trainable's `synced_buffers` (iBOT's centres) are averaged
 over ranks after each step, so every rank holds the same value.
 """
 from __future__ import annotations
@@ -70,6 +70,23 @@ def broadcast_flag(flag: bool) -> bool:
 def _flags_tensor(flags) -> torch.Tensor:
     tensor = torch.tensor([int(f) for f in flags])
     return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
+_HOST_GROUP: list = []     # [the process group host flags are agreed in], made on first use
+
+
+def on_any_rank_host(*flags: bool) -> tuple[bool, ...]:
+    """`on_any_rank` over CPU tensors (a gloo group beside NCCL's): the ranks wait for each other
+    but not for their devices, so a training step can agree on a stop signal every step
+    without a host-device sync. Every rank must call it at the same points (the first call
+    makes the group, collectively)."""
+    if not dist.is_initialized():
+        return flags
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    tensor = torch.tensor([int(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_HOST_GROUP[0])
+    return tuple(bool(v) for v in tensor.tolist())
 
 
 def on_any_rank(*flags: bool) -> tuple[bool, ...]:

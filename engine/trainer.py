@@ -46,6 +46,7 @@ from engine import distributed
 from engine.augment import beit_view, dino_views, photometric
 from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip, standardize
+from engine.transfer import to_device
 from methods.base import AUGMENTATIONS, Batch
 from methods.registry import ConfigError, late_field
 from runs.records import read_json, write_json
@@ -291,7 +292,7 @@ class MaskedViews:
         index = self.order.indices(step)
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
         colour_gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=COLOUR_STREAM))
-        uint8 = self.images[index.to(self.device)]
+        uint8 = self.images[to_device(index, self.device)]
         views = []
         for (size, scale), colour in self.specs:
             if colour is None or not colour.active:
@@ -463,7 +464,10 @@ class Trainer:
                 if loss is not None:   # skipped; the checkpoint and stop checks below still apply
                     bad_steps += 1
                     if bad_steps > self.plan.max_bad_steps:
-                        raise NonFiniteLoss(self._nan_message(f"loss is {float(loss)} at step {step}"))
+                        value = float(loss)
+                        raise NonFiniteLoss(self._nan_message(
+                            f"loss is {value} at step {step}" if not math.isfinite(value)
+                            else f"loss is non-finite on another rank at step {step}"))
                 bar.update(1)
                 self._end_of_step(step + 1, log, bar, timer)
         finally:
@@ -525,15 +529,17 @@ class Trainer:
         """At a flush point (log_every, checkpoint_every, the end, a stop signal): stop on a
         non-finite loss before anything is saved, flush metrics, checkpoint, and stop on a signal."""
         stop = self._stop_signal is not None
+        if self.world > 1:      # every rank takes the same branches (one alone would hang the others):
+            (stop,) = distributed.on_any_rank_host(stop)     # each step, on the host (no device sync)
         flush = (done % self.plan.log_every == 0 or done % self.plan.checkpoint_every == 0
                  or done == self.total_steps)
-        if self.world > 1 and not flush:
-            return      # ranks agree on a stop and on a non-finite loss at flush points only
+        if not (flush or stop):
+            return
         waited = time.perf_counter()
-        bad = self.watch.first() if flush or stop else None      # the loop's one host sync, per flush
+        bad = self.watch.first()                 # the loop's one host-device sync, per flush point
         elsewhere = False
-        if self.world > 1:      # every rank takes the same branch (one alone would hang the others)
-            stop, elsewhere = distributed.on_any_rank(stop, bad is not None)
+        if self.world > 1:                       # ... and a non-finite loss at flush points
+            (elsewhere,) = distributed.on_any_rank(bad is not None)
         # on a GPU the steps since the last sync finish here: their time, not the writes' below
         timer.add_wait(done - 1, time.perf_counter() - waited)
         if bad is not None:

@@ -8,6 +8,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from engine.transfer import to_device
 from methods.masking import make_masks
 from methods.registry import ConfigError
 from methods.vit import ViT, patchify, unpatchify
@@ -28,21 +29,27 @@ class Batch:
         """A step's batch from its views and its masks as drawn (on the host), moved to `device`."""
         visible = masked = None
         if mask is not None:
+            if mask.dtype != torch.bool or mask.device.type != "cpu":
+                raise ValueError(f"Batch.of_views takes the host's bool mask as drawn, not a {mask.dtype} "
+                                 f"mask on {mask.device}")
             fewest, most = torch.stack((~mask).sum(dim=-1).flatten().aminmax()).tolist()
             visible = fewest if fewest == most else None
             masked = mask.flatten().nonzero().squeeze(1)
             if device is not None:
-                mask, masked = mask.to(device), masked.to(device, non_blocking=True)
+                mask, masked = to_device(mask, device), to_device(masked, device)
         return cls(images=views[0], mask=mask, views=views if len(views) > 1 else None, visible=visible,
                    masked=masked)
 
 
-def at_masked(x: Tensor, mask: Tensor, masked: Tensor | None = None) -> Tensor:
-    """`x[mask]`: the entries of `x` (the mask's dims first) at its masked positions, in
-    mask.nonzero() order. Given `masked` (`Batch.masked`, their flat indices) an index_select
-    with no device sync; else boolean indexing, whose output size the host must read."""
+def at_masked(x: Tensor, mask: Tensor, masked: Tensor | None = None, skip: int = 0) -> Tensor:
+    """`x[:, skip:][mask]`: the entries of `x` (the mask's dims first; `skip` leading tokens per
+    row before its N positions, e.g. [CLS]) at the masked positions, in mask.nonzero() order.
+    Given `masked` (`Batch.masked`, their flat indices) an index_select with no device sync
+    (and no copy of the tokens); else boolean indexing, whose output size the host must read."""
     if masked is None:
-        return x[mask]
+        return x[:, skip:][mask] if skip else x[mask]
+    if skip:            # row r's position n sits at r * (skip + N) + skip + n of the flattened tokens
+        masked = masked + (masked // mask.shape[-1] + 1) * skip
     return x.flatten(0, mask.dim() - 1).index_select(0, masked)
 
 

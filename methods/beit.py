@@ -125,7 +125,7 @@ class BEiT(MIMMethod):
     def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         targets = self.tokenizer.tokenize(batch.images)                 # (B, N) visual tokens
         tokens = self.encoder(batch.images, mask=batch.mask)            # (B, 1+N, D)
-        logits = self.head(at_masked(tokens[:, 1:], batch.mask, batch.masked))   # (M, V): masked only
+        logits = self.head(at_masked(tokens, batch.mask, batch.masked, skip=1))   # (M, V): masked only
         return self.forward_loss(logits, targets, batch.mask, batch.masked)
 
     def reconstruct(self, batch: Batch) -> Tensor:

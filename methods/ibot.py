@@ -301,7 +301,7 @@ class IBOT(MIMMethod):
         tokens = self.encoder(images, mask=mask)                          # (2B, 1+N, D), [M] where masked
         cls_head, patch_head = self._heads(self.heads)
         # only masked patches enter the MIM loss, so only they go through the head
-        return cls_head(tokens[:, 0]), patch_head(at_masked(tokens[:, 1:], mask, masked))
+        return cls_head(tokens[:, 0]), patch_head(at_masked(tokens, mask, masked, skip=1))
 
     def forward_loss(self, teacher_cls: Tensor, teacher_patch: Tensor, student_cls: Tensor,
                      student_patch: Tensor, mask: Tensor, masked: Tensor | None = None

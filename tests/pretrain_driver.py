@@ -14,6 +14,7 @@ from an ImageFolder split through engine.stream (decoded per step in --workers w
 instead of the synthetic in-memory images.
 """
 import argparse
+import os
 import dataclasses
 import sys
 import time
@@ -48,16 +49,22 @@ def main() -> int:
     parser.add_argument("--dump-state", default=None, help="save the final weights to PREFIX-rank<r>.pt")
     parser.add_argument("--nan-on-last-rank-at", type=int, default=-1)
     parser.add_argument("--stop-on-nan", action="store_true", help="with --nan-on-last-rank-at: max_bad_steps 0")
+    parser.add_argument("--print-pid", action="store_true", help='print "pid RANK PID" first')
+    parser.add_argument("--flush-every", type=int, default=None, help="log_every and checkpoint_every")
     parser.add_argument("--method", choices=sorted(METHODS), default="mae")
     parser.add_argument("--paper-recipe", action="store_true", help="the method's paper recipe (methods.recipes)")
     parser.add_argument("--stream", default=None, help="an ImageFolder split to stream instead of synthetic images")
     parser.add_argument("--workers", type=int, default=0, help="with --stream: DataLoader workers")
     args = parser.parse_args()
     distributed.init_from_env()
+    if args.print_pid:
+        print(f"pid {distributed.rank()} {os.getpid()}", flush=True)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     overrides, cfg = paper_recipe(args.method) if args.paper_recipe else (METHODS[args.method], CFG)
     method = build_method(args.method, **{**overrides, "encoder": {"size": "micro", "img_size": 16, "patch_size": 4}})
+    if args.flush_every:
+        cfg = dataclasses.replace(cfg, log_every=args.flush_every, checkpoint_every=args.flush_every)
     if args.nan_on_last_rank_at >= 0 and not args.stop_on_nan:
         cfg = dataclasses.replace(cfg, max_bad_steps=1)
     if args.stream:

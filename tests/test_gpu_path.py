@@ -123,8 +123,8 @@ def test_a_compiled_step_gives_eager_loss_on_fresh_batches_and_never_recompiles(
 KNOWN_SYNCS: dict = {}
 # mask drawing reads its own CPU generator's draws, and a batch counts its host mask before it
 # moves to the device: not the device's tensors
-CPU_ONLY = {("masking.py", "block_mask_per_image"), ("base.py", "of_views")}
-SYNCING = ("item", "cpu", "tolist", "__bool__", "nonzero", "__getitem__")
+CPU_ONLY = {("masking.py", "block_mask"), ("masking.py", "block_mask_per_image"), ("base.py", "of_views")}
+SYNCING = ("item", "cpu", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "__getitem__")
 
 
 def reads_the_host(attr: str, args: tuple) -> bool:

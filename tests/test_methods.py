@@ -30,9 +30,16 @@ def test_the_host_counted_mask_gives_the_loss_and_gradients_of_boolean_indexing(
     """Batch.visible / Batch.masked (found on the host, no device sync) change no number."""
     torch.manual_seed(0)
     method = build_method(name, **micro_overrides())
-    batch = fixed_batch(method)
-    assert batch.masked is not None
-    plain = Batch(images=batch.images, mask=batch.mask, views=batch.views)     # counted on the device
+    whole = fixed_batch(method)
+    # also rank 1's half of a global batch, as the trainer slices it under torchrun
+    half = Batch.of_views([v[8:] for v in whole.views or [whole.images]], whole.mask[..., 8:, :])
+    for batch in (whole, half):
+        assert batch.masked is not None
+        plain = Batch(images=batch.images, mask=batch.mask, views=batch.views)     # counted on the device
+        check_the_same_loss_and_gradients(method, batch, plain)
+
+
+def check_the_same_loss_and_gradients(method, batch, plain):
     results = []
     for b in (batch, plain):
         torch.manual_seed(1)

@@ -92,6 +92,34 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert max(steps) >= 6      # the step in flight finished and was saved
 
 
+def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_end_of_that_step(tmp_path):
+    """The ranks agree on a stop every step (on the host: no device sync), not only at flush
+    points: a SIGTERM to one rank is a checkpoint of the step in flight and exit 143 on both."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538",
+                str(ROOT / "tests" / "pretrain_driver.py"), str(tmp_path / "ddp"), "--print-pid",
+                "--flush-every", "25"]
+    proc = subprocess.Popen(torchrun, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    pids, lines = {}, []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("pid "):
+            rank, pid = map(int, line.split()[1:])
+            pids[rank] = pid
+        if line.strip() == "step 5" and 1 in pids:
+            os.kill(pids[1], signal.SIGTERM)
+            break
+    lines.append(proc.stdout.read())
+    proc.wait(timeout=120)
+    out = "".join(lines)
+    assert out.count("preempted: stopped by SIGTERM at step") == 2, out[-3000:]
+    stopped = {int(m) for m in re.findall(r"preempted: stopped by SIGTERM at step (\d+)", out)}
+    stop = stopped.pop()
+    assert len(stopped) == 0 and 6 <= stop < 10          # within a step or two, not at the flush point (25)
+    steps = [int(p.stem.split("-")[1]) for p in (tmp_path / "ddp" / "checkpoints").glob("ckpt-*.pt")]
+    assert steps == [stop]
+
+
 def test_a_failing_run_is_recorded_and_the_rest_of_the_suite_still_runs(tmp_path):
     # plant a checkpoint from another config in one run's folder: that run must fail alone
     plan = run_cli("ablation_masking", "--profile", "smoke", "--only", "pixel", "--dry-run", outputs=tmp_path)
