@@ -6,6 +6,8 @@ one process and one summary, in under 12 minutes on an H100/H200-class GPU.
 Steps, each timed and recorded (a failing step is recorded with its error; the others still run):
   env        device, torch / CUDA / cuDNN versions, bf16 support, matmul peaks (fp32, bf16) measured here
   smoke      the smoke suite (`suites.run ablation_masking --profile smoke`) on the device
+  syncs      host-device syncs inside the trainer's step, per method (torch.cuda.set_sync_debug_mode
+             "warn" around each step of a short Trainer run): the target is 0; on the CPU not measurable
   steps      every method's training step at the gpu profile's ViT (bf16 autocast), img/s and MFU
              against the bf16 peak; MAE ViT-B/16 at 224 px, eager and compiled, and lightly's MAE at
              the identical config when lightly is installed
@@ -50,7 +52,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu (micro sizes)")
     parser.add_argument("--pretrain-epochs", type=float, default=None, help="gpu step (default: 30 on CUDA)")
     parser.add_argument("--finetune-epochs", type=float, default=None, help="gpu step (default: 15 on CUDA)")
-    parser.add_argument("--skip", default="", help="comma-separated steps to leave out (env, smoke, steps, gpu)")
+    parser.add_argument("--skip", default="", help="comma-separated steps to leave out (smoke, syncs, steps, gpu)")
     return parser.parse_args(argv)
 
 
@@ -96,6 +98,47 @@ def smoke_step(device: torch.device, sizes: Sizes) -> dict:
             raise RuntimeError(f"smoke suite exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         records = [json.loads(p.read_text()) for p in Path(outputs).glob("runs/*/result.json")]
     return {"runs": len(records), "done": sum(r.get("status") == "done" for r in records)}
+
+
+def syncs_step(device: torch.device, sizes: Sizes) -> dict:
+    """Syncs per step inside the trainer's step (not at its flush points), per method: CUDA's
+    sync debug mode warns on each; the CPU has none to count (the code path still runs)."""
+    import warnings
+
+    from engine.data import synthetic_splits
+    from engine.trainer import Trainer, TrainConfig
+    from methods import build_method
+
+    images = synthetic_splits(img_size=sizes.small.img_size, train_per_class=sizes.small_batch // 10 * 4).train.images
+    result = {}
+    for name in sorted(n for n, (cls, _) in registry.items() if cls.trains and n != "dvae"):
+        torch.manual_seed(0)
+        method = build_method(name, encoder=dict(size=sizes.small.size, img_size=sizes.small.img_size,
+                                                 patch_size=sizes.small.patch_size))
+        cfg = TrainConfig(epochs=1, batch_size=sizes.small_batch // 2, blr=1e-4, checkpoint_every=1000,
+                          log_every=1000, precision="bf16" if sizes.cuda else "fp32")
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = Trainer(method, images, cfg, Path(run_dir), seed=0, config_hash="gpu-check",
+                              device=str(device), progress=False)
+            step, seen = trainer._step, []
+
+            def watched(*args, _step=step):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if sizes.cuda:
+                        torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        return _step(*args)
+                    finally:
+                        if sizes.cuda:
+                            torch.cuda.set_sync_debug_mode("default")
+                        seen.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+            trainer._step = watched
+            trainer.fit()
+        result[name] = {"steps": trainer.total_steps,
+                        "syncs_per_step": len(seen) / trainer.total_steps if sizes.cuda else None,
+                        "first": seen[0][:200] if seen else None}
+    return result
 
 
 def autocast(competitor: Competitor, device: torch.device, dtype) -> Competitor:
@@ -173,7 +216,10 @@ def targets(summary: dict) -> dict:
     best = max((row for name, row in large.items() if name.startswith("mae")), key=lambda r: r["img_per_s"],
                default=None)
     lightly = next((row for name, row in large.items() if "lightly" in name), None)
-    return {"mae_large_mfu >= 0.45": best and best["mfu"],
+    syncs = steps.get("syncs", {}).get("result", {})
+    counted = [row["syncs_per_step"] for row in syncs.values() if row.get("syncs_per_step") is not None]
+    return {"syncs_per_step (max over methods) == 0": max(counted) if counted else None,
+            "mae_large_mfu >= 0.45": best and best["mfu"],
             "mae_large_vs_lightly >= 1.5": best and lightly and best["img_per_s"] / lightly["img_per_s"],
             "finetune_gain_vs_scratch >= 10": gpu.get("finetune_gain")}
 
@@ -203,6 +249,9 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STEPS = ("smoke", "syncs", "steps", "gpu")     # after env, in this order
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
@@ -212,13 +261,19 @@ def main(argv=None) -> int:
             "no CUDA device: running the same steps at micro size on the CPU (fp32)")
     print(f"[gpu-check] {note}", flush=True)
     skip = {s for s in args.skip.split(",") if s}
+    if skip - set(STEPS):
+        print(f"error: --skip {','.join(sorted(skip - set(STEPS)))}: no such step; steps: {', '.join(STEPS)}",
+              file=sys.stderr)
+        return 2
     summary = {"note": note, "steps": {}}
     start = time.perf_counter()
     env = env_step(device, sizes)
     summary["env"] = env
     peak = env.get("bf16_peak_tflops" if sizes.dtype is not None else "fp32_peak_tflops") * 1e12
-    steps = {"smoke": lambda: smoke_step(device, sizes), "steps": lambda: steps_step(device, sizes, peak),
+    steps = {"smoke": lambda: smoke_step(device, sizes), "syncs": lambda: syncs_step(device, sizes),
+             "steps": lambda: steps_step(device, sizes, peak),
              "gpu": lambda: gpu_step(device, sizes)}
+    assert tuple(steps) == STEPS
     for name, step in steps.items():
         if name in skip:
             continue

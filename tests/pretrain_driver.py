@@ -58,7 +58,8 @@ def main() -> int:
     args = parser.parse_args()
     distributed.init_from_env()
     if args.print_pid:
-        print(f"pid {distributed.rank()} {os.getpid()}", flush=True)
+        # one write(2) of a short line is atomic on a pipe: the two ranks' lines never interleave
+        os.write(1, f"pid {distributed.rank()} {os.getpid()}\n".encode())
     torch.set_num_threads(1)
     torch.manual_seed(0)
     overrides, cfg = paper_recipe(args.method) if args.paper_recipe else (METHODS[args.method], CFG)

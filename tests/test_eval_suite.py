@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from eval.linear import LinearConfig
 from eval.registry import EvalContext, EvalResult, registry
-from methods.registry import ConfigError, UnknownNameError
+from methods.registry import ConfigError, UnknownNameError, build_config, config_values, identity_record
 from runs import execute as runs_execute
 from runs.execute import UnreadableRecord, eval_config, execute, is_done
 from runs.identity import Run, RunSpec, data_descriptor, resolve
@@ -43,8 +43,11 @@ def test_every_registered_evaluation_runs_in_a_smoke_run_and_is_recorded(name, t
     assert dataclasses.is_dataclass(evaluation.config_cls) and evaluation.config_cls.__dataclass_params__.frozen
     record = run_once(product_spec(name), tmp_path)
     entry = record.evals[name]
-    # (the profile's config, with the method's eval_overrides: `none` fine-tunes without layer decay)
-    assert entry.config == json.loads(json.dumps(dataclasses.asdict(eval_config(name, SMOKE, record.method))))
+    # (the profile's config, with the method's eval_overrides: `none` fine-tunes without layer decay),
+    # as identities hold it: late fields at their identity default left out (runs.identity)
+    expected = eval_config(name, SMOKE, record.method)
+    assert entry.config == json.loads(json.dumps(identity_record(expected)))
+    assert build_config(evaluation.config_cls, config_values(evaluation.config_cls, entry.config, name), name) == expected
     assert entry.metrics and all(isinstance(v, float) and math.isfinite(v) for v in entry.metrics.values())
     assert set(entry.metrics) <= set(record.metrics)
     json.dumps(entry.details)                                  # details must be JSON

@@ -103,10 +103,9 @@ def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_end_of_that_step(tmp
     pids, lines = {}, []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("pid "):
-            rank, pid = map(int, line.split()[1:])
-            pids[rank] = pid
-        if line.strip() == "step 5" and 1 in pids:
+        for rank, pid in re.findall(r"pid (\d) (\d+)", line):     # (tolerates another rank's text on the line)
+            pids[int(rank)] = int(pid)
+        if re.search(r"\bstep 5\s*$", line) and 1 in pids:
             os.kill(pids[1], signal.SIGTERM)
             break
     lines.append(proc.stdout.read())
