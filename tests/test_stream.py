@@ -413,7 +413,10 @@ def test_knn_over_slices_of_the_train_features_equals_one_similarity_matmul():
     assert knn_top1(train, train_labels, test, test_labels, cfg, max_similarities=32 * 45) == whole   # 45 a slice
     sims, idx = nearest(test, train, 20, max_similarities=70 * 33)
     expected_sims, expected_idx = (test @ train.T).topk(20, dim=1)
-    assert torch.equal(idx, expected_idx) and torch.equal(sims, expected_sims)
+    # the same neighbours; a slice's matmul may take other BLAS kernels than the whole one (this
+    # machine's differ in the last bit), so the similarities agree to float rounding
+    assert torch.equal(idx, expected_idx)
+    torch.testing.assert_close(sims, expected_sims, rtol=1e-6, atol=1e-6)
 
 
 def test_the_linear_probe_streams_and_takes_the_held_out_rows_the_memory_path_finds_by_pixels(tmp_path):
