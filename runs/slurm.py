@@ -97,25 +97,28 @@ class RunJob(submitit.helpers.Checkpointable):
     """What one job does: finish one run of the plan, or (prerequisites_only) the runs it requires."""
 
     def __init__(self, run: Run, profile: Budget, outputs: Path, device: str | None,
-                 progress: bool, on_bad_image: str, prerequisites_only: bool = False):
+                 progress: bool, on_bad_image: str, prerequisites_only: bool = False,
+                 data_source: str = "auto", workers: int | None = None):
         self.run, self.profile = run, profile
         self.outputs = Path(outputs).resolve()    # the job may start in another directory
         self.device, self.progress, self.on_bad_image = device, progress, on_bad_image
         self.prerequisites_only = prerequisites_only
+        # --data-source / --data-workers, as the plain command passes them to `execute`
+        self.data_source, self.workers = data_source, workers
 
     def __call__(self) -> str:
         device = join_process_group(self.device)
         if self.prerequisites_only:
             run_prerequisites(self.run.config, self.profile, self.outputs, device, self.progress,
-                              self.on_bad_image)
+                              self.on_bad_image, self.data_source, self.workers)
             return f"done: {', '.join(need.config.name for need in self.run.config.requires.values())}"
         run_dir = self.run.config.folder(self.outputs)
         if held_elsewhere(run_dir):
             message = f"{run_dir.name} is running in another process (submitted twice?); nothing to do here"
             print(message, flush=True)
             return message
-        record = execute(self.run, self.profile, self.outputs, device=device,
-                         progress=self.progress, on_bad_image=self.on_bad_image)
+        record = execute(self.run, self.profile, self.outputs, device=device, progress=self.progress,
+                         on_bad_image=self.on_bad_image, data_source=self.data_source, workers=self.workers)
         status = record.status if record else "done"   # ranks > 0 get no record back: rank 0 alone writes it
         return f"{run_dir.name}: {status} (rank {distributed.rank()} of {distributed.world_size()})"
 
@@ -160,8 +163,10 @@ class PlannedJob:
 
 
 def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | None, progress: bool,
-              on_bad_image: str) -> list[PlannedJob]:
-    """One job per run of `runs` not done, each run's unfinished prerequisites in one job before it."""
+              on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> list[PlannedJob]:
+    """One job per run of `runs` not done, each run's unfinished prerequisites in one job before it;
+    every job reads its data as `data_source` / `workers` say (the CLI's --data-source / --data-workers)."""
+    data = dict(data_source=data_source, workers=workers)
     jobs: list[PlannedJob] = []
     prerequisite_job: dict[str, int] = {}      # the required runs' names -> index of their job
     for run in runs:
@@ -180,11 +185,12 @@ def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | Non
                 jobs.append(PlannedJob(
                     f"prerequisites of {run.spec.method} {run.spec.setting} seed {run.seed}: "
                     f"{', '.join(d.name for d in unfinished)}", unfinished[0],
-                    RunJob(run, profile, outputs, device, progress, on_bad_image, prerequisites_only=True), None))
+                    RunJob(run, profile, outputs, device, progress, on_bad_image, prerequisites_only=True, **data),
+                    None))
             after = prerequisite_job[key]
         run_dir = run.config.folder(outputs)
         jobs.append(PlannedJob(f"{run.spec.method} {run.spec.setting} seed {run.seed} -> {run_dir.name}", run_dir,
-                               RunJob(run, profile, outputs, device, progress, on_bad_image), after))
+                               RunJob(run, profile, outputs, device, progress, on_bad_image, **data), after))
     return jobs
 
 

@@ -647,7 +647,8 @@ def main(argv=None) -> int:
         if not args.table_only:
             check_inputs(runs, profile)       # e.g. CamVid for segmentation: before any training
     jobs = slurm.plan_jobs(runs, profile, outputs, args.device, not args.no_progress,
-                           "skip" if args.skip_bad_images else "error") if options else []
+                           "skip" if args.skip_bad_images else "error", args.data_source,
+                           args.data_workers) if options else []
     if args.dry_run:
         print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid, profile)
         if options:

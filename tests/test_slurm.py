@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from submitit.core.utils import DelayedSubmission
 
+from bench.data import make_jpeg_folder
 from runs import slurm
 from suites.profiles import get_profile
 from suites.run import cli, plan
@@ -83,6 +84,20 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_resumes_its_r
     assert json.loads((jobs[0].run_dir / "result.json").read_text())["status"] == "done"
     steps = [json.loads(line)["step"] for line in (jobs[0].run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and len(steps) == steps[-1] + 1       # resumed, no step twice
+
+
+def test_jobs_read_their_data_as_data_source_and_data_workers_say(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIMBENCH_SUBMITIT_CLUSTER", "debug")
+    make_jpeg_folder(tmp_path / "data" / "train", num_classes=2, per_class=64, min_px=20, max_px=40)
+    make_jpeg_folder(tmp_path / "data" / "test", num_classes=2, per_class=4, min_px=20, max_px=40, seed=1)
+    # a folder this small is kept in memory unless the command says otherwise
+    assert cli(["ablation_targets", *SMOKE, "--only", "mae:norm. pixels, random 0.75",
+                "--data", str(tmp_path / "data"), "--outputs", str(tmp_path / "out"), "--slurm", "--slurm-wait",
+                "--data-source", "stream", "--data-workers", "1"]) == 0
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("mae-*/result.json")]
+    assert record["status"] == "done"
+    source = record["train"]["data_source"]
+    assert (source["kind"], source["workers"], source["reason"]) == ("stream", 1, "--data-source stream")
 
 
 @pytest.fixture
