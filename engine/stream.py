@@ -1,4 +1,5 @@
 """Streaming pre-training batches: image files decoded per step in DataLoader workers.
+(Fine-tuning reads its batches through the same pieces: `StepSource`, eval.finetune.)
 
 The in-memory path (`engine.data.load_imagefolder` + `trainer.MaskedViews`) keeps a split as one
 uint8 array; ImageNet-1k at 224 px is ~190 GB of it. Here a split stays on disk (an ImageFolder,
@@ -39,7 +40,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -133,12 +134,17 @@ def decode_rgb(data: bytes) -> Tensor:
         raise BadImage(err.__class__.__name__) from None
 
 
-def image_generator(seed: int, step: int, position: int, stream: int) -> torch.Generator:
-    """A generator of its own for the image at `position` of step `step`'s global batch. Its
-    seed is a hash, not a sum as step_seed's: sums of (step, position) pairs would collide
-    across steps once a batch is larger than the step stride."""
+def item_seed(seed: int, step: int, position: int, stream: int) -> int:
+    """A seed of its own for the image at `position` of step `step`'s global batch: a hash, not
+    a sum as step_seed's, since sums of (step, position) pairs would collide across steps once
+    a batch is larger than the step stride."""
     digest = hashlib.blake2b(f"{seed}/{step}/{position}/{stream}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return int.from_bytes(digest, "little") >> 1
+
+
+def image_generator(seed: int, step: int, position: int, stream: int) -> torch.Generator:
+    """A generator of its own for the image at `position` of step `step`'s global batch."""
+    return torch.Generator().manual_seed(item_seed(seed, step, position, stream))
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -174,8 +180,10 @@ def crop_flip(image: Tensor, size: int, scale: tuple[float, float], gen: torch.G
     return view.flip(-1) if torch.rand(1, generator=gen).item() < 0.5 else view
 
 
-# per-image generator streams (hashed with the step and position, so clear of the step streams)
-CROP_STREAM, COLOUR_STREAM = 0, 1
+# per-image generator streams (hashed with the step and position, so clear of the step streams);
+# PIL_STREAM seeds Python's and NumPy's global generators, which PIL-based ops draw from
+# (fine-tuning's timm RandAugment)
+CROP_STREAM, COLOUR_STREAM, PIL_STREAM = 0, 1, 2
 
 
 @dataclass
@@ -191,6 +199,21 @@ class Item:
     error: str | None = None
 
 
+def read_image(reader: ImageReader, position: int, index: int) -> tuple[Item, Tensor | None]:
+    """Image `index` of `reader` decoded, uint8 (3, H, W), with its Item to fill (no views yet);
+    None for the pixels when the file is unreadable (Item.bad) or its shard missing (Item.error)."""
+    item = Item(position, index, int(reader.labels[index]))
+    try:
+        return item, decode_rgb(reader.read(index))
+    except BadImage as err:
+        item.bad = f"{reader.name(index)} ({err})"
+    except OSError as err:
+        item.bad = f"{reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
+    except DataError as err:
+        item.error = str(err)
+    return item, None
+
+
 class ImageViews(Dataset):
     """Indexed by (step, position, image index): that image's views (the worker's side)."""
 
@@ -202,17 +225,8 @@ class ImageViews(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> Item:
         step, position, index = key
-        item = Item(position, index, int(self.reader.labels[index]))
-        try:
-            image = decode_rgb(self.reader.read(index))
-        except BadImage as err:
-            item.bad = f"{self.reader.name(index)} ({err})"
-            return item
-        except OSError as err:
-            item.bad = f"{self.reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
-            return item
-        except DataError as err:
-            item.error = str(err)
+        item, image = read_image(self.reader, position, index)
+        if image is None:
             return item
         crop_gen = image_generator(self.seed, step, position, CROP_STREAM)
         colour_gen = image_generator(self.seed, step, position, COLOUR_STREAM)
@@ -345,33 +359,36 @@ def check_part(part: StepPart, on_bad_image: str) -> None:
         raise DataError(f"cannot read image {next(iter(part.bad.values()))}; remove it or pass --skip-bad-images")
 
 
-class StreamingViews:
-    """A BatchSource of pre-training batches read from `reader` (see the module's docstring);
-    the same Batch as MaskedViews gives. workers=0 decodes in this process."""
+class StepSource:
+    """What the streaming BatchSources share: this rank's part of step s's global batch
+    (`order`), each image made by `dataset` from its (step, position, image index) key in
+    DataLoader workers and collated there (`Collate`), read from the step asked first on (a
+    resumed run reads no batch before its step); unreadable files stop the run or are skipped
+    and counted (`check_part`). A subclass makes the step's batch of that part (`assemble`).
+    workers=0 reads in this process."""
 
-    def __init__(self, method, reader: ImageReader, batch_size: int, crop_scale_min: float, seed: int,
-                 device: torch.device, workers: int | None = None, on_bad_image: str = "error",
-                 prefetch: int = 2):
+    def __init__(self, dataset: Dataset, order: EpochOrder, device: torch.device, workers: int | None,
+                 on_bad_image: str, standardize: bool, prefetch: int = 2, world: int = 1, rank: int = 0):
         if on_bad_image not in ("error", "skip"):
             raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-        self.method, self.reader, self.seed, self.device = method, reader, seed, torch.device(device)
-        self.on_bad_image, self.prefetch = on_bad_image, prefetch
+        self.dataset, self.order, self.device = dataset, order, torch.device(device)
+        self.steps_per_epoch = order.steps_per_epoch
         self.workers = default_workers() if workers is None else workers
-        self.order = EpochOrder(len(reader), batch_size, seed, check=method.trains)
-        self.steps_per_epoch = self.order.steps_per_epoch
-        self.world, self.rank = distributed.world_size(), distributed.rank()
-        specs = method.view_specs(crop_scale_min)
-        self.dataset = ImageViews(reader, list(zip(specs, view_augmentations(
-            method.augmentation, len(specs), method.num_views))), seed)
+        self.on_bad_image, self.standardize, self.prefetch = on_bad_image, standardize, prefetch
+        self.world, self.rank = world, rank
         # the distinct unreadable files met so far (on_bad_image="skip"): image index -> "path (error)"
         self.skipped: dict[int, str] = {}
-        self._batches: Iterator | None = None
+        self._parts: Iterator[StepPart] | None = None
         self._next_step = -1                # the step the running iterator yields next
-        self._last: tuple[int, Batch] | None = None
+        self._last: tuple[int, Any] | None = None
+
+    def assemble(self, step: int, part: StepPart) -> Any:
+        """Step `step`'s batch of this rank's part of it (its readable images)."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """End the workers now (they also end when the source is garbage collected)."""
-        self._batches = self._last = None
+        self._parts = self._last = None
         self._next_step = -1
 
     def describe(self) -> dict:
@@ -380,17 +397,17 @@ class StreamingViews:
         run counts from 0 again). Under torchrun each rank reads its own part of each batch and
         the record is rank 0's: not summed, as ranks meet the same file in different epochs and
         engine.distributed has no union of sets over ranks."""
-        return {"kind": "stream", "images": len(self.reader), "workers": self.workers,
+        return {"kind": "stream", "images": len(self.dataset), "workers": self.workers,
                 "skipped_images": len(self.skipped)}
 
-    def batch_for_step(self, step: int) -> Batch:
+    def batch_for_step(self, step: int) -> Any:
         if self._last is not None and self._last[0] == step:
             return self._last[1]            # (the trainer counts FLOPs on the step it trains first)
-        if self._batches is None or step != self._next_step:
-            self._batches = iter(self._loader(step))
-        part = next(self._batches)
+        if self._parts is None or step != self._next_step:
+            self._parts = iter(self._loader(step))
+        part = next(self._parts)
         self._next_step = step + 1
-        batch = self._assemble(step, part)
+        batch = self.assemble(step, self._checked(step, part))
         self._last = (step, batch)
         return batch
 
@@ -398,10 +415,10 @@ class StreamingViews:
         extra = dict(prefetch_factor=self.prefetch, persistent_workers=False,
                      worker_init_fn=ignore_stop_signals) if self.workers else {}
         return DataLoader(self.dataset, batch_sampler=StepSampler(self.order, start, self.rank, self.world),
-                          num_workers=self.workers, collate_fn=Collate(self.device.type == "cpu"),
+                          num_workers=self.workers, collate_fn=Collate(self.standardize),
                           pin_memory=self.device.type == "cuda", **extra)
 
-    def _assemble(self, step: int, part: StepPart) -> Batch:
+    def _checked(self, step: int, part: StepPart) -> StepPart:
         check_part(part, self.on_bad_image)
         for index, name in part.bad.items():
             if index not in self.skipped:
@@ -410,6 +427,26 @@ class StreamingViews:
         if not len(part.positions):
             raise DataError(f"every image of step {step}'s batch on rank {self.rank} is unreadable "
                             f"(first: {next(iter(part.bad.values()))}); check the dataset's files")
+        return part
+
+
+class StreamingViews(StepSource):
+    """A BatchSource of pre-training batches read from `reader` (see the module's docstring);
+    the same Batch as MaskedViews gives. workers=0 decodes in this process."""
+
+    def __init__(self, method, reader: ImageReader, batch_size: int, crop_scale_min: float, seed: int,
+                 device: torch.device, workers: int | None = None, on_bad_image: str = "error",
+                 prefetch: int = 2):
+        device = torch.device(device)
+        specs = method.view_specs(crop_scale_min)
+        views = ImageViews(reader, list(zip(specs, view_augmentations(
+            method.augmentation, len(specs), method.num_views))), seed)
+        super().__init__(views, EpochOrder(len(reader), batch_size, seed, check=method.trains), device, workers,
+                         on_bad_image, standardize=device.type == "cpu", prefetch=prefetch,
+                         world=distributed.world_size(), rank=distributed.rank())
+        self.method, self.reader, self.seed = method, reader, seed
+
+    def assemble(self, step: int, part: StepPart) -> Batch:
         views = [view if part.standardized else standardize_pixels(view.to(self.device, non_blocking=True))
                  for view in part.views]                                    # (B_rank, 3, s, s)
         gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
@@ -521,16 +558,29 @@ class SquareImages(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> Item:
-        item = Item(index, index, int(self.reader.labels[index]))
-        try:
-            item.views.append(center_square(decode_rgb(self.reader.read(index)), self.size))
-        except BadImage as err:
-            item.bad = f"{self.reader.name(index)} ({err})"
-        except OSError as err:
-            item.bad = f"{self.reader.name(index)} ({err.__class__.__name__}: {err.strerror or err})"
-        except DataError as err:
-            item.error = str(err)
+        item, image = read_image(self.reader, index, index)
+        if image is not None:
+            item.views.append(center_square(image, self.size))
         return item
+
+
+class SubsetReader:
+    """The images of `reader` at `positions`, as a reader of their own (rows of a split taken
+    by position: the held-out part of a streamed train split)."""
+
+    def __init__(self, reader: ImageReader, positions: Tensor):
+        self.reader, self.positions = reader, positions
+        self.classes = reader.classes
+        self.labels = reader.labels[positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def read(self, index: int) -> bytes:
+        return self.reader.read(int(self.positions[index]))
+
+    def name(self, index: int) -> str:
+        return self.reader.name(int(self.positions[index]))
 
 
 class StreamedSet:
@@ -543,9 +593,15 @@ class StreamedSet:
         self.workers = default_workers() if workers is None else workers
         self.classes = reader.classes
         self.labels = reader.labels
+        # the distinct unreadable files `batches` left out so far: image index -> "path (error)"
+        self.skipped: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.reader)
+
+    def subset(self, positions: Tensor) -> "StreamedSet":
+        """Its images at `positions`, read as a split of their own."""
+        return StreamedSet(SubsetReader(self.reader, positions), self.img_size, self.workers, self.on_bad_image)
 
     def batches(self, batch_size: int, index: list[int] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Its images (or those at `index`) in order, `batch_size` at a time."""
@@ -556,6 +612,7 @@ class StreamedSet:
                             num_workers=min(self.workers, len(chunks)), collate_fn=Collate(False), **extra)
         for part in loader:
             check_part(part, self.on_bad_image)
+            self.skipped.update(part.bad)
             for name in part.bad.values():
                 print(f"[data] skipped unreadable image {name}", flush=True)
             if len(part.positions):
@@ -572,8 +629,8 @@ class StreamedSet:
 def streamed_splits(root: str | Path, img_size: int, workers: int | None = None,
                     on_bad_image: str = "error") -> Splits:
     """train/ and test/ as StreamedSets, for the evaluations that read splits in batches
-    (eval.registry `streams`: k-NN, the linear probe). fit and holdout are None: an evaluation
-    takes their rows of train by position (engine.data.holdout_positions)."""
+    (eval.registry `streams`: k-NN, the linear probe, fine-tuning). fit and holdout are None: an
+    evaluation takes their rows of train by position (engine.data.holdout_positions)."""
     root = check_dataset_root(root)
     train, test = (StreamedSet(open_reader(root / split), img_size, workers, on_bad_image)
                    for split in ("train", "test"))

@@ -16,6 +16,14 @@ layer-decayed optimizer (`finetune_trainer`), so it has the trainer's checkpoint
 (every random draw of step s comes from generators seeded by (seed, s)), non-finite-loss guard,
 checkpoint on SIGTERM, metrics.jsonl, TensorBoard events and progress bar: a killed or stopped
 fine-tune picks up from its last checkpoint when run again.
+
+A streamed run (engine.stream: ImageNet-size data) passes its splits as StreamedSets and
+fine-tuning reads them from the files (`StreamingLabelledBatches`): each step's images decoded
+in DataLoader workers, RandomResizedCrop from the full image, flip, then RandAugment (timm /
+MAE's order; the memory path augments the resized image before its batched crop), all drawn
+from generators seeded by (seed, step, position in the batch), so a batch is the same for any
+number of workers and a resumed fine-tune is bit-identical; the test split is read in batches.
+The sweep takes its held-out rows of train by position, as the linear probe does.
 """
 from __future__ import annotations
 
@@ -30,10 +38,14 @@ from timm.data import Mixup, rand_augment_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 
-from engine.data import ImageSet, Splits, normalize, random_resized_crop_flip
+from engine.data import DataError, ImageSet, Splits, holdout_positions, normalize, random_resized_crop_flip
+from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, Item, StepPart, StepSource, StreamedSet, crop_flip,
+                           image_generator, item_seed, read_image, standardize_pixels)
 from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
-from eval.features import POOLINGS
+from engine.transfer import to_device
+from eval.features import POOLINGS, image_batches
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.base import Batch
 from methods.registry import ConfigError, identity_record, late_field
@@ -154,12 +166,8 @@ class LabelledBatches:
         self.images, self.labels = data.images.to(device), data.labels.to(device)
         self.order = EpochOrder(len(data), cfg.batch_size, seed)
         self.steps_per_epoch = self.order.steps_per_epoch
-        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
-                           label_smoothing=cfg.label_smoothing, num_classes=num_classes) \
-            if cfg.mixup or cfg.cutmix else None
-        self.randaug = rand_augment_transform(cfg.randaug, {
-            "translate_const": int(img_size * 0.45),             # timm's default: 45% of the image
-            "img_mean": (124, 116, 104)}) if cfg.randaug else None
+        self.mixup = mixup_of(cfg, num_classes)
+        self.randaug = rand_augment_of(cfg, img_size)
 
     def batch_for_step(self, step: int) -> LabelledBatch:
         index = self.order.indices(step).to(self.device)
@@ -178,19 +186,111 @@ class LabelledBatches:
         return LabelledBatch(images=images, targets=targets)
 
     def rand_augment(self, uint8: Tensor) -> Tensor:
-        """timm's RandAugment, image by image (its ops are PIL ops): uint8 (B, 3, H, W)."""
-        pixels = uint8.permute(0, 2, 3, 1).cpu().numpy()
-        out = np.stack([np.asarray(self.randaug(Image.fromarray(p))) for p in pixels])
+        """timm's RandAugment, image by image: uint8 (B, 3, H, W)."""
+        pixels = uint8.permute(0, 2, 3, 1).cpu().numpy()                       # (B, H, W, 3)
+        out = np.stack([rand_augment(self.randaug, p) for p in pixels])
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(uint8.device)
 
 
-def finetune_trainer(model: Classifier, data: ImageSet, cfg: FinetuneConfig, work_dir: Path, seed: int,
-                     config_hash: str, device: str | torch.device = "cpu", progress: bool = True) -> Trainer:
-    """The project's trainer on labelled batches with a layer-decayed AdamW + warm-up/cosine
-    (the pre-training plan's factories, with timm's `layer_decay`)."""
+def mixup_of(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup / CutMix of the recipe (None when both are off); it draws from NumPy's
+    global generator."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=cfg.mixup_switch_prob,
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def rand_augment_of(cfg: FinetuneConfig, img_size: int):
+    """timm's RandAugment of the recipe for `img_size` images (None when off)."""
+    if not cfg.randaug:
+        return None
+    return rand_augment_transform(cfg.randaug, {
+        "translate_const": int(img_size * 0.45),             # timm's default: 45% of the image
+        "img_mean": (124, 116, 104)})
+
+
+def rand_augment(randaug, pixels: np.ndarray) -> np.ndarray:
+    """timm's RandAugment on one uint8 (H, W, 3) image (its ops are PIL ops): uint8 (H, W, 3).
+    It draws from Python's and NumPy's global generators: the caller seeds them."""
+    return np.array(randaug(Image.fromarray(pixels)))
+
+
+class AugmentedImages(Dataset):
+    """Indexed by (step, position, image index): that image as fine-tuning trains on it, uint8
+    (3, s, s), in a DataLoader worker (the worker's side of `StreamingLabelledBatches`)."""
+
+    def __init__(self, reader: ImageReader, img_size: int, scale: tuple[float, float], randaug, seed: int):
+        self.reader, self.img_size, self.scale, self.randaug, self.seed = reader, img_size, scale, randaug, seed
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Item:
+        step, position, index = key
+        item, image = read_image(self.reader, position, index)
+        if image is None:
+            return item
+        view = crop_flip(image, self.img_size, self.scale, image_generator(self.seed, step, position, CROP_STREAM))
+        if self.randaug is not None:
+            # seeded here, per image: a worker's generators would otherwise depend on which
+            # images that worker read before
+            seed = item_seed(self.seed, step, position, PIL_STREAM)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            view = torch.from_numpy(rand_augment(self.randaug, view.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+        item.views.append(view)
+        return item
+
+
+class StreamingLabelledBatches(StepSource):
+    """Fine-tuning's batch source for a split read from its files (engine.stream.StreamedSet):
+    the epoch order of `LabelledBatches`; per image in the workers `AugmentedImages`; here the
+    standardisation and mixup / cutmix on the batch, NumPy seeded per step as `LabelledBatches`
+    does. With `needs_every_image` (rows taken by position: the sweep's) a skipped unreadable
+    file is refused instead."""
+
+    def __init__(self, data: StreamedSet, cfg: FinetuneConfig, img_size: int, num_classes: int, seed: int,
+                 device: torch.device, needs_every_image: bool = False):
+        images = AugmentedImages(data.reader, img_size, (cfg.crop_scale_min, 1.0), rand_augment_of(cfg, img_size),
+                                 seed)
+        super().__init__(images, EpochOrder(len(data), cfg.batch_size, seed), device, data.workers,
+                         data.on_bad_image, standardize=False)
+        self.seed, self.needs_every_image = seed, needs_every_image
+        self.mixup = mixup_of(cfg, num_classes)
+
+    def assemble(self, step: int, part: StepPart) -> LabelledBatch:
+        if self.needs_every_image and self.skipped:
+            raise skipped_by_sweep(len(self.skipped))
+        images = standardize_pixels(part.views[0].to(self.device, non_blocking=True))     # (B, 3, s, s)
+        targets = to_device(part.labels, self.device)                                     # (B,)
+        if self.mixup is not None:
+            if len(targets) % 2:     # a skipped file left the batch odd, which timm's Mixup refuses
+                images, targets = images[:-1], targets[:-1]
+            np.random.seed(step_seed(self.seed, step, stream=5) % 2**32)
+            images, targets = self.mixup(images, targets)                   # targets: (B, C) soft
+        return LabelledBatch(images=images, targets=targets)
+
+
+def skipped_by_sweep(count: int) -> DataError:
+    return DataError(f"{count} train image(s) were unreadable and skipped: the streamed fine-tune's blr sweep "
+                     f"takes its held-out rows of train by position (as the linear probe), so it needs every "
+                     f"one; remove or repair the bad files")
+
+
+def finetune_trainer(model: Classifier, data: ImageSet | StreamedSet, cfg: FinetuneConfig, work_dir: Path,
+                     seed: int, config_hash: str, device: str | torch.device = "cpu", progress: bool = True,
+                     needs_every_image: bool = False) -> Trainer:
+    """The project's trainer on labelled batches (held in memory, or read from the files of a
+    StreamedSet) with a layer-decayed AdamW + warm-up/cosine (the pre-training plan's factories,
+    with timm's `layer_decay`)."""
     cfg.validate()
     device = torch.device(device)
-    batches = LabelledBatches(data, cfg, model.encoder.cfg.img_size, model.head.out_features, seed, device)
+    img_size, num_classes = model.encoder.cfg.img_size, model.head.out_features
+    if isinstance(data, StreamedSet):
+        batches = StreamingLabelledBatches(data, cfg, img_size, num_classes, seed, device, needs_every_image)
+    else:
+        batches = LabelledBatches(data, cfg, img_size, num_classes, seed, device)
     steps = total_steps(cfg.epochs, len(data), cfg.batch_size)
     plan = adamw_cosine_plan(cfg.train_config(), steps, layer_decay=cfg.layer_decay, desc="fine-tune")
     plan = replace(plan, distributed=False)     # rank 0 alone runs evaluations
@@ -198,43 +298,65 @@ def finetune_trainer(model: Classifier, data: ImageSet, cfg: FinetuneConfig, wor
 
 
 @torch.inference_mode()
-def top1(model: Classifier, data: ImageSet, batch_size: int = 1024, device: str | torch.device = "cpu") -> float:
+def top1(model: Classifier, data: ImageSet | StreamedSet, batch_size: int = 1024,
+         device: str | torch.device = "cpu") -> float:
+    """Top-1 (%) on `data`, read `batch_size` images at a time (a StreamedSet from its files)."""
     model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        images = normalize(data.images[start:start + batch_size].to(device))
-        predictions = model.logits(images).argmax(-1).cpu()
-        correct += (predictions == data.labels[start:start + batch_size]).sum().item()
-    return 100.0 * correct / len(data)
+    correct = seen = 0
+    for images, labels in image_batches(data, batch_size):
+        predictions = model.logits(normalize(images.to(device))).argmax(-1).cpu()
+        correct += (predictions == labels).sum().item()
+        seen += len(labels)
+    return 100.0 * correct / seen
 
 
-def fine_tune(encoder: ViT, train: ImageSet, num_classes: int, cfg: FinetuneConfig, work_dir: Path,
-              ctx: EvalContext) -> tuple[Classifier, dict]:
-    """A fine-tuned copy of `encoder` (resuming from `work_dir`'s checkpoints) and its train stats."""
+def fine_tune(encoder: ViT, train: ImageSet | StreamedSet, num_classes: int, cfg: FinetuneConfig, work_dir: Path,
+              ctx: EvalContext, needs_every_image: bool = False) -> tuple[Classifier, dict]:
+    """A fine-tuned copy of `encoder` (resuming from `work_dir`'s checkpoints) and its train stats
+    (with `data_source` when it read the files, as pre-training records it)."""
     torch.manual_seed(ctx.seed)                               # the head's initial weights
     model = Classifier(encoder.with_config(drop_path=cfg.drop_path), num_classes,
                        cfg.pooling, cfg.label_smoothing).train()
     trainer = finetune_trainer(model, train, cfg, work_dir, ctx.seed,
                                config_hash=f"{cfg.config_hash()}-seed{ctx.seed}", device=ctx.device,
-                               progress=ctx.progress)
-    return model, trainer.fit()
+                               progress=ctx.progress, needs_every_image=needs_every_image)
+    if isinstance(trainer.data, LabelledBatches):
+        return model, trainer.fit()
+    try:
+        return model, {**trainer.fit(), "data_source": trainer.data.describe()}
+    finally:
+        trainer.data.close()        # its workers end here, also when the fine-tune stopped
+
+
+def held_out_sets(splits: Splits) -> tuple[ImageSet | StreamedSet, ImageSet | StreamedSet]:
+    """(fit, holdout): `splits.fit` and `splits.holdout`, or, for a streamed train split (both
+    None), its rows at `engine.data.holdout_positions`, the draw the memory path's split makes."""
+    if splits.fit is not None:
+        return splits.fit, splits.holdout
+    fit, holdout = holdout_positions(len(splits.train))
+    return splits.train.subset(fit), splits.train.subset(holdout)
 
 
 def choose_blr(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> tuple[float, dict]:
     """The blr of `cfg.blr_sweep` (multiples of cfg.blr) with the best held-out top-1, each
-    candidate fine-tuned on `splits.fit` in its own folder; ties go to the first listed."""
+    candidate fine-tuned on the fit part of train in its own folder; ties go to the first listed."""
     num_classes, sweep = len(splits.train.classes), []
+    fit, holdout = held_out_sets(splits)
+    by_position = isinstance(holdout, StreamedSet)
     for factor in cfg.blr_sweep:
         candidate = replace(cfg, blr=cfg.blr * factor, blr_sweep=())
-        model, _ = fine_tune(encoder, splits.fit, num_classes, candidate, Path(ctx.work_dir) / f"sweep-x{factor:g}", ctx)
-        sweep.append({"blr": candidate.blr, "holdout_top1": top1(model, splits.holdout, ctx.feature_batch, ctx.device)})
+        model, _ = fine_tune(encoder, fit, num_classes, candidate, Path(ctx.work_dir) / f"sweep-x{factor:g}", ctx,
+                             needs_every_image=by_position)
+        sweep.append({"blr": candidate.blr, "holdout_top1": top1(model, holdout, ctx.feature_batch, ctx.device)})
+        if by_position and holdout.skipped:
+            raise skipped_by_sweep(len(holdout.skipped))
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["holdout_top1"], -i))
     blr = sweep[best]["blr"]
     blrs = [point["blr"] for point in sweep]
     return blr, {"blr": blr, "blr_at_edge": len(blrs) > 1 and blr in (min(blrs), max(blrs)), "sweep": sweep}
 
 
-@register_evaluation("finetune", FinetuneConfig)
+@register_evaluation("finetune", FinetuneConfig, streams=True)
 def run(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> EvalResult:
     """Fine-tune a copy of `encoder` on the training split (resuming from `ctx.work_dir`'s
     checkpoints; with `cfg.blr_sweep`, at the blr chosen on the held-out part first), then

@@ -47,8 +47,9 @@ class Evaluation:
     run: Callable[..., EvalResult]
     takes: str = "encoder"                          # what of a finished run it evaluates (methods.base.PRODUCTS)
     check_inputs: Callable[[Any], None] | None = None   # fails early (before any training) on missing data
-    # reads only splits.train and splits.test, in order (eval.features): a run whose data streams
-    # passes them as engine.stream.StreamedSets, read from the files in batches, never held whole
+    # reads splits.train and splits.test through engine.stream.StreamedSet's interface (batches
+    # in order, rows by position): a run whose data streams passes them as StreamedSets, read
+    # from the files in batches, never held whole (k-NN, the linear probe, fine-tuning)
     streams: bool = False
 
 

@@ -309,7 +309,7 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
             variant = split_name(name)[1]
             taken = load_variant(run_dir, config, variant, train_stats["steps"]) if variant else product
             # the splits decoded at the model's size (engine.data), or read from the files in
-            # batches when pre-training streams and the evaluation can (k-NN)
+            # batches when pre-training streams and the evaluation can (k-NN, probe, fine-tune)
             splits = streamed if streamed is not None and get_evaluation(name).streams else \
                 load_data(data_json, on_bad_image, progress)
             evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, device, progress,
