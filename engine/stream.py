@@ -214,11 +214,12 @@ def read_image(reader: ImageReader, position: int, index: int) -> tuple[Item, Te
     return item, None
 
 
-class ImageViews(Dataset):
-    """Indexed by (step, position, image index): that image's views (the worker's side)."""
+class StepImages(Dataset):
+    """Indexed by (step, position, image index): that image decoded and made into what a step
+    trains on (`views`), in a DataLoader worker; an unreadable one is its Item with `bad` set."""
 
-    def __init__(self, reader: ImageReader, specs: list, seed: int):
-        self.reader, self.specs, self.seed = reader, specs, seed
+    def __init__(self, reader: ImageReader, seed: int):
+        self.reader, self.seed = reader, seed
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -226,16 +227,32 @@ class ImageViews(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> Item:
         step, position, index = key
         item, image = read_image(self.reader, position, index)
-        if image is None:
-            return item
+        if image is not None:
+            item.views.extend(self.views(image, step, position))
+        return item
+
+    def views(self, image: Tensor, step: int, position: int) -> list[Tensor]:
+        """uint8 (3, H, W) -> its views, each (3, s, s), drawn from generators of (step, position)."""
+        raise NotImplementedError
+
+
+class ImageViews(StepImages):
+    """Pre-training's views of each image (the worker's side of StreamingViews)."""
+
+    def __init__(self, reader: ImageReader, specs: list, seed: int):
+        super().__init__(reader, seed)
+        self.specs = specs
+
+    def views(self, image: Tensor, step: int, position: int) -> list[Tensor]:
         crop_gen = image_generator(self.seed, step, position, CROP_STREAM)
         colour_gen = image_generator(self.seed, step, position, COLOUR_STREAM)
+        views = []
         for (size, scale), colour in self.specs:
             view = crop_flip(image, size, scale, crop_gen)
             if colour is not None and colour.active:
                 view = photometric(view[None].float() / 255, colour, colour_gen)[0]
-            item.views.append(view)
-        return item
+            views.append(view)
+        return views
 
 
 @dataclass

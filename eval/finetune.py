@@ -38,11 +38,10 @@ from timm.data import Mixup, rand_augment_transform
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from engine.data import DataError, ImageSet, Splits, holdout_positions, normalize, random_resized_crop_flip
-from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, Item, StepPart, StepSource, StreamedSet, crop_flip,
-                           image_generator, item_seed, read_image, standardize_pixels)
+from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, StepImages, StepPart, StepSource, StreamedSet,
+                           crop_flip, image_generator, item_seed, standardize_pixels)
 from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
 from engine.transfer import to_device
 from eval.features import POOLINGS, image_batches
@@ -216,21 +215,15 @@ def rand_augment(randaug, pixels: np.ndarray) -> np.ndarray:
     return np.array(randaug(Image.fromarray(pixels)))
 
 
-class AugmentedImages(Dataset):
-    """Indexed by (step, position, image index): that image as fine-tuning trains on it, uint8
-    (3, s, s), in a DataLoader worker (the worker's side of `StreamingLabelledBatches`)."""
+class AugmentedImages(StepImages):
+    """Each image as fine-tuning trains on it, uint8 (3, s, s), in a DataLoader worker (the
+    worker's side of `StreamingLabelledBatches`)."""
 
     def __init__(self, reader: ImageReader, img_size: int, scale: tuple[float, float], randaug, seed: int):
-        self.reader, self.img_size, self.scale, self.randaug, self.seed = reader, img_size, scale, randaug, seed
+        super().__init__(reader, seed)
+        self.img_size, self.scale, self.randaug = img_size, scale, randaug
 
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> Item:
-        step, position, index = key
-        item, image = read_image(self.reader, position, index)
-        if image is None:
-            return item
+    def views(self, image: Tensor, step: int, position: int) -> list[Tensor]:
         view = crop_flip(image, self.img_size, self.scale, image_generator(self.seed, step, position, CROP_STREAM))
         if self.randaug is not None:
             # seeded here, per image: a worker's generators would otherwise depend on which
@@ -239,8 +232,7 @@ class AugmentedImages(Dataset):
             random.seed(seed)
             np.random.seed(seed % 2**32)
             view = torch.from_numpy(rand_augment(self.randaug, view.permute(1, 2, 0).numpy())).permute(2, 0, 1)
-        item.views.append(view)
-        return item
+        return [view]
 
 
 class StreamingLabelledBatches(StepSource):
