@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 SUITE  ?= ablation_masking
 PROFILE ?= cpu
 
-.PHONY: setup test report smoke bench bench-data gpu-check
+.PHONY: setup test report archive smoke bench bench-data gpu-check
 
 setup: $(STAMP)
 
@@ -26,15 +26,22 @@ test: $(STAMP)
 # SUITE=NAME runs that suite's whole grid instead (`make report SUITE=ablation_masking`;
 # SUITE=compare_methods: the full compare_methods grid). Finished runs are skipped; the same
 # command again resumes with the same runs. BUDGET=1.3ep / RECIPE=shared / EVALS=knn,linear,finetune
-# / SEEDS=1 / ONLY=mae,none adjust it.
+# / SEEDS=1 / ONLY=mae,none adjust it. The records in results/ (runs.archive) are restored into
+# outputs/ first, so finished runs measured on another machine are not run again.
 BUDGET ?= 2.5h
 REPORT_ARGS = $(if $(filter file,$(origin SUITE)),compare_methods --budget $(BUDGET) \
 	$(if $(EVALS),--evals $(EVALS)),$(SUITE)) --profile $(PROFILE) $(if $(RECIPE),--recipe $(RECIPE)) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY))
 report: $(STAMP)
+	$(PY) -m runs.archive restore
 	$(PY) -m suites.run $(REPORT_ARGS) --dry-run
 	$(PY) -m suites.run $(REPORT_ARGS); rc=$$?; \
 	$(PY) -m reports.build; exit $$rc
+
+# the records of every finished run in outputs/ (config, result, metrics; no weights) and the suite
+# indexes into results/, to commit: `make report` restores them first on a fresh machine
+archive: $(STAMP)
+	$(PY) -m runs.archive save
 
 # throughput of every method vs lightly's MAE and a plain timm ViT, in one process
 bench: $(STAMP)

@@ -8,6 +8,7 @@ is executed with its prerequisites and evaluations, here or on Slurm.
     runs.slurm      the same runs as Slurm jobs (submitit)
     runs.cost       pre-training FLOPs and hours, without data
     runs.figures    the run's figures (reconstructions, attention maps)
+    runs.archive    finished runs' records kept in results/, restored into outputs/
 
 This file imports nothing, so that `import runs.records` stays light.
 """

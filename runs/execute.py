@@ -192,16 +192,19 @@ def load_variant(run_dir: Path, config: RunConfig, variant: str, steps: int):
 
 # ---- executing -----------------------------------------------------------------------------
 def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progress: bool = True,
-            on_bad_image: str = "error", data_source: str = "auto", workers: int | None = None) -> RunRecord | None:
+            on_bad_image: str = "error", data_source: str = "auto", workers: int | None = None,
+            need_product: bool = False) -> RunRecord | None:
     """Run (or resume, or skip) one run; its record (None on ranks > 0). A failure is recorded
     in result.json (status, error, traceback) and re-raised. `data_source` is how pre-training
     reads its images (engine.stream.choose_source: auto, memory or stream; recorded, not part of
-    the identity), `workers` the streaming source's DataLoader workers (None: as many as cores)."""
+    the identity), `workers` the streaming source's DataLoader workers (None: as many as cores).
+    `need_product`: a finished run whose product file is missing (its record restored from the
+    results archive, runs.archive) trains again, for a run that requires it."""
     run_dir = run.config.folder(outputs)
     distributed.barrier()  # under torchrun: rank 0 has finished writing the previous run
     if not distributed.is_main():
         # other ranks only take part in pre-training; rank 0 owns the lock, records and evaluations
-        if not is_done(run_dir, run.spec.evals, profile):
+        if not finished_with(run_dir, run, profile, need_product):
             train_and_evaluate(run, profile, run_dir, device, False, on_bad_image, data_source, workers)
         distributed.barrier()
         return None
@@ -212,15 +215,28 @@ def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progr
     except Timeout:
         raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
     try:
-        return _execute_locked(run, profile, run_dir, device, progress, on_bad_image, data_source, workers)
+        return _execute_locked(run, profile, run_dir, device, progress, on_bad_image, data_source, workers,
+                               need_product)
     finally:
         lock.release()
         distributed.barrier()
 
 
+def finished_with(run_dir: Path, run: Run, profile: Budget, need_product: bool) -> bool:
+    """Done with the run's evaluations (and, if `need_product`, its product file is here)."""
+    return is_done(run_dir, run.spec.evals, profile) and not (need_product and product_missing(run_dir,
+                                                                                                run.config.method))
+
+
+def product_missing(run_dir: Path, method: str) -> bool:
+    """Whether a run's product file (encoder or tokenizer) is absent: a record restored from the
+    results archive keeps no weights."""
+    return not (run_dir / PRODUCT_FILES[registry[method][0].product][0]).exists()
+
+
 def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
-                    on_bad_image: str, data_source: str, workers: int | None) -> RunRecord:
-    if is_done(run_dir, run.spec.evals, profile):
+                    on_bad_image: str, data_source: str, workers: int | None, need_product: bool) -> RunRecord:
+    if finished_with(run_dir, run, profile, need_product):
         return read_result(run_dir)
     config = run.config.to_dict()
     if (run_dir / "config.json").exists():
@@ -262,6 +278,12 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
     previous = read_result(run_dir)
     train_stats = previous.train if previous is not None and previous.done else None
     evals = dict(previous.evals) if previous is not None else {}
+    if train_stats is not None and product_missing(run_dir, config.method):
+        # a record restored from the results archive: its evaluations stand, the weights are
+        # made again (the same seed and config; bit-identical on the machine that measured it)
+        print(f"  {run_dir.name}: finished, without its weights (restored from the results archive); "
+              f"training it again", flush=True)
+        train_stats = None
     outputs = run_dir.parent.parent
 
     def record_progress() -> RunRecord:
@@ -374,9 +396,10 @@ def run_prerequisites(config: RunConfig, profile: Budget, outputs: Path, device:
     for role, need in config.requires.items():
         run = Run(RunSpec(need.config.method, role, evals=need.evals), need.config.seed, need.config)
         run_dir = need.config.folder(outputs)
-        state = "done, reused" if is_done(run_dir, run.spec.evals) else "running it first"
+        state = "running it first" if not is_done(run_dir, run.spec.evals) else \
+            "done, its weights to make again" if product_missing(run_dir, need.config.method) else "done, reused"
         print(f"  {role}: {run_dir.name} ({state})", flush=True)
         budget = dataclasses.replace(profile, train=need.config.train_config())
-        execute(run, budget, outputs, device, progress, on_bad_image, data_source, workers)
+        execute(run, budget, outputs, device, progress, on_bad_image, data_source, workers, need_product=True)
         products[role] = load_product(run_dir, registry[need.config.method][0].product)
     return products

@@ -1,0 +1,74 @@
+"""The results archive (runs.archive): finished runs' records kept in the repository outlive
+the machine; restored, a suite skips them, and when their weights are needed again they are
+trained again to the same bytes."""
+import dataclasses
+import json
+from pathlib import Path
+
+from runs import archive
+from runs.execute import execute
+from suites.profiles import get_profile
+from suites.run import cli, plan
+
+SMOKE = ["--profile", "smoke", "--seeds", "1", "--no-progress", "--recipe", "shared"]
+BEIT = "beit:tokens, block 0.4"
+
+
+def stamps(outputs: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (outputs / "runs").glob("*/result.json")}
+
+
+def test_a_fresh_outputs_folder_restored_from_the_archive_runs_nothing_and_reports_the_same_table(tmp_path, capsys):
+    first, fresh, results = tmp_path / "first", tmp_path / "fresh", tmp_path / "results"
+    suite = ["ablation_targets", *SMOKE, "--only", "none,mae:norm. pixels, random 0.75"]
+    assert cli([*suite, "--outputs", str(first)]) == 0
+    assert archive.main(["save", "--outputs", str(first), "--archive", str(results)]) == 0
+    assert "archived 2 finished run(s) (2 new or changed) and 1 suite index(es)" in capsys.readouterr().out
+    kept = sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+    assert kept == sorted([f"runs/{name}/{file}" for name in stamps(first) for file in archive.RUN_FILES
+                           if (first / "runs" / name / file).exists()] +      # none trains: no metrics.jsonl
+                          ["suites/ablation_targets/smoke/runs.json"])       # no weights, no caches
+
+    assert archive.main(["restore", "--outputs", str(fresh), "--archive", str(results)]) == 0
+    restored = stamps(fresh)
+    assert cli([*suite, "--outputs", str(fresh)]) == 0
+    assert stamps(fresh) == restored, "a restored run ran again"
+    assert not list(fresh.glob("runs/*/encoder.safetensors"))
+    table = "suites/ablation_targets/smoke/table.md"
+    assert (fresh / table).read_text() == (first / table).read_text()
+    # saving again changes nothing; restoring again leaves the finished records alone
+    assert archive.save(first, results) == {"runs": 2, "changed": 0, "indexes": 0}
+    assert archive.restore(results, fresh) == {"runs": 0, "indexes": 0} and stamps(fresh) == restored
+
+
+def test_a_restored_run_asked_for_a_new_evaluation_trains_its_weights_again_to_the_same_bytes(tmp_path):
+    first, fresh, results = tmp_path / "first", tmp_path / "fresh", tmp_path / "results"
+    profile = get_profile("smoke")
+    [run] = plan("ablation_targets", "smoke", 1, BEIT, None, recipe="shared")    # needs BEiT's tokenizer
+    execute(run, profile, first, progress=False)
+    archive.save(first, results)
+    archive.restore(results, fresh)
+    knn = json.loads((fresh / "runs" / run.name / "result.json").read_text())["evals"]["knn"]
+
+    wider = dataclasses.replace(run, spec=dataclasses.replace(run.spec, evals=("knn", "linear")))
+    record = execute(wider, profile, fresh, progress=False)
+    assert set(record.evals) == {"knn", "linear"} and dataclasses.asdict(record.evals["knn"]) == knn
+    [tokenizer] = [p.name for p in (first / "runs").glob("dvae-*")]
+    for folder, file in ((run.name, "encoder.safetensors"), (tokenizer, "tokenizer.safetensors")):
+        again = (fresh / "runs" / folder / file).read_bytes()          # the tokenizer was trained again too
+        assert again == (first / "runs" / folder / file).read_bytes(), f"{folder}/{file} differs"
+
+
+def test_restoring_never_overwrites_a_finished_record_and_save_needs_run_folders(tmp_path, capsys):
+    first, results = tmp_path / "first", tmp_path / "results"
+    assert cli(["ablation_targets", *SMOKE, "--only", "none", "--outputs", str(first)]) == 0
+    archive.save(first, results)
+    [record] = (results / "runs").glob("*/result.json")
+    edited = json.loads(record.read_text())
+    edited["metrics"]["knn_top1_cls"] = -1.0
+    record.write_text(json.dumps(edited))
+    assert archive.restore(results, first)["runs"] == 0
+    assert json.loads((first / "runs" / record.parent.name / "result.json").read_text())["metrics"]["knn_top1_cls"] >= 0
+    assert archive.main(["save", "--outputs", str(tmp_path / "nowhere"), "--archive", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere/runs not found" in err and len(err.strip().splitlines()) == 1
