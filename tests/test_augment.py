@@ -6,6 +6,8 @@ import torch
 from torchvision.transforms import functional as TF
 
 from engine.augment import DRAWS, Photometric, beit_view, dino_views, photometric, shift_hue
+from engine.trainer import view_augmentations
+from methods.base import AUGMENTATIONS
 from methods.registry import ConfigError
 
 DINO_JITTER = dict(jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
@@ -181,3 +183,12 @@ def test_dino_and_beit_presets_hold_the_papers_values():
     beit.validate()
     assert (beit.jitter_p, beit.brightness, beit.contrast, beit.saturation, beit.hue) == (1.0, 0.4, 0.4, 0.4, 0.0)
     assert beit.grayscale_p == beit.blur_p == beit.solarize_p == 0
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS)
+def test_every_augmentation_a_config_may_name_maps_to_its_views(name):
+    views = view_augmentations(name, num_views=4, num_global=2)      # iBOT's shape: 2 global + 2 local
+    assert len(views) == 4
+    assert all(view is None for view in views) == (name == "none")
+    with pytest.raises(ConfigError, match="unknown augmentation 'jitter'; known: none, beit, dino"):
+        view_augmentations("jitter", 1, 1)
