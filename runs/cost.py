@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from engine.data import list_images
+from engine.data import HOLDOUT_IMAGES, list_images
 from engine.trainer import MaskedViews, adamw_cosine_plan, count_flops, total_steps, train_flops
 from eval.registry import split_name
 from methods import registry
 from methods.base import Batch
 from methods.vit import ViT
-from runs.execute import UnreadableRecord, is_done, read_result, stale_evaluations
+from runs.execute import UnreadableRecord, eval_config, is_done, read_result, stale_evaluations
 from runs.identity import Budget, Run, RunConfig, RunSpec, config_from_record, resolve
 from runs.records import read_json, write_json
 
@@ -138,7 +138,7 @@ def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
     protocols' shared feature extraction (`feature_flops`). ("knn@student", an evaluation of
     another encoder the run saves, costs what "knn" does.)"""
     name = split_name(name)[0]
-    cfg = profile.eval_config(name)
+    cfg = eval_config(name, profile, config.method)      # with the method's overrides (none's lr sweep)
     train, test = num_images(config.data, "train"), num_images(config.data, "test")
     if name == "knn":            # (test x train) similarities of both poolings
         return 2 * 2 * train * test * config.build_method_config().encoder.embed_dim
@@ -148,8 +148,10 @@ def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
         grid = len(cfg.lrs) * len(cfg.weight_decays)
         flops = 6 * dim * classes * cfg.epochs * len(cfg.poolings) * (0.8 * train * grid + train)
         return flops / LINEAR_PROBE_EFFICIENCY
-    if name == "finetune":
-        return encoder_forward_flops(config) * (3 * cfg.epochs * train + test)
+    if name == "finetune":      # each lr of a sweep on the fit part, read on the held-out part; the final one
+        held_out = min(HOLDOUT_IMAGES, train // 5)
+        sweep = len(cfg.blr_sweep) * (3 * cfg.epochs * (train - held_out) + held_out)
+        return encoder_forward_flops(config) * (sweep + 3 * cfg.epochs * train + test)
     if name == "segmentation":
         crop = encoder_forward_flops(config, cfg.crop_size)
         # inference at a square of the resize bound's area: whole, or in sliding crops

@@ -179,3 +179,17 @@ def test_the_other_recipes_finished_runs_stay_in_the_index_though_their_epochs_l
     index = json.loads((tmp_path / "suites" / "compare_methods" / "smoke-budget" / "runs.json").read_text())
     ibot = [(e["recipe"], e["setting"]) for e in index["runs"] if e["method"] == "ibot"]
     assert ("shared", next(s for r, s in ibot if r == "shared")) in ibot and any(r == "paper" for r, _ in ibot)
+
+
+def test_the_baselines_fine_tune_is_costed_with_its_lr_sweep():
+    """none's from-scratch fine-tune tries 3 lrs on train minus the held-out 5k, then trains
+    on all of train: about 3.7 fine-tunes where a pre-trained encoder's costs one."""
+    from runs.cost import evaluation_flops
+    from suites.run import plan
+    profile = get_profile("cpu")
+    cells = {run.spec.method: run for run in plan("compare_methods", "cpu", 1, "none,mae:5 epochs", None,
+                                                  check_data=False, recipe="shared")}
+    sweep, single = (evaluation_flops("finetune", cells[m].config, profile) for m in ("none", "mae"))
+    epochs = profile.eval_config("finetune").epochs
+    runs_of_the_sweep = 3 * (3 * epochs * 45_000 + 5_000) / (3 * epochs * 50_000 + 10_000)
+    assert sweep / single == pytest.approx(1 + runs_of_the_sweep)      # 3.66 (same nano encoder)
