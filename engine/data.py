@@ -93,10 +93,15 @@ def check_dataset_root(root: str | Path) -> Path:
     return root
 
 
+def holdout_size(num_train: int, holdout: int = HOLDOUT_IMAGES) -> int:
+    """How many of `num_train` images are held out: `holdout`, at most a fifth."""
+    return min(holdout, num_train // 5)
+
+
 def holdout_positions(num_train: int, holdout: int = HOLDOUT_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, holdout): the positions in train of each part. Fixed seed: the held-out part is a
     property of the dataset, not of a run."""
-    holdout = min(holdout, num_train // 5)
+    holdout = holdout_size(num_train, holdout)
     order = torch.randperm(num_train, generator=torch.Generator().manual_seed(0))
     return order[holdout:], order[:holdout]
 

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -58,13 +59,17 @@ def cached_features(vit: ViT, data: ImageSet, cache_file: Path, **kwargs) -> dic
     """`extract_features`, stored in `cache_file` (safetensors) and read back next time."""
     cache_file = Path(cache_file)
     if cache_file.exists():
+        with safe_open(str(cache_file), "pt") as f:
+            # the split's size it was extracted from (a streamed split that skipped unreadable files
+            # has fewer rows); files written before it was recorded hold one row per image
+            images = int((f.metadata() or {}).get("images", -1))
         feats = load_file(str(cache_file))
-        if len(feats["labels"]) == len(data):
+        if len(data) in (images, len(feats["labels"])):
             return feats
     feats = extract_features(vit, data, **kwargs)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache_file) as tmp:
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))   # from the tensors, no bytes copy
+    with atomic_path(cache_file) as tmp:       # from the tensors: no serialised copy in memory
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"images": str(len(data))})
     return feats
 
 

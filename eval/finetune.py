@@ -23,7 +23,8 @@ in DataLoader workers, RandomResizedCrop from the full image, flip, then RandAug
 MAE's order; the memory path augments the resized image before its batched crop), all drawn
 from generators seeded by (seed, step, position in the batch), so a batch is the same for any
 number of workers and a resumed fine-tune is bit-identical; the test split is read in batches.
-The sweep takes its held-out rows of train by position, as the linear probe does.
+The sweep holds out the files at the positions the memory path's split holds out (a skipped
+unreadable file is left out of its part, as of any batch).
 """
 from __future__ import annotations
 
@@ -239,40 +240,34 @@ class StreamingLabelledBatches(StepSource):
     """Fine-tuning's batch source for a split read from its files (engine.stream.StreamedSet):
     the epoch order of `LabelledBatches`; per image in the workers `AugmentedImages`; here the
     standardisation and mixup / cutmix on the batch, NumPy seeded per step as `LabelledBatches`
-    does. With `needs_every_image` (rows taken by position: the sweep's) a skipped unreadable
-    file is refused instead."""
+    does. An unreadable file skipped (--skip-bad-images) is left out of its batch."""
 
     def __init__(self, data: StreamedSet, cfg: FinetuneConfig, img_size: int, num_classes: int, seed: int,
-                 device: torch.device, needs_every_image: bool = False):
+                 device: torch.device):
         images = AugmentedImages(data.reader, img_size, (cfg.crop_scale_min, 1.0), rand_augment_of(cfg, img_size),
                                  seed)
         super().__init__(images, EpochOrder(len(data), cfg.batch_size, seed), device, data.workers,
                          data.on_bad_image, standardize=False)
-        self.seed, self.needs_every_image = seed, needs_every_image
+        self.seed = seed
         self.mixup = mixup_of(cfg, num_classes)
 
     def assemble(self, step: int, part: StepPart) -> LabelledBatch:
-        if self.needs_every_image and self.skipped:
-            raise skipped_by_sweep(len(self.skipped))
         images = standardize_pixels(part.views[0].to(self.device, non_blocking=True))     # (B, 3, s, s)
         targets = to_device(part.labels, self.device)                                     # (B,)
         if self.mixup is not None:
             if len(targets) % 2:     # a skipped file left the batch odd, which timm's Mixup refuses
+                if len(targets) == 1:
+                    raise DataError(f"step {step}'s fine-tune batch has one readable image, and mixup needs "
+                                    f"pairs; check the dataset's files (skipped: {len(self.skipped)})")
                 images, targets = images[:-1], targets[:-1]
             np.random.seed(step_seed(self.seed, step, stream=5) % 2**32)
             images, targets = self.mixup(images, targets)                   # targets: (B, C) soft
         return LabelledBatch(images=images, targets=targets)
 
 
-def skipped_by_sweep(count: int) -> DataError:
-    return DataError(f"{count} train image(s) were unreadable and skipped: the streamed fine-tune's blr sweep "
-                     f"takes its held-out rows of train by position (as the linear probe), so it needs every "
-                     f"one; remove or repair the bad files")
-
-
 def finetune_trainer(model: Classifier, data: ImageSet | StreamedSet, cfg: FinetuneConfig, work_dir: Path,
-                     seed: int, config_hash: str, device: str | torch.device = "cpu", progress: bool = True,
-                     needs_every_image: bool = False) -> Trainer:
+                     seed: int, config_hash: str, device: str | torch.device = "cpu", progress: bool = True
+                     ) -> Trainer:
     """The project's trainer on labelled batches (held in memory, or read from the files of a
     StreamedSet) with a layer-decayed AdamW + warm-up/cosine (the pre-training plan's factories,
     with timm's `layer_decay`)."""
@@ -280,7 +275,7 @@ def finetune_trainer(model: Classifier, data: ImageSet | StreamedSet, cfg: Finet
     device = torch.device(device)
     img_size, num_classes = model.encoder.cfg.img_size, model.head.out_features
     if isinstance(data, StreamedSet):
-        batches = StreamingLabelledBatches(data, cfg, img_size, num_classes, seed, device, needs_every_image)
+        batches = StreamingLabelledBatches(data, cfg, img_size, num_classes, seed, device)
     else:
         batches = LabelledBatches(data, cfg, img_size, num_classes, seed, device)
     steps = total_steps(cfg.epochs, len(data), cfg.batch_size)
@@ -303,7 +298,7 @@ def top1(model: Classifier, data: ImageSet | StreamedSet, batch_size: int = 1024
 
 
 def fine_tune(encoder: ViT, train: ImageSet | StreamedSet, num_classes: int, cfg: FinetuneConfig, work_dir: Path,
-              ctx: EvalContext, needs_every_image: bool = False) -> tuple[Classifier, dict]:
+              ctx: EvalContext) -> tuple[Classifier, dict]:
     """A fine-tuned copy of `encoder` (resuming from `work_dir`'s checkpoints) and its train stats
     (with `data_source` when it read the files, as pre-training records it)."""
     torch.manual_seed(ctx.seed)                               # the head's initial weights
@@ -311,7 +306,7 @@ def fine_tune(encoder: ViT, train: ImageSet | StreamedSet, num_classes: int, cfg
                        cfg.pooling, cfg.label_smoothing).train()
     trainer = finetune_trainer(model, train, cfg, work_dir, ctx.seed,
                                config_hash=f"{cfg.config_hash()}-seed{ctx.seed}", device=ctx.device,
-                               progress=ctx.progress, needs_every_image=needs_every_image)
+                               progress=ctx.progress)
     if isinstance(trainer.data, LabelledBatches):
         return model, trainer.fit()
     try:
@@ -322,7 +317,9 @@ def fine_tune(encoder: ViT, train: ImageSet | StreamedSet, num_classes: int, cfg
 
 def held_out_sets(splits: Splits) -> tuple[ImageSet | StreamedSet, ImageSet | StreamedSet]:
     """(fit, holdout): `splits.fit` and `splits.holdout`, or, for a streamed train split (both
-    None), its rows at `engine.data.holdout_positions`, the draw the memory path's split makes."""
+    None), its files at `engine.data.holdout_positions`, the draw the memory path's split makes
+    (each part reads its own files: a file skipped in one shifts nothing, unlike the probe's rows
+    of cached features)."""
     if splits.fit is not None:
         return splits.fit, splits.holdout
     fit, holdout = holdout_positions(len(splits.train))
@@ -334,14 +331,10 @@ def choose_blr(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalConte
     candidate fine-tuned on the fit part of train in its own folder; ties go to the first listed."""
     num_classes, sweep = len(splits.train.classes), []
     fit, holdout = held_out_sets(splits)
-    by_position = isinstance(holdout, StreamedSet)
     for factor in cfg.blr_sweep:
         candidate = replace(cfg, blr=cfg.blr * factor, blr_sweep=())
-        model, _ = fine_tune(encoder, fit, num_classes, candidate, Path(ctx.work_dir) / f"sweep-x{factor:g}", ctx,
-                             needs_every_image=by_position)
+        model, _ = fine_tune(encoder, fit, num_classes, candidate, Path(ctx.work_dir) / f"sweep-x{factor:g}", ctx)
         sweep.append({"blr": candidate.blr, "holdout_top1": top1(model, holdout, ctx.feature_batch, ctx.device)})
-        if by_position and holdout.skipped:
-            raise skipped_by_sweep(len(holdout.skipped))
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["holdout_top1"], -i))
     blr = sweep[best]["blr"]
     blrs = [point["blr"] for point in sweep]

@@ -2,7 +2,8 @@
 measurement outlives the machine it ran on.
 
 A run folder in `outputs/` holds megabytes (weights, checkpoints, feature caches) and is lost
-with the machine; what a report and a re-run need of a finished run is a few kilobytes: its
+with the machine; what a report and a re-run need of a finished run is kilobytes (a long run's
+loss curve: about a megabyte): its
 `config.json`, `result.json` (every evaluation) and `metrics.jsonl` (loss curves), and each
 suite's index (`suites/<suite>/<profile>/runs.json`, which names its runs and the budget it
 solved for). So:
@@ -15,7 +16,7 @@ later evaluation, or a run that requires it (BEiT's tokenizer), needs them, `run
 trains it again from its config, which on the machine and torch it was measured on gives the
 same weights bit for bit (the run's seed decides every draw). Restoring never overwrites a
 finished record in `outputs/`; saving overwrites the archive's copy of a run (it gained an
-evaluation). Standard library and `runs.records` only.
+evaluation). Light: the standard library, filelock and `runs.records`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from runs.records import RecordError, atomic_path, read_record
 
-RUN_FILES = ("config.json", "result.json", "metrics.jsonl")      # result.json is what makes a run done
+RUN_FILES = ("config.json", "metrics.jsonl", "result.json")      # result.json, which makes a run done, last
 INDEX_GLOB = "suites/*/*/runs.json"
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "results"
 
@@ -38,6 +41,19 @@ def finished(run_dir: Path) -> bool:
     except RecordError:
         return False
     return record is not None and record.done
+
+
+def running(run_dir: Path) -> bool:
+    """Whether a process holds the run's lock (the one `runs.execute.execute` takes): it is training."""
+    if not (run_dir / ".lock").exists():
+        return False
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def copy(source: Path, target: Path) -> bool:
@@ -66,12 +82,12 @@ def save(outputs: Path, archive: Path) -> dict[str, int]:
 
 
 def restore(archive: Path, outputs: Path) -> dict[str, int]:
-    """The archived runs and suite indexes that `outputs` lacks; a run `outputs` has finished
-    is left as it is."""
+    """The archived runs and suite indexes that `outputs` lacks; a run `outputs` has finished,
+    or one a process is running, is left as it is."""
     counts = {"runs": 0, "indexes": 0}
     for archived in sorted((archive / "runs").glob("*")):
         run_dir = outputs / "runs" / archived.name
-        if finished(run_dir) or not finished(archived):
+        if finished(run_dir) or running(run_dir) or not finished(archived):
             continue
         for name in RUN_FILES:
             if (archived / name).exists():

@@ -40,13 +40,14 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from engine.data import HOLDOUT_IMAGES, list_images
+from engine.data import holdout_size, list_images
 from engine.trainer import MaskedViews, adamw_cosine_plan, count_flops, total_steps, train_flops
 from eval.registry import split_name
 from methods import registry
 from methods.base import Batch
 from methods.vit import ViT
-from runs.execute import UnreadableRecord, eval_config, is_done, read_result, stale_evaluations
+from runs.execute import (UnreadableRecord, eval_config, is_done, product_missing, read_result,
+                          stale_evaluations)
 from runs.identity import Budget, Run, RunConfig, RunSpec, config_from_record, resolve
 from runs.records import read_json, write_json
 
@@ -149,7 +150,7 @@ def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
         flops = 6 * dim * classes * cfg.epochs * len(cfg.poolings) * (0.8 * train * grid + train)
         return flops / LINEAR_PROBE_EFFICIENCY
     if name == "finetune":      # each lr of a sweep on the fit part, read on the held-out part; the final one
-        held_out = min(HOLDOUT_IMAGES, train // 5)
+        held_out = holdout_size(train)
         sweep = len(cfg.blr_sweep) * (3 * cfg.epochs * (train - held_out) + held_out)
         return encoder_forward_flops(config) * (sweep + 3 * cfg.epochs * train + test)
     if name == "segmentation":
@@ -198,8 +199,11 @@ def seconds_left(run: Run, profile: Budget, outputs: Path, flops_per_second: flo
         record = None
     features_cached = (run_dir / "features").is_dir()
     if record is not None and record.done:
-        return evaluation_seconds(run.config, stale_evaluations(record, run.spec.evals, profile), profile,
-                                  flops_per_second, features_cached)
+        stale = stale_evaluations(record, run.spec.evals, profile)
+        seconds = evaluation_seconds(run.config, stale, profile, flops_per_second, features_cached)
+        if stale and product_missing(run_dir, run.config.method):    # restored from the results archive
+            seconds = {"pre-train": estimate_seconds(run.config, profile, flops_per_second), **seconds}
+        return seconds
     pretrain = estimate_seconds(run.config, profile, flops_per_second)
     return {**({"pre-train": pretrain} if pretrain else {}),
             **evaluation_seconds(run.config, run.spec.evals, profile, flops_per_second, features_cached)}
@@ -214,7 +218,9 @@ def plan_seconds(runs: list[Run], profile: Budget, outputs: Path, flops_per_seco
         per_run[run.name] = seconds_left(run, profile, outputs, flops_per_second)
         if "pre-train" in per_run[run.name]:
             for need in run.config.requires.values():
-                if need.config.name not in prerequisites and not is_done(need.config.folder(outputs), need.evals):
+                folder = need.config.folder(outputs)
+                if need.config.name not in prerequisites and (not is_done(folder, need.evals) or
+                                                              product_missing(folder, need.config.method)):
                     prerequisites[need.config.name] = estimate_seconds(need.config, profile, flops_per_second)
     total = sum(sum(phases.values()) for phases in per_run.values()) + sum(prerequisites.values())
     return per_run, prerequisites, total

@@ -278,12 +278,13 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
     previous = read_result(run_dir)
     train_stats = previous.train if previous is not None and previous.done else None
     evals = dict(previous.evals) if previous is not None else {}
+    archived = None
     if train_stats is not None and product_missing(run_dir, config.method):
         # a record restored from the results archive: its evaluations stand, the weights are
         # made again (the same seed and config; bit-identical on the machine that measured it)
         print(f"  {run_dir.name}: finished, without its weights (restored from the results archive); "
               f"training it again", flush=True)
-        train_stats = None
+        archived, train_stats = train_stats, None
     outputs = run_dir.parent.parent
 
     def record_progress() -> RunRecord:
@@ -313,6 +314,9 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         if kind == "stream":
             images.close()        # its workers end here, before the evaluations start theirs
         del images, trainer
+        if archived is not None:
+            # the record keeps the training its evaluations were measured on; this one beside it
+            train_stats = {**archived, "retrained": train_stats}
         if distributed.is_main():
             save_product(method, run_dir)
             save_variants(method, run_dir)

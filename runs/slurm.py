@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 
 from engine import distributed
 from methods.registry import ConfigError
-from runs.execute import UnreadableRecord, execute, is_done, run_prerequisites
+from runs.execute import UnreadableRecord, execute, is_done, product_missing, run_prerequisites
 from runs.identity import Budget, Run
 
 CLUSTER_ENV = "MIMBENCH_SUBMITIT_CLUSTER"
@@ -95,6 +95,10 @@ def parse_extra(pairs: list[str]) -> dict:
 
 class RunJob(submitit.helpers.Checkpointable):
     """What one job does: finish one run of the plan, or (prerequisites_only) the runs it requires."""
+
+    # a job pickled before these were arguments (requeued after an upgrade) reads them here
+    data_source: str = "auto"
+    workers: int | None = None
 
     def __init__(self, run: Run, profile: Budget, outputs: Path, device: str | None,
                  progress: bool, on_bad_image: str, prerequisites_only: bool = False,
@@ -176,8 +180,10 @@ def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | Non
         except UnreadableRecord:
             pass    # submitted: its job fails naming the damaged file
         after = None
+        # a prerequisite restored from the results archive has no weights: it trains in its own job too
         unfinished = [need.config.folder(outputs) for need in run.config.requires.values()
-                      if not is_done(need.config.folder(outputs), need.evals)]
+                      if not is_done(need.config.folder(outputs), need.evals)
+                      or product_missing(need.config.folder(outputs), need.config.method)]
         if unfinished:
             key = json.dumps(sorted(need.config.name for need in run.config.requires.values()))
             if key not in prerequisite_job:

@@ -94,8 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave unreadable image files out (counted) instead of stopping at the first")
     parser.add_argument("--data-source", default="auto", choices=DATA_SOURCES,
-                        help="how pre-training reads --data: memory (decoded once at the model's size, "
-                             "cached), stream (files decoded per step in DataLoader workers, engine.stream) "
+                        help="how pre-training (and k-NN, the probe and fine-tuning after it) reads --data: memory "
+                             "(decoded once at the model's size, cached), stream (files decoded per step in "
+                             "DataLoader workers, engine.stream) "
                              f"or auto (default: memory when the decoded train split fits "
                              f"{MEMORY_SOURCE_MAX_BYTES // 2**30} GiB, else stream); recorded in result.json")
     parser.add_argument("--data-workers", type=int, default=None, metavar="N",

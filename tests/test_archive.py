@@ -72,3 +72,34 @@ def test_restoring_never_overwrites_a_finished_record_and_save_needs_run_folders
     assert archive.main(["save", "--outputs", str(tmp_path / "nowhere"), "--archive", str(results)]) == 2
     err = capsys.readouterr().err
     assert "nowhere/runs not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_restored_prerequisite_gets_its_own_slurm_job_and_the_dry_run_counts_the_retraining(tmp_path):
+    from filelock import FileLock
+
+    from runs import slurm
+    from runs.cost import plan_seconds
+    first, fresh, results = tmp_path / "first", tmp_path / "fresh", tmp_path / "results"
+    profile = get_profile("smoke")
+    [run] = plan("ablation_targets", "smoke", 1, BEIT, None, recipe="shared")
+    execute(run, profile, first, progress=False)
+    archive.save(first, results)
+    archive.restore(results, fresh)
+    wider = dataclasses.replace(run, spec=dataclasses.replace(run.spec, evals=("knn", "linear")))
+
+    jobs = slurm.plan_jobs([wider], profile, fresh, None, False, "error")
+    assert [job.task.prerequisites_only for job in jobs] == [True, False] and jobs[1].after == 0
+    per_run, prerequisites, _ = plan_seconds([wider], profile, fresh, 1e9)
+    assert set(per_run[run.name]) == {"pre-train", "linear"} and len(prerequisites) == 1
+    assert set(plan_seconds([run], profile, fresh, 1e9)[0][run.name]) == set()   # knn is done: nothing to train
+
+    record = execute(wider, profile, fresh, progress=False)
+    archived = json.loads((results / "runs" / run.name / "result.json").read_text())["train"]
+    assert {key: record.train[key] for key in archived} == archived       # what knn was measured on
+    assert record.train["retrained"]["steps"] == archived["steps"]
+
+    # a restore never writes into a folder a process is training in
+    (fresh / "runs" / run.name / "result.json").unlink()
+    with FileLock(str(fresh / "runs" / run.name / ".lock")):
+        assert archive.restore(results, fresh)["runs"] == 0
+    assert archive.restore(results, fresh)["runs"] == 1

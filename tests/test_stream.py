@@ -404,17 +404,22 @@ def test_streamed_evaluation_splits_give_the_features_of_the_same_images_held_in
         assert torch.equal(from_files[key], from_memory[key]), key
 
 
-
-def test_features_of_a_streamed_split_that_skips_a_bad_file_are_those_of_the_readable_ones(tmp_path):
+def test_features_of_a_streamed_split_that_skips_a_bad_file_are_those_of_the_readable_ones_and_cached(
+        tmp_path, monkeypatch):
+    from eval import features
     root = make_jpeg_folder(tmp_path / "train", num_classes=2, per_class=6, min_px=20, max_px=40)
     (root / "n00000000" / "0_3.JPEG").write_bytes(b"not a jpeg")       # the 4th of 12 files
     streamed = StreamedSet(FolderReader(root), 16, workers=0, on_bad_image="skip")
     vit = ViT(ViTConfig(size="micro", img_size=16, patch_size=4)).eval()
-    feats = extract_features(vit, streamed, batch_size=5, progress=False)
+    feats = features.cached_features(vit, streamed, tmp_path / "train.safetensors", batch_size=5, progress=False)
     readable = [i for i in range(12) if i != 3]
     held = streamed.in_memory(readable)
     assert len(feats["labels"]) == 11 and torch.equal(feats["labels"], streamed.labels[readable])
     assert torch.equal(feats["mean"], extract_features(vit, held, batch_size=5, progress=False)["mean"])
+    monkeypatch.setattr(features, "extract_features", lambda *args, **kwargs: pytest.fail("extracted again"))
+    again = features.cached_features(vit, streamed, tmp_path / "train.safetensors", batch_size=5, progress=False)
+    assert torch.equal(again["mean"], feats["mean"])
+
 
 def test_knn_over_slices_of_the_train_features_equals_one_similarity_matmul():
     gen = torch.Generator().manual_seed(0)
