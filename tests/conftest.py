@@ -21,3 +21,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def micro_overrides(**extra):
     """A micro ViT at 16 px (4x4 patch grid): the smallest real model the methods run."""
     return {"encoder": {"size": "micro", "img_size": 16, "patch_size": 4}, **extra}
+
+
+def kill_at_step(monkeypatch, source_class, step: int) -> None:
+    """Make `source_class.batch_for_step` raise KeyboardInterrupt at `step`, as a kill would stop
+    a training there (`monkeypatch.undo()` lets the same command resume)."""
+    read = source_class.batch_for_step
+
+    def killed(self, at):
+        if at == step:
+            raise KeyboardInterrupt("killed")
+        return read(self, at)
+
+    monkeypatch.setattr(source_class, "batch_for_step", killed)

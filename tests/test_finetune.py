@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import kill_at_step
 from engine.checkpoint import checkpoint_paths
 from engine.data import synthetic_splits
 from eval import finetune
@@ -57,18 +58,11 @@ def test_a_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
     cfg = FinetuneConfig(**SMALL)                     # 10 steps, checkpoints at 3, 6, 9, 10
     straight = finetune.run(vit, splits, cfg, context(tmp_path / "straight", seed=1))
 
-    real_batch = LabelledBatches.batch_for_step
-
-    def crash_at_step_7(self, step):
-        if step == 7:
-            raise KeyboardInterrupt("killed")         # no checkpoint at the kill: 6 is the last one
-        return real_batch(self, step)
-
-    monkeypatch.setattr(LabelledBatches, "batch_for_step", crash_at_step_7)
+    kill_at_step(monkeypatch, LabelledBatches, 7)     # no checkpoint at the kill: 6 is the last one
     with pytest.raises(KeyboardInterrupt):
         finetune.run(vit, splits, cfg, context(tmp_path / "killed", seed=1))
     assert checkpoint_paths(tmp_path / "killed" / "checkpoints")[0].name == "ckpt-00000006.pt"
-    monkeypatch.setattr(LabelledBatches, "batch_for_step", real_batch)
+    monkeypatch.undo()
     resumed = finetune.run(vit, splits, cfg, context(tmp_path / "killed", seed=1))
 
     final = [torch.load(checkpoint_paths(tmp_path / d / "checkpoints")[0], weights_only=True)["model"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.data import make_jpeg_folder
+from conftest import kill_at_step
 from engine import data as memory_data
 from engine import stream
 from engine.checkpoint import checkpoint_paths
@@ -84,14 +85,7 @@ def test_a_streamed_fine_tune_stopped_after_3_steps_resumes_to_the_weights_of_an
     splits = streamed_splits(root, 16, workers=1)
     cfg = FinetuneConfig(**SMALL)                   # checkpoints at 2, 4, 6
     straight = finetune.run(micro_vit(), splits, cfg, context(tmp_path / "straight"))
-    read = StreamingLabelledBatches.batch_for_step
-
-    def killed_at_step_3(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("killed")       # no checkpoint at the kill: 2 is the last one
-        return read(self, step)
-
-    monkeypatch.setattr(StreamingLabelledBatches, "batch_for_step", killed_at_step_3)
+    kill_at_step(monkeypatch, StreamingLabelledBatches, 3)     # no checkpoint at the kill: 2 is the last one
     with pytest.raises(KeyboardInterrupt) as killed:
         finetune.run(micro_vit(), splits, cfg, context(tmp_path / "killed"))
     # its traceback still holds the source: its workers were ended, not left to the collector
