@@ -610,8 +610,6 @@ class StreamedSet:
         self.workers = default_workers() if workers is None else workers
         self.classes = reader.classes
         self.labels = reader.labels
-        # the distinct unreadable files `batches` left out so far: image index -> "path (error)"
-        self.skipped: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -629,7 +627,6 @@ class StreamedSet:
                             num_workers=min(self.workers, len(chunks)), collate_fn=Collate(False), **extra)
         for part in loader:
             check_part(part, self.on_bad_image)
-            self.skipped.update(part.bad)
             for name in part.bad.values():
                 print(f"[data] skipped unreadable image {name}", flush=True)
             if len(part.positions):
