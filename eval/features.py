@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.data import ImageSet, normalize
@@ -62,10 +62,9 @@ def cached_features(vit: ViT, data: ImageSet, cache_file: Path, **kwargs) -> dic
         with safe_open(str(cache_file), "pt") as f:
             # the split's size it was extracted from (a streamed split that skipped unreadable files
             # has fewer rows); files written before it was recorded hold one row per image
-            images = int((f.metadata() or {}).get("images", -1))
-        feats = load_file(str(cache_file))
-        if len(data) in (images, len(feats["labels"])):
-            return feats
+            images = int((f.metadata() or {}).get("images", f.get_slice("labels").get_shape()[0]))
+            if images == len(data):
+                return {name: f.get_tensor(name) for name in f.keys()}
     feats = extract_features(vit, data, **kwargs)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache_file) as tmp:       # from the tensors: no serialised copy in memory

@@ -46,8 +46,8 @@ from eval.registry import split_name
 from methods import registry
 from methods.base import Batch
 from methods.vit import ViT
-from runs.execute import (UnreadableRecord, eval_config, is_done, product_missing, read_result,
-                          stale_evaluations)
+from runs.execute import (UnreadableRecord, eval_config, product_missing, read_result, stale_evaluations,
+                          usable)
 from runs.identity import Budget, Run, RunConfig, RunSpec, config_from_record, resolve
 from runs.records import read_json, write_json
 
@@ -218,9 +218,8 @@ def plan_seconds(runs: list[Run], profile: Budget, outputs: Path, flops_per_seco
         per_run[run.name] = seconds_left(run, profile, outputs, flops_per_second)
         if "pre-train" in per_run[run.name]:
             for need in run.config.requires.values():
-                folder = need.config.folder(outputs)
-                if need.config.name not in prerequisites and (not is_done(folder, need.evals) or
-                                                              product_missing(folder, need.config.method)):
+                if need.config.name not in prerequisites and not usable(need.config.folder(outputs), need.evals,
+                                                                        need.config.method):
                     prerequisites[need.config.name] = estimate_seconds(need.config, profile, flops_per_second)
     total = sum(sum(phases.values()) for phases in per_run.values()) + sum(prerequisites.values())
     return per_run, prerequisites, total

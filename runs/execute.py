@@ -224,8 +224,15 @@ def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progr
 
 def finished_with(run_dir: Path, run: Run, profile: Budget, need_product: bool) -> bool:
     """Done with the run's evaluations (and, if `need_product`, its product file is here)."""
-    return is_done(run_dir, run.spec.evals, profile) and not (need_product and product_missing(run_dir,
-                                                                                                run.config.method))
+    if need_product:
+        return usable(run_dir, run.spec.evals, run.config.method, profile)
+    return is_done(run_dir, run.spec.evals, profile)
+
+
+def usable(run_dir: Path, evals: tuple[str, ...], method: str, profile: Budget | None = None) -> bool:
+    """Done with `evals` and its product file here: what a run that requires it can use (a
+    record restored from the results archive has no weights)."""
+    return is_done(run_dir, evals, profile) and not product_missing(run_dir, method)
 
 
 def product_missing(run_dir: Path, method: str) -> bool:

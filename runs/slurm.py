@@ -34,11 +34,11 @@ from pathlib import Path
 
 import submitit
 import torch
-from filelock import FileLock, Timeout
 
 from engine import distributed
 from methods.registry import ConfigError
-from runs.execute import UnreadableRecord, execute, is_done, product_missing, run_prerequisites
+from runs.archive import running
+from runs.execute import UnreadableRecord, execute, is_done, run_prerequisites, usable
 from runs.identity import Budget, Run
 
 CLUSTER_ENV = "MIMBENCH_SUBMITIT_CLUSTER"
@@ -146,16 +146,7 @@ def held_elsewhere(run_dir: Path) -> bool:
     """Whether another process holds the run's lock (its job was submitted twice). Rank 0 looks
     and every rank follows: `execute` raises RunSkipped on rank 0 alone, and the other ranks
     would wait for it in the trainer's first collective."""
-    held = False
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(run_dir / ".lock"))    # the lock `runs.execute.execute` takes
-        try:
-            lock.acquire(timeout=0)
-            lock.release()
-        except Timeout:
-            held = True
-    return distributed.broadcast_flag(held)
+    return distributed.broadcast_flag(distributed.is_main() and running(run_dir))
 
 
 @dataclass
@@ -182,8 +173,7 @@ def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | Non
         after = None
         # a prerequisite restored from the results archive has no weights: it trains in its own job too
         unfinished = [need.config.folder(outputs) for need in run.config.requires.values()
-                      if not is_done(need.config.folder(outputs), need.evals)
-                      or product_missing(need.config.folder(outputs), need.config.method)]
+                      if not usable(need.config.folder(outputs), need.evals, need.config.method)]
         if unfinished:
             key = json.dumps(sorted(need.config.name for need in run.config.requires.values()))
             if key not in prerequisite_job:
