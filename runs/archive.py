@@ -16,21 +16,34 @@ later evaluation, or a run that requires it (BEiT's tokenizer), needs them, `run
 trains it again from its config, which on the machine and torch it was measured on gives the
 same weights bit for bit (the run's seed decides every draw). Restoring never overwrites a
 finished record in `outputs/`; saving overwrites the archive's copy of a run (it gained an
-evaluation). Light: the standard library, filelock and `runs.records`.
+evaluation).
+
+A run's identity holds the absolute path of its dataset, so a checkout elsewhere (another home,
+another `../shared`) names the same run differently. `save` therefore also records what each
+dataset folder held (`datasets.json`: its files' relative paths and sizes, hashed), and `restore`
+relocates a run whose folder is not on this machine to the folder of the same name under this
+machine's data root (`$MIMBENCH_DATA`, else `../shared/datasets`) when that folder holds the same
+files: the run's config (and its suite index entry) take the new path, and so the name this
+machine gives the run. A folder with other files is not taken for it. Light: the standard
+library, filelock and `runs.records`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from runs.records import RecordError, atomic_path, read_record
+from runs.records import RecordError, atomic_path, config_hash, read_record, write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "result.json")      # result.json, which makes a run done, last
 INDEX_GLOB = "suites/*/*/runs.json"
+DATASETS = "datasets.json"                                       # data path -> what the folder held
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "results"
 
 
@@ -66,9 +79,33 @@ def copy(source: Path, target: Path) -> bool:
     return True
 
 
+def data_paths(record) -> set[str]:
+    """The dataset folders a config (or suite index) names: every `data` entry's `path`, at any
+    depth (a run's prerequisites carry their own)."""
+    if isinstance(record, list):
+        return set().union(*map(data_paths, record))
+    if not isinstance(record, dict):
+        return set()
+    found = {record["data"]["path"]} if isinstance(record.get("data"), dict) and "path" in record["data"] else set()
+    return found.union(*map(data_paths, record.values()))
+
+
+def fingerprint(folder: Path) -> dict:
+    """What a dataset folder holds, cheaply: its files' relative paths and sizes, hashed (CIFAR-10's
+    60k files: ~1 s). Contents are not read: two folders with the same names and sizes pass."""
+    digest, count, size = hashlib.sha256(), 0, 0
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        length = file.stat().st_size
+        digest.update(f"{file.relative_to(folder).as_posix()}\t{length}\n".encode())
+        count, size = count + 1, size + length
+    return {"name": folder.name, "files": count, "bytes": size, "sha256": digest.hexdigest()}
+
+
 def save(outputs: Path, archive: Path) -> dict[str, int]:
-    """Every finished run's record files and every suite index of `outputs` into `archive`."""
+    """Every finished run's record files and every suite index of `outputs` into `archive`, and
+    what each dataset folder they name held (`datasets.json`, for `restore` elsewhere)."""
     counts = {"runs": 0, "changed": 0, "indexes": 0}
+    paths = set()
     for run_dir in sorted((outputs / "runs").glob("*")):
         if not finished(run_dir):
             continue        # failed or unfinished: nothing a report or a re-run could reuse
@@ -76,27 +113,112 @@ def save(outputs: Path, archive: Path) -> dict[str, int]:
         changed = [copy(run_dir / name, archive / "runs" / run_dir.name / name)
                    for name in RUN_FILES if (run_dir / name).exists()]
         counts["changed"] += any(changed)
+        paths |= data_paths(json.loads((run_dir / "config.json").read_text()))
     for index in sorted(outputs.glob(INDEX_GLOB)):
         counts["indexes"] += copy(index, archive / index.relative_to(outputs))
+    datasets = read_datasets(archive)
+    for path in sorted(paths - set(datasets)):
+        if Path(path).is_dir():
+            datasets[path] = fingerprint(Path(path))
+    if datasets != read_datasets(archive):
+        archive.mkdir(parents=True, exist_ok=True)
+        write_json(archive / DATASETS, datasets)
     return counts
 
 
-def restore(archive: Path, outputs: Path) -> dict[str, int]:
-    """The archived runs and suite indexes that `outputs` lacks; a run `outputs` has finished,
-    or one a process is running, is left as it is."""
-    counts = {"runs": 0, "indexes": 0}
-    for archived in sorted((archive / "runs").glob("*")):
-        run_dir = outputs / "runs" / archived.name
-        if finished(run_dir) or running(run_dir) or not finished(archived):
+def read_datasets(archive: Path) -> dict[str, dict]:
+    file = archive / DATASETS
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def relocations(archive: Path, data_root: Path | None) -> tuple[dict[str, str], list[str]]:
+    """Archived dataset paths not on this machine -> the folder of the same name under
+    `data_root` holding the same files; and a line for each one left as it was."""
+    moved, left = {}, []
+    for path, held in sorted(read_datasets(archive).items()):
+        if Path(path).is_dir() or data_root is None:
             continue
-        for name in RUN_FILES:
-            if (archived / name).exists():
-                copy(archived / name, run_dir / name)
-        counts["runs"] += 1
+        here = data_root / held["name"]
+        if not here.is_dir():
+            left.append(f"{path} (no {here} here)")
+        elif fingerprint(here) != held:
+            left.append(f"{path} ({here} holds other files)")
+        else:
+            moved[path] = str(here.resolve())
+    return moved, left
+
+
+def relocated(record, moved: dict[str, str], names: dict[str, str]):
+    """`record` (a config, result or suite index) with every moved data path and renamed run
+    folder replaced."""
+    if isinstance(record, dict):
+        return {key: relocated(value, moved, names) for key, value in record.items()}
+    if isinstance(record, list):
+        return [relocated(value, moved, names) for value in record]
+    if isinstance(record, str):
+        if record in moved:
+            return moved[record]
+        head, _, tail = record.rpartition("/")
+        return f"{head}/{names[tail]}" if head and tail in names else names.get(record, record)
+    return record
+
+
+def relocate_run(archived: Path, moved: dict[str, str]) -> tuple[str, dict[str, bytes]]:
+    """An archived run's folder name and record files on this machine: as archived, or, when its
+    config names a moved dataset, renamed by its relocated config's hash."""
+    config = json.loads((archived / "config.json").read_text())
+    files = {name: (archived / name).read_bytes() for name in RUN_FILES if (archived / name).exists()}
+    if not data_paths(config) & set(moved):
+        return archived.name, files
+    config = relocated(config, moved, {})
+    name = f"{config['method']}-{config_hash(config)}"
+    result = relocated(json.loads(files["result.json"]), moved, {})
+    result["config_hash"] = config_hash(config)
+    files["config.json"], files["result.json"] = (f"{json.dumps(r, indent=2, sort_keys=True)}\n".encode()
+                                                  for r in (config, result))
+    return name, files
+
+
+@dataclass
+class Restored:
+    runs: int = 0                   # run records written into outputs/
+    indexes: int = 0                # suite indexes written
+    relocated: int = 0              # of the runs, those renamed for a relocated dataset
+    moved: dict[str, str] = field(default_factory=dict)     # archived data path -> this machine's
+    left: list[str] = field(default_factory=list)           # archived data paths not relocated, why
+
+
+def restore(archive: Path, outputs: Path, data_root: Path | None = None) -> Restored:
+    """The archived runs and suite indexes that `outputs` lacks; a run `outputs` has finished,
+    or one a process is running, is left as it is. Runs measured on a dataset folder this
+    machine does not have are relocated to the same files under `data_root` (module doc)."""
+    moved, left = relocations(archive, data_root)
+    counts = Restored(moved=moved, left=left)
+    names = {}
+    for archived in sorted((archive / "runs").glob("*")):
+        if not finished(archived):
+            continue
+        name, files = relocate_run(archived, moved)
+        names[archived.name] = name
+        run_dir = outputs / "runs" / name
+        if finished(run_dir) or running(run_dir):
+            continue
+        for file, data in files.items():                 # RUN_FILES' order: result.json last
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(run_dir / file) as tmp:
+                tmp.write_bytes(data)
+        counts.runs += 1
+        counts.relocated += name != archived.name
     for index in sorted(archive.glob(INDEX_GLOB)):
         target = outputs / index.relative_to(archive)
-        if not target.exists():
-            counts["indexes"] += copy(index, target)
+        if target.exists():
+            continue
+        if moved:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json(target, relocated(json.loads(index.read_text()), moved, names))
+        else:
+            copy(index, target)
+        counts.indexes += 1
     return counts
 
 
@@ -120,9 +242,16 @@ def main(argv=None) -> int:
         if not args.archive.is_dir():
             print(f"no archive at {args.archive}: nothing to restore")
             return 0
-        counts = restore(args.archive, args.outputs)
-        print(f"restored {counts['runs']} finished run(s) and {counts['indexes']} suite index(es) "
+        from engine.data import data_root
+        counts = restore(args.archive, args.outputs, data_root())
+        print(f"restored {counts.runs} finished run(s) and {counts.indexes} suite index(es) "
               f"from {args.archive} into {args.outputs}")
+        for old, new in counts.moved.items():
+            print(f"  runs measured on {old} are relocated to {new}, which holds the same files "
+                  f"({counts.relocated} run(s) renamed by their new config)")
+        for line in counts.left:
+            print(f"  runs measured on {line} keep their names: set $MIMBENCH_DATA to the folder holding "
+                  f"that dataset to reuse them")
     return 0
 
 

@@ -38,7 +38,8 @@ def test_a_fresh_outputs_folder_restored_from_the_archive_runs_nothing_and_repor
     assert (fresh / table).read_text() == (first / table).read_text()
     # saving again changes nothing; restoring again leaves the finished records alone
     assert archive.save(first, results) == {"runs": 2, "changed": 0, "indexes": 0}
-    assert archive.restore(results, fresh) == {"runs": 0, "indexes": 0} and stamps(fresh) == restored
+    again = archive.restore(results, fresh)
+    assert (again.runs, again.indexes) == (0, 0) and stamps(fresh) == restored
 
 
 def test_a_restored_run_asked_for_a_new_evaluation_trains_its_weights_again_to_the_same_bytes(tmp_path):
@@ -67,7 +68,7 @@ def test_restoring_never_overwrites_a_finished_record_and_save_needs_run_folders
     edited = json.loads(record.read_text())
     edited["metrics"]["knn_top1_cls"] = -1.0
     record.write_text(json.dumps(edited))
-    assert archive.restore(results, first)["runs"] == 0
+    assert archive.restore(results, first).runs == 0
     assert json.loads((first / "runs" / record.parent.name / "result.json").read_text())["metrics"]["knn_top1_cls"] >= 0
     assert archive.main(["save", "--outputs", str(tmp_path / "nowhere"), "--archive", str(results)]) == 2
     err = capsys.readouterr().err
@@ -101,5 +102,40 @@ def test_a_restored_prerequisite_gets_its_own_slurm_job_and_the_dry_run_counts_t
     # a restore never writes into a folder a process is training in
     (fresh / "runs" / run.name / "result.json").unlink()
     with FileLock(str(fresh / "runs" / run.name / ".lock")):
-        assert archive.restore(results, fresh)["runs"] == 0
-    assert archive.restore(results, fresh)["runs"] == 1
+        assert archive.restore(results, fresh).runs == 0
+    assert archive.restore(results, fresh).runs == 1
+
+
+def test_runs_measured_on_a_dataset_folder_elsewhere_are_relocated_to_the_same_files_here(tmp_path, monkeypatch,
+                                                                                           capsys):
+    import shutil
+
+    from bench.data import make_jpeg_folder
+    there, here = tmp_path / "there" / "datasets", tmp_path / "here" / "datasets"
+    make_jpeg_folder(there / "tiny" / "train", num_classes=2, per_class=64, min_px=20, max_px=40)
+    make_jpeg_folder(there / "tiny" / "test", num_classes=2, per_class=4, min_px=20, max_px=40, seed=1)
+    first, fresh, results = tmp_path / "first", tmp_path / "fresh", tmp_path / "results"
+    suite = ["ablation_targets", *SMOKE, "--only", "none,mae:norm. pixels, random 0.75"]
+    assert cli([*suite, "--data", str(there / "tiny"), "--outputs", str(first)]) == 0
+    archive.save(first, results)
+    shutil.copytree(there, here)
+    shutil.rmtree(there)                    # the measuring machine's folder is not on this one
+    monkeypatch.setenv("MIMBENCH_DATA", str(here))
+
+    assert archive.main(["restore", "--outputs", str(fresh), "--archive", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert f"runs measured on {there / 'tiny'} are relocated to {here / 'tiny'}" in out
+    assert len(stamps(fresh)) == 2 and set(stamps(fresh)).isdisjoint(stamps(first))     # renamed
+    restored = stamps(fresh)
+    assert cli([*suite, "--data", str(here / "tiny"), "--outputs", str(fresh)]) == 0
+    assert stamps(fresh) == restored, "a relocated run ran again"
+    table = "suites/ablation_targets/smoke/table.md"
+    assert (fresh / table).read_text() == (first / table).read_text()
+
+    # a folder of that name with other files is not taken for it: the runs keep their names
+    other = tmp_path / "other"
+    (here / "tiny" / "test" / "class_0" / "extra.jpg").parent.mkdir(parents=True, exist_ok=True)
+    (here / "tiny" / "test" / "class_0" / "extra.jpg").write_bytes(b"not the measured data")
+    assert archive.main(["restore", "--outputs", str(other), "--archive", str(results)]) == 0
+    assert "holds other files" in capsys.readouterr().out
+    assert set(stamps(other)) == set(stamps(first))
