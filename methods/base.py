@@ -98,6 +98,10 @@ class Method(nn.Module):
     # what a finished run saves and its evaluations take: "encoder" (the ViT of `export_encoder`,
     # encoder.safetensors) or "tokenizer" (the method itself, tokenizer.safetensors: the dVAE)
     product: str = "encoder"
+    # the share of the calibrated (MAE) FLOP/s this method's training sustains, for the cost
+    # plan (runs.cost.estimate_seconds): the ViT methods run within 80-92% of the matmul peak
+    # like MAE's calibration steps, so 1.0
+    training_efficiency: float = 1.0
     # the paper's pre-training recipe (methods.recipes.Recipe), applied under --recipe paper;
     # None: the method trains with the profile's shared recipe under both
     paper_recipe = None

@@ -5,7 +5,8 @@ Seconds are FLOPs / a sustained FLOP/s: the profile's assumed `flops_per_second`
 machine's as `calibrate` measures it on a few MAE training steps (recorded in
 outputs/calibration.json and reused while the machine, threads and torch stay the same). One
 figure serves every phase: the bench measured every method's step within 80-92% of the matmul
-peak (README, Performance), and frozen-feature extraction runs near the training rate.
+peak (README, Performance), and frozen-feature extraction runs near the training rate; BEiT's
+convolutional tokenizer trains at two thirds of it (`Method.training_efficiency`).
 
 Evaluations (`evaluation_seconds`), counted from their configs, not timed:
 
@@ -129,8 +130,10 @@ def pretrain_flops(config: RunConfig) -> float:
 
 
 def estimate_seconds(config: RunConfig, profile: Budget, flops_per_second: float | None = None) -> float:
-    """Pre-training wall time at `flops_per_second` (default: the profile's assumed figure)."""
-    return pretrain_flops(config) / (flops_per_second or profile.flops_per_second)
+    """Pre-training wall time at `flops_per_second` (default: the profile's assumed figure), at
+    the share of it the method sustains (`training_efficiency`: the dVAE's convolutions, 0.66)."""
+    efficiency = registry[config.method][0].training_efficiency
+    return pretrain_flops(config) / ((flops_per_second or profile.flops_per_second) * efficiency)
 
 
 # ---- evaluations ---------------------------------------------------------------------------
