@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from runs.records import RecordError, atomic_path, config_hash, read_record, write_json
+from runs.records import RecordError, atomic_path, config_hash, read_json, read_record, write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "result.json")      # result.json, which makes a run done, last
 INDEX_GLOB = "suites/*/*/runs.json"
@@ -113,30 +112,29 @@ def save(outputs: Path, archive: Path) -> dict[str, int]:
         changed = [copy(run_dir / name, archive / "runs" / run_dir.name / name)
                    for name in RUN_FILES if (run_dir / name).exists()]
         counts["changed"] += any(changed)
-        paths |= data_paths(json.loads((run_dir / "config.json").read_text()))
+        paths |= data_paths(read_json(run_dir / "config.json"))
     for index in sorted(outputs.glob(INDEX_GLOB)):
         counts["indexes"] += copy(index, archive / index.relative_to(outputs))
-    datasets = read_datasets(archive)
-    for path in sorted(paths - set(datasets)):
-        if Path(path).is_dir():
-            datasets[path] = fingerprint(Path(path))
-    if datasets != read_datasets(archive):
-        archive.mkdir(parents=True, exist_ok=True)
-        write_json(archive / DATASETS, datasets)
+    known = read_datasets(archive)
+    new = {path: fingerprint(Path(path)) for path in sorted(paths - set(known)) if Path(path).is_dir()}
+    if new:
+        write_json(archive / DATASETS, {**known, **new})
     return counts
 
 
 def read_datasets(archive: Path) -> dict[str, dict]:
     file = archive / DATASETS
-    return json.loads(file.read_text()) if file.exists() else {}
+    return read_json(file) if file.exists() else {}
 
 
 def relocations(archive: Path, data_root: Path | None) -> tuple[dict[str, str], list[str]]:
     """Archived dataset paths not on this machine -> the folder of the same name under
     `data_root` holding the same files; and a line for each one left as it was."""
     moved, left = {}, []
+    if data_root is None:
+        return moved, left
     for path, held in sorted(read_datasets(archive).items()):
-        if Path(path).is_dir() or data_root is None:
+        if Path(path).is_dir():
             continue
         here = data_root / held["name"]
         if not here.is_dir():
@@ -158,25 +156,21 @@ def relocated(record, moved: dict[str, str], names: dict[str, str]):
     if isinstance(record, str):
         if record in moved:
             return moved[record]
-        head, _, tail = record.rpartition("/")
-        return f"{head}/{names[tail]}" if head and tail in names else names.get(record, record)
+        head, _, tail = record.rpartition("/")        # a suite index's run_dir: ../../../runs/<name>
+        return f"{head}/{names[tail]}" if head and tail in names else record
     return record
 
 
-def relocate_run(archived: Path, moved: dict[str, str]) -> tuple[str, dict[str, bytes]]:
-    """An archived run's folder name and record files on this machine: as archived, or, when its
-    config names a moved dataset, renamed by its relocated config's hash."""
-    config = json.loads((archived / "config.json").read_text())
-    files = {name: (archived / name).read_bytes() for name in RUN_FILES if (archived / name).exists()}
+def relocate_run(archived: Path, moved: dict[str, str]) -> tuple[str, dict[str, dict]]:
+    """An archived run's folder name on this machine, and the record files that differ from the
+    archive's: none, or, when its config names a moved dataset, its relocated config and result
+    (renamed by the relocated config's hash)."""
+    config = read_json(archived / "config.json")
     if not data_paths(config) & set(moved):
-        return archived.name, files
+        return archived.name, {}
     config = relocated(config, moved, {})
-    name = f"{config['method']}-{config_hash(config)}"
-    result = relocated(json.loads(files["result.json"]), moved, {})
-    result["config_hash"] = config_hash(config)
-    files["config.json"], files["result.json"] = (f"{json.dumps(r, indent=2, sort_keys=True)}\n".encode()
-                                                  for r in (config, result))
-    return name, files
+    result = {**relocated(read_json(archived / "result.json"), moved, {}), "config_hash": config_hash(config)}
+    return f"{config['method']}-{result['config_hash']}", {"config.json": config, "result.json": result}
 
 
 @dataclass
@@ -198,15 +192,17 @@ def restore(archive: Path, outputs: Path, data_root: Path | None = None) -> Rest
     for archived in sorted((archive / "runs").glob("*")):
         if not finished(archived):
             continue
-        name, files = relocate_run(archived, moved)
+        name, rewritten = relocate_run(archived, moved)
         names[archived.name] = name
         run_dir = outputs / "runs" / name
         if finished(run_dir) or running(run_dir):
             continue
-        for file, data in files.items():                 # RUN_FILES' order: result.json last
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with atomic_path(run_dir / file) as tmp:
-                tmp.write_bytes(data)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for file in RUN_FILES:                          # result.json, which makes the run done, last
+            if file in rewritten:
+                write_json(run_dir / file, rewritten[file])
+            elif (archived / file).exists():
+                copy(archived / file, run_dir / file)
         counts.runs += 1
         counts.relocated += name != archived.name
     for index in sorted(archive.glob(INDEX_GLOB)):
@@ -215,7 +211,7 @@ def restore(archive: Path, outputs: Path, data_root: Path | None = None) -> Rest
             continue
         if moved:
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_json(target, relocated(json.loads(index.read_text()), moved, names))
+            write_json(target, relocated(read_json(index), moved, names))
         else:
             copy(index, target)
         counts.indexes += 1
