@@ -42,6 +42,12 @@ def paper_recipe(name: str) -> tuple[dict, TrainConfig]:
     return {**METHODS[name], **recipe.method}, dataclasses.replace(CFG, **{**recipe.train, "blr": CFG.blr})
 
 
+def say(line: str) -> None:
+    """One line on stdout in one write(2), atomic on a pipe: two ranks' lines never interleave
+    (print writes the text and its newline apart, so "step 5step 5" could reach the reader)."""
+    os.write(1, f"{line}\n".encode())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -58,8 +64,7 @@ def main() -> int:
     args = parser.parse_args()
     distributed.init_from_env()
     if args.print_pid:
-        # one write(2) of a short line is atomic on a pipe: the two ranks' lines never interleave
-        os.write(1, f"pid {distributed.rank()} {os.getpid()}\n".encode())
+        say(f"pid {distributed.rank()} {os.getpid()}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     overrides, cfg = paper_recipe(args.method) if args.paper_recipe else (METHODS[args.method], CFG)
@@ -88,14 +93,14 @@ def main() -> int:
 
     def report_step(step, total):
         after_step(step, total)
-        print(f"step {step}", flush=True)
+        say(f"step {step}")
 
     method.after_step = report_step
     save = checkpoint.torch.save
 
     def slow_save(state, f):
         save(state, f)
-        print(f"saving {state['step']}", flush=True)
+        say(f"saving {state['step']}")
         if state["step"] == args.slow_checkpoint_at:
             time.sleep(60)
 
@@ -103,12 +108,12 @@ def main() -> int:
     try:
         trainer.fit()
     except Preempted as err:
-        print(f"preempted: {err}", flush=True)
+        say(f"preempted: {err}")
         return 143
     checkpoint.torch.save = save   # (the patch above is on the torch module itself)
     if args.dump_state:
         torch.save(method.state_dict(), f"{args.dump_state}-rank{distributed.rank()}.pt")
-    print("finished", flush=True)
+    say("finished")
     return 0
 
 
