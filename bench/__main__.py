@@ -43,13 +43,13 @@ from pathlib import Path
 
 import torch
 
+from core.files import write_json
 from bench import anchors
 from bench.augment_timing import augment_results, print_augment
 from bench.eval_timing import TARGET_TEST, TARGET_TRAIN, eval_results
 from bench.steps import Competitor, matmul_peak, measure, our_method, timm_full_token
 from methods import registry
 from methods.vit import ViTConfig
-from runs.records import write_json
 
 RESULTS = Path(__file__).parent / "results.json"
 FULL_TOKEN = "timm full-token ViT"

@@ -32,8 +32,8 @@ from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
-from engine.transfer import to_device
-from methods.registry import ConfigError
+from core.device import to_device
+from core.config import ConfigError
 
 # the columns of the one uniform draw per call, (B, len(DRAWS))
 DRAWS = ("jitter", "brightness", "contrast", "saturation", "hue",

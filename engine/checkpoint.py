@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from runs.records import atomic_write
+from core.files import atomic_write
 
 PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 

@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from engine.transfer import to_device
-from runs.records import atomic_write
+from core.device import to_device
+from core.files import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 DATA_ROOT_ENV = "MIMBENCH_DATA"

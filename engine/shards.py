@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.files import atomic_write
 from engine.data import IMAGE_SUFFIXES, DataError, check_dataset_root, list_images
-from runs.records import atomic_write
 
 INDEX = "index.json"
 SHARD_PATTERN = "shard-%06d.tar"

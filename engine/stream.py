@@ -52,6 +52,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from core.files import atomic_write
 from engine import distributed
 from engine.augment import photometric
 from engine.data import (HOLDOUT_IMAGES, IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet, Splits, cache_dir,
@@ -60,7 +61,6 @@ from engine.data import load_splits as load_folder_splits
 from engine.shards import ShardReader, is_shard_split
 from engine.trainer import EpochOrder, step_seed, view_augmentations
 from methods.base import Batch
-from runs.records import atomic_write
 
 # torchvision 0.29 marks its decoders deprecated in favour of torchcodec (not a dependency here);
 # they are torch's libjpeg-turbo / libpng bindings and the fastest we measured (bench.data)

@@ -42,14 +42,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from core.config import ConfigError, late_field
+from core.device import to_device
+from core.files import read_json, write_json
 from engine import distributed
 from engine.augment import beit_view, dino_views, photometric
 from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
 from engine.data import random_resized_crop_flip, standardize
-from engine.transfer import to_device
 from methods.base import AUGMENTATIONS, Batch
-from methods.registry import ConfigError, late_field
-from runs.records import read_json, write_json
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from core.files import atomic_path
 from engine.data import ImageSet, normalize
 from methods.vit import ViT, pool
-from runs.records import atomic_path
 
 POOLINGS = ("cls", "mean")
 

@@ -40,17 +40,17 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from core.config import ConfigError, identity_record, late_field
+from core.device import to_device
+from core.files import config_hash
 from engine.data import DataError, ImageSet, Splits, holdout_positions, normalize, random_resized_crop_flip
 from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, StepImages, StepPart, StepSource, StreamedSet,
                            crop_flip, image_generator, item_seed, standardize_pixels)
 from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
-from engine.transfer import to_device
 from eval.features import POOLINGS, image_batches
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.base import Batch
-from methods.registry import ConfigError, identity_record, late_field
 from methods.vit import ViT, pool
-from runs.records import config_hash
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from core.config import ConfigError
 from engine.data import DataError, Splits, holdout_positions
 from eval.features import POOLINGS, cached_features, feature_file, subset_positions
 from eval.registry import EvalContext, EvalResult, register_evaluation
-from methods.registry import ConfigError
 from methods.vit import ViT
 
 

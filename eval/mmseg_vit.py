@@ -27,7 +27,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from methods.registry import ConfigError
+from core.config import ConfigError
 from methods.vit import ViT, ViTConfig, load_encoder
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from core.config import unknown
 from methods.base import PRODUCTS
-from methods.registry import unknown
 
 
 @dataclass(frozen=True)

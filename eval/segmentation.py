@@ -35,12 +35,12 @@ from timm.scheduler import PolyLRScheduler
 from torch import nn
 from tqdm import tqdm
 
+from core.config import ConfigError, identity_record, late_field
+from core.files import config_hash
 from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits, data_root
 from engine.trainer import Trainer, TrainPlan, step_seed
 from eval.registry import EvalContext, EvalResult, register_evaluation
-from methods.registry import ConfigError, identity_record, late_field
 from methods.vit import ViT
-from runs.records import config_hash
 
 TORCH_STREAM = 8      # the per-iteration torch seed (dropout, drop path) of segmentation's step seeds
 LOG_EVERY = 20        # iterations between flushes of metrics.jsonl

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from core.config import ConfigError
 from engine.data import Splits, denormalize, normalize
 from eval.registry import EvalContext, EvalResult, register_evaluation
-from methods.registry import ConfigError
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@
 Adding a method is one file: define a frozen config dataclass and a `MIMMethod`
 subclass decorated with `@register_method("name", Config)`, then import it below.
 """
-from methods.registry import (ConfigError, UnknownNameError, build_method, method_config,
-                              register_method, registry)
+from core.config import ConfigError, UnknownNameError
+from methods.registry import build_method, method_config, register_method, registry
 
 from methods import mae, none, pixel  # noqa: E402,F401  (registers the built-in methods)
 from methods import ibot  # noqa: E402,F401

@@ -8,9 +8,9 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
-from engine.transfer import to_device
+from core.config import ConfigError
+from core.device import to_device
 from methods.masking import make_masks
-from methods.registry import ConfigError
 from methods.vit import ViT, patchify, unpatchify
 
 

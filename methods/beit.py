@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from core.config import ConfigError, late_field
 from methods.base import Batch, MIMMethod, Prerequisite, at_masked, check_augment
 from methods.dvae import DVAE, TOKENIZER_FILE, DVAEConfig, TokenizerConfig, load_tokenizer
 from methods.masking import MaskConfig
 from methods.recipes import Recipe
-from methods.registry import ConfigError, late_field, register_method
+from methods.registry import register_method
 from methods.vit import ViTConfig, init_weights
 
 

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from core.config import ConfigError, build_config
 from methods.base import Batch, Method
-from methods.registry import ConfigError, build_config, register_method
+from methods.registry import register_method
 from methods.vit import ViTConfig
 
 TOKENIZER_FILE = "tokenizer.safetensors"

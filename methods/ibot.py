@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from core.config import ConfigError, late_field
 from methods.base import Batch, MIMMethod, at_masked, check_augment
 from methods.masking import block_mask_per_image
 from methods.recipes import Recipe
-from methods.registry import ConfigError, late_field, register_method
+from methods.registry import register_method
 from methods.vit import ViT, ViTConfig
 
 EXPORTS = ("teacher", "student")

@@ -8,10 +8,11 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from core.config import ConfigError
 from methods.base import Batch, MIMMethod, masked_mean, patch_targets, prediction_to_images
 from methods.masking import MaskConfig, visible_indices
 from methods.recipes import Recipe
-from methods.registry import ConfigError, register_method
+from methods.registry import register_method
 from methods.vit import ViTConfig, gather_tokens, init_weights, sincos_pos_embed
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from methods.registry import ConfigError, late_field
+from core.config import ConfigError, late_field
 
 STRATEGIES = ("random", "block", "grid")
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from core.config import ConfigError
 from methods.base import Batch, MIMMethod, masked_mean, patch_targets, prediction_to_images
 from methods.masking import MaskConfig
 from methods.recipes import Recipe
-from methods.registry import ConfigError, register_method
+from methods.registry import register_method
 from methods.vit import ViTConfig, init_weights
 
 LOSSES = ("l1", "l2")

@@ -21,7 +21,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from methods.registry import ConfigError
+from core.config import ConfigError
 
 # name -> (embed_dim, depth, num_heads). nano is the CPU model of ../shared/DESIGN.md
 # (calibration: 128-d x 6); the rest are the standard ViT sizes (DeiT / ViT papers).

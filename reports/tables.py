@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from runs.records import RecordError, RunRecord, read_json, read_record, record_path
+from core.files import read_json
+from runs.records import RecordError, RunRecord, read_record, record_path
 
 
 # where run folders are, seen from a suite's index (outputs/suites/<suite>/<profile>/runs.json)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from runs.records import RecordError, atomic_path, config_hash, read_json, read_record, write_json
+from core.files import atomic_path, config_hash, read_json, write_json
+from runs.records import RecordError, read_record
 
 RUN_FILES = ("config.json", "metrics.jsonl", "result.json")      # result.json, which makes a run done, last
 INDEX_GLOB = "suites/*/*/runs.json"

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from core.files import read_json, write_json
 from engine.data import holdout_size, list_images
 from engine.trainer import MaskedViews, adamw_cosine_plan, count_flops, total_steps, train_flops
 from eval.registry import split_name
@@ -50,7 +51,6 @@ from methods.vit import ViT
 from runs.execute import (UnreadableRecord, eval_config, product_missing, read_result, stale_evaluations,
                           usable)
 from runs.identity import Budget, Run, RunConfig, RunSpec, config_from_record, resolve
-from runs.records import read_json, write_json
 
 # images per split without a folder to count (the known sizes of the named datasets; else ImageNet's)
 TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}

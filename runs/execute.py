@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from core.config import ConfigError
+from core.files import atomic_path, config_hash, read_json, write_json
 from engine import distributed
 from engine.checkpoint import load_latest
 from engine.data import Splits, synthetic_splits
@@ -38,12 +40,10 @@ from engine.trainer import Preempted, Trainer
 from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
-from methods.registry import ConfigError
 from methods.vit import load_encoder, save_encoder
 from runs.figures import first_of_each_class, write_figures
 from runs.identity import Budget, Run, RunConfig, RunSpec, build_from_record, identity_record
-from runs.records import (EvalRecord, NewerSchemaError, RecordError, RunRecord, atomic_path, config_hash,
-                          read_json, read_record, write_json, write_record)
+from runs.records import EvalRecord, NewerSchemaError, RecordError, RunRecord, read_record, write_record
 
 ENCODER_FILE = "encoder.safetensors"
 

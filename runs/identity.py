@@ -6,7 +6,7 @@ keeps its name through later code changes, so finished work is never silently re
 
 - `IDENTITY_VERSION` is hashed into every config (as "schema"). Raising it renames every run;
   don't, unless that is the point.
-- A config field added later is declared with `methods.registry.late_field`: a run holding the
+- A config field added later is declared with `core.config.late_field`: a run holding the
   field's identity default leaves it out of its identity (`identity_record`).
 - A field removed later is listed in its config class's `RETIRED_FIELDS` with the value every
   run had; it stays in the identity and is dropped again when the config is rebuilt.
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from core.config import ConfigError, build_config, config_values, identity_record, unknown
+from core.files import config_hash
 from engine.data import check_dataset_root, data_root
 from engine.trainer import TrainConfig
 from eval.registry import get_evaluation, split_name
 from methods import method_config, registry
 from methods.base import Prerequisite
 from methods.recipes import RECIPES
-from methods.registry import ConfigError, build_config, config_values, identity_record, unknown
-from runs.records import config_hash
 
 IDENTITY_VERSION = 1
 

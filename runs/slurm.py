@@ -35,8 +35,8 @@ from pathlib import Path
 import submitit
 import torch
 
+from core.config import ConfigError
 from engine import distributed
-from methods.registry import ConfigError
 from runs.archive import running
 from runs.execute import UnreadableRecord, execute, is_done, run_prerequisites, usable
 from runs.identity import Budget, Run

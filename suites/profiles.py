@@ -15,13 +15,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 
+from core.config import ConfigError, unknown
 from engine.trainer import TrainConfig
 from eval.registry import get_evaluation
 from eval.finetune import FinetuneConfig
 from eval.knn import KNNConfig
 from eval.linear import LinearConfig
 from eval.segmentation import SegmentationConfig
-from methods.registry import ConfigError, unknown
 
 
 @dataclass(frozen=True)

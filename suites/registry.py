@@ -6,7 +6,7 @@ each method's recipe) reads it, the others take it and ignore it.
 """
 import importlib
 
-from methods.registry import unknown
+from core.config import unknown
 
 SUITES = ("ablation_masking", "compare_methods", "ablation_targets", "ablation_mae_decoder")
 

@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from core.config import ConfigError, UnknownNameError
+from core.files import read_json, write_json
 from engine import distributed
 from engine.data import DataError
 from engine.stream import DATA_SOURCES, MAX_WORKERS, MEMORY_SOURCE_MAX_BYTES
 from engine.trainer import Preempted
-from methods.registry import ConfigError, UnknownNameError
 from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, read_index, summarize, warn
 from runs import slurm
 from eval.registry import get_evaluation
@@ -50,7 +51,7 @@ from runs.cost import (Calibration, calibrate, estimate_seconds, largest_within,
                        pretrain_flops, train_steps)
 from runs.execute import RunSkipped, UnreadableRecord, check_inputs, execute, read_result, stale_evaluations
 from runs.identity import Run, data_descriptor, resolve
-from runs.records import RecordError, read_json, write_json
+from runs.records import RecordError
 from suites import compare_methods
 from suites.profiles import PROFILES, get_profile, override
 from suites.registry import SUITES, get_suite

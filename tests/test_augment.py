@@ -5,10 +5,10 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
+from core.config import ConfigError
 from engine.augment import DRAWS, Photometric, beit_view, dino_views, photometric, shift_hue
 from engine.trainer import view_augmentations
 from methods.base import AUGMENTATIONS
-from methods.registry import ConfigError
 
 DINO_JITTER = dict(jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import micro_overrides
+from core.config import ConfigError
 from methods import build_method
 from methods.base import Batch
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
-from methods.registry import ConfigError
 from methods.vit import ViT, ViTConfig
 from runs.execute import execute
 from runs.identity import Run, RunSpec, data_descriptor, resolve

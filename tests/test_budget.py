@@ -73,7 +73,7 @@ def test_hours_solve_for_the_largest_mae_epochs_that_fit_and_more_hours_give_mor
 
 
 def test_a_budget_below_the_evaluations_alone_is_a_config_error(tmp_path):
-    from methods.registry import ConfigError
+    from core.config import ConfigError
     with pytest.raises(ConfigError, match=r"--budget 0.1h does not cover the suite without its pre-training"):
         allocate(ComputeBudget(hours=0.1), get_profile("cpu"), "shared", ("knn", "linear"), 3, CPU_DATA,
                  tmp_path, tmp_path / "suite", fixed_calibration(50e9), recalibrate=False)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from methods.registry import ConfigError
+from core.config import ConfigError
 from runs.cost import flops_per_image, pretrain_flops
 from runs.execute import execute
 from runs.identity import Run, RunConfig, RunSpec, resolve

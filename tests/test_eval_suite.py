@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.config import ConfigError, UnknownNameError, build_config, config_values, identity_record
 from eval.linear import LinearConfig
 from eval.registry import EvalContext, EvalResult, registry
-from methods.registry import ConfigError, UnknownNameError, build_config, config_values, identity_record
 from runs import execute as runs_execute
 from runs.execute import UnreadableRecord, eval_config, execute, is_done
 from runs.identity import Run, RunSpec, data_descriptor, resolve

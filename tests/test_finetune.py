@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import kill_at_step
+from core.config import ConfigError, identity_record
 from engine.checkpoint import checkpoint_paths
 from engine.data import synthetic_splits
 from eval import finetune
 from eval.finetune import Classifier, FinetuneConfig, LabelledBatches, finetune_trainer
 from eval.registry import EvalContext, get_evaluation
-from methods.registry import ConfigError, identity_record
 from methods.vit import ViT, ViTConfig
 
 SMALL = dict(epochs=1, batch_size=64, blr=1e-3, checkpoint_every=3, warmup_frac=0.2)

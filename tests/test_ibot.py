@@ -8,6 +8,7 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from conftest import micro_overrides
+from core.config import ConfigError
 from engine.checkpoint import checkpoint_paths
 from engine.data import random_resized_crop_flip, synthetic_splits
 from engine.trainer import Trainer, TrainConfig
@@ -15,7 +16,6 @@ from methods import build_method
 from methods.base import Batch
 from methods.ibot import centred_softmax, cosine_momentum, cross_view_cross_entropy, masked_image_mean
 from methods.masking import block_mask_per_image
-from methods.registry import ConfigError
 
 
 SMALL_HEAD = dict(out_dim=128, head_hidden_dim=64, head_bottleneck_dim=32)   # fast trainer tests

@@ -3,8 +3,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from core.config import ConfigError
 from methods.masking import MaskConfig, block_mask, grid_mask, make_masks, random_mask, visible_indices
-from methods.registry import ConfigError
 
 
 def gen(seed=0):

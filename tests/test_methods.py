@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import micro_overrides
+from core.config import ConfigError, UnknownNameError
 from methods import build_method, registry
 from methods.base import Batch, MIMMethod
-from methods.registry import ConfigError, UnknownNameError, register_method
+from methods.registry import register_method
 
 # MIM methods only: BEiT's dVAE tokenizer (`dvae`) is registered to be trained like one but
 # has no ViT; tests/test_beit.py tests it

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.config import ConfigError
 from engine.data import synthetic_splits
 from engine.trainer import TrainConfig, Trainer, cosine_between
 from methods import build_method, registry
 from methods.ibot import INIT_SHARE_AT_END, base_momentum, teacher_init_share
 from methods.masking import MaskConfig, make_masks
-from methods.registry import ConfigError
 from runs.execute import ENCODER_FILE, eval_config, execute
 from runs.identity import Run, RunSpec, data_descriptor, resolve
 from runs.records import read_record, write_record

@@ -11,8 +11,9 @@ import pytest
 from scipy import stats
 
 from conftest import ROOT
+from core.files import config_hash
 from reports.tables import ci95
-from runs.records import EvalRecord, RunRecord, config_hash, read_record, write_record
+from runs.records import EvalRecord, RunRecord, read_record, write_record
 
 
 def write_records(outputs, knn, suite="demo"):

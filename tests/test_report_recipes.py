@@ -8,8 +8,9 @@ import statistics
 import pandas as pd
 import pytest
 
+from core.files import config_hash, write_json
 from reports.build import main as build
-from runs.records import EvalRecord, RunRecord, config_hash, write_json, write_record
+from runs.records import EvalRecord, RunRecord, write_record
 
 # two-sided 95% t quantiles by degrees of freedom (tables, not scipy: the check is independent)
 T975 = {1: 12.706204736174707, 2: 4.302652729911275}

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import ROOT
+from core.config import ConfigError, late_field
+from core.files import config_hash
 from methods import registry
 from methods.beit import BEiTConfig
-from methods.registry import ConfigError, late_field
 from runs.execute import eval_config_dict
 from runs.identity import config_from_record, config_values, identity_record, resolve
-from runs.records import config_hash
 from suites.profiles import get_profile
 from suites.registry import SUITES, get_suite
 

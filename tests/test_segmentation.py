@@ -11,12 +11,12 @@ from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 
+from core.config import ConfigError  # noqa: E402
 from engine.trainer import NonFiniteLoss  # noqa: E402
 from eval import segmentation  # noqa: E402
 from eval.mmseg_vit import MimbenchViT, default_out_indices  # noqa: E402
 from eval.registry import EvalContext, get_evaluation  # noqa: E402
 from eval.segmentation import SegmentationConfig  # noqa: E402
-from methods.registry import ConfigError  # noqa: E402
 from methods.vit import ViT, ViTConfig  # noqa: E402
 
 TINY = dict(scale=(64, 48), crop_size=32, iterations=1, batch_size=2, channels=16, aux_channels=16,
@@ -180,7 +180,7 @@ def test_sliding_window_inference_runs_through_mmseg_and_keeps_the_whole_image_i
     make_ade20k_fixture(root, size=(96, 64))
     whole = SegmentationConfig(dataset="ade20k", data_root=str(root), **TINY)
     slide = SegmentationConfig(dataset="ade20k", data_root=str(root), test_mode="slide", **TINY)
-    from methods.registry import identity_record
+    from core.config import identity_record
     # a late field: whole-image configs keep the identity (and the finished evaluations) they had
     assert "test_mode" not in identity_record(whole) and identity_record(slide)["test_mode"] == "slide"
     assert slide.config_hash() != whole.config_hash()

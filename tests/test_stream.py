@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.config import ConfigError
 from bench.data import make_jpeg_folder
 from conftest import ROOT, micro_overrides
 from engine.data import DataError, load_imagefolder, to_square_rgb
@@ -21,7 +22,6 @@ from engine.stream import (FolderReader, ImageViews, StreamedSet, StreamingViews
 from eval.features import extract_features
 from eval.knn import KNNConfig, knn_top1, nearest
 from methods import build_method
-from methods.registry import ConfigError
 from methods.vit import ViT, ViTConfig
 from test_reliability import DRIVER, TOTAL_STEPS, final_state, run_until, torchrun_driver
 from suites.profiles import get_profile, override
