@@ -8,6 +8,9 @@ PROFILE ?= cpu
 
 .PHONY: setup test report archive smoke bench bench-data gpu-check
 
+# setup installs mmcv-lite (no compiler; scripts/setup.sh says why UperNet needs no compiled op).
+# Full mmcv with compiled ops is opt-in: `MMCV_FULL=1 make setup` on a fresh clone, or
+# `bash scripts/setup.sh --full-mmcv` on an existing .venv (built once, ~25 min; the wheel is cached)
 setup: $(STAMP)
 
 $(STAMP): scripts/setup.sh requirements.txt pyproject.toml

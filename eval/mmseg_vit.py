@@ -13,22 +13,31 @@ strides 4, 8, 16, 32 as BEiT and MAE do: transposed convolutions where the patch
 is coarser than the stride (two, with BN + GELU between, for 4x), identity where they
 match, max pooling where it is finer. For 16-pixel patches that is exactly BEiT's
 fpn1..fpn4; the CPU models' 4-pixel patches already give stride 4, so they pool instead.
+
+mmseg imports `mmcv.ops` when it is imported: the guard below (`eval.mmcv_ops`) runs first, so
+mmseg imports on mmcv-lite too. Build configs with `build_model`, which names the fix in one
+line when a config needs a compiled op that this mmcv lacks.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
-from mmcv.cnn import build_norm_layer
-from mmengine.logging import MMLogger
-from mmengine.model import BaseModule
-from mmengine.registry import init_default_scope
-from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from core.config import ConfigError
+from eval.mmcv_ops import check_compiled_ops, guard_mmcv_ops
 from methods.vit import ViT, ViTConfig, load_encoder
+
+guard_mmcv_ops()     # before mmcv and mmseg: mmseg imports mmcv.ops, which loads mmcv's compiled extension
+
+from mmcv.cnn import build_norm_layer  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+from mmengine.model import BaseModule  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
 
 
 def use_mmseg_scope() -> None:
@@ -38,6 +47,18 @@ def use_mmseg_scope() -> None:
     init_default_scope("mmseg")
     if not MMLogger.check_instance_created("mimbench"):
         MMLogger.get_instance("mimbench", log_level="WARNING")
+
+
+def build_model(config: dict) -> BaseModule:
+    """An mmseg model (e.g. an EncoderDecoder on `MimbenchViT`) built from its config through
+    mmseg's MODELS registry, its weights initialised."""
+    check_compiled_ops(config)
+    use_mmseg_scope()
+    with warnings.catch_warnings():   # mmseg's heads call their own deprecated build_loss
+        warnings.filterwarnings("ignore", message="``build_loss`` would be deprecated")
+        model = MODELS.build(config)
+    model.init_weights()
+    return model
 
 
 def default_out_indices(depth: int) -> list[int]:

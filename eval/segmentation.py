@@ -17,13 +17,13 @@ place; label 11 is void and ignored) is the default; ADE20K goes through mmseg's
 `ADE20KDataset` (150 classes, reduce_zero_label) for users with `ADEChallengeData2016/`.
 
 mmseg is imported only when a segmentation runs: profiles and suites stay importable
-(and fast) without it.
+(and fast) without it. No compiled mmcv op is called, so it runs on mmcv-lite (`eval.mmcv_ops`);
+the result's details name the mmcv that ran.
 """
 from __future__ import annotations
 
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +39,7 @@ from core.config import ConfigError, identity_record, late_field
 from core.files import config_hash
 from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits, data_root
 from engine.trainer import Trainer, TrainPlan, step_seed
+from eval.mmcv_ops import guard_mmcv_ops, mmcv_in_use
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.vit import ViT
 
@@ -210,16 +211,10 @@ def model_config(encoder: ViT, cfg: SegmentationConfig, num_classes: int, ignore
 
 def build_segmentor(encoder: ViT, cfg: SegmentationConfig):
     """The mmseg EncoderDecoder, built through mmseg's MODELS registry."""
-    from eval.mmseg_vit import use_mmseg_scope   # also registers MimbenchViT
-    from mmseg.registry import MODELS
+    from eval.mmseg_vit import build_model   # also registers MimbenchViT
 
-    use_mmseg_scope()
     spec = DATASETS[cfg.dataset]
-    with warnings.catch_warnings():   # mmseg's heads call their own deprecated build_loss
-        warnings.filterwarnings("ignore", message="``build_loss`` would be deprecated")
-        model = MODELS.build(model_config(encoder, cfg, spec.classes, spec.ignore_index))
-    model.init_weights()
-    return model
+    return build_model(model_config(encoder, cfg, spec.classes, spec.ignore_index))
 
 
 def layer_decay_param_groups(model, cfg: SegmentationConfig) -> list[dict]:
@@ -326,6 +321,8 @@ def evaluate(model, dataset, ignore_index: int, progress: bool = True) -> dict[s
     mmengine's Evaluator, which gathers results over every process: under torchrun rank 0
     evaluates alone while the other ranks wait, so a collective there would hang."""
     from mmengine.dataset import pseudo_collate
+
+    guard_mmcv_ops()                        # mmseg.evaluation imports mmcv.ops
     from mmseg.evaluation import IoUMetric
 
     metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=ignore_index)
@@ -362,4 +359,4 @@ def run(encoder: ViT, splits: Splits | None, cfg: SegmentationConfig, ctx: EvalC
              "final_loss": trainer.last_loss}
     return EvalResult(metrics={"seg_miou": scores["mIoU"], "seg_macc": scores["mAcc"], "seg_aacc": scores["aAcc"]},
                       details={"dataset": cfg.dataset, "train": train, "eval_images": len(eval_set),
-                               "train_images": len(train_set)})
+                               "train_images": len(train_set), **mmcv_in_use()})
