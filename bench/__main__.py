@@ -87,10 +87,34 @@ def step_results(args: argparse.Namespace, device: torch.device) -> dict:
     enc = ViTConfig(size=args.size, img_size=args.img_size, patch_size=args.patch_size)
     enc.validate()
     decoder = tuple(int(x) for x in args.decoder.split(","))
+    names = args.methods.split(",") if args.methods else sorted(n for n, (c, _) in registry.items() if c.trains)
+    competitors = build_competitors(args, enc, decoder, names, device)
+
+    peak = matmul_peak(torch.float32, device)
+    for c in competitors:
+        c.count_flops()
+    print(f"device {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, fp32; ViT-{args.size} {enc.img_size}px/p{enc.patch_size}, "
+          f"batch {args.batch}, MAE mask {args.mask_ratio}, MAE decoder {decoder}; matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s")
+    measure(competitors, args.reps, args.steps, args.batch, device)
+
+    results: dict = {"matmul_peak_flops": peak, **rate_table(competitors, args.batch, peak)}
+    by_name = {c.name: c for c in competitors}
+    results.update(step_ratios(by_name, names, args.compile))
+    ibot = ibot_vs_lightly(by_name, enc)
+    if ibot is not None:
+        results["ibot_vs_lightly"] = ibot
+    results["skipped_work"] = skipped_work(by_name, args.batch)
+    return results
+
+
+def build_competitors(args: argparse.Namespace, enc: ViTConfig, decoder: tuple[int, ...], names: list[str],
+                      device: torch.device) -> list[Competitor]:
+    """Our methods (and, with --compile, each compiled), the full-token timm ViT and the lightly
+    anchors of the methods asked for, all on one seeded input batch."""
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, enc.img_size, enc.img_size, device=device)
-
-    names = args.methods.split(",") if args.methods else sorted(n for n, (c, _) in registry.items() if c.trains)
     competitors = [our_method(n, enc, args.batch, args.mask_ratio, decoder, images, device) for n in names]
     if args.compile:
         competitors += [our_method(n, enc, args.batch, args.mask_ratio, decoder, images, device, compile=True)
@@ -103,62 +127,64 @@ def step_results(args: argparse.Namespace, device: torch.device) -> dict:
             competitors.append(anchors.lightly_mae(enc, images, args.mask_ratio, decoder, device))
         if "ibot" in names:
             competitors.append(anchors.lightly_ibot(anchors.ibot_config(enc), images, device))
+    return competitors
 
-    peak = matmul_peak(torch.float32, device)
-    for c in competitors:
-        c.count_flops()
-    print(f"device {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, fp32; ViT-{args.size} {enc.img_size}px/p{enc.patch_size}, "
-          f"batch {args.batch}, MAE mask {args.mask_ratio}, MAE decoder {decoder}; matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s")
-    measure(competitors, args.reps, args.steps, args.batch, device)
 
-    results: dict = {"matmul_peak_flops": peak, "throughput": {}, "mfu": {}}
+def rate_table(competitors: list[Competitor], batch: int, peak: float) -> dict:
+    """Each timed step's median img/s, its spread, FLOPs and MFU (`throughput`, and `mfu` alone),
+    printed as the step table."""
+    table: dict = {"throughput": {}, "mfu": {}}
     for c in competitors:
-        mfu = c.flops / (args.batch / c.median_rate) / peak
-        results["throughput"][c.name] = {"img_per_s": c.median_rate, "min": min(c.rates), "max": max(c.rates),
-                                         "flops_per_step": c.flops, "mfu": mfu,
-                                         "masked_fraction": c.masked_fraction}
-        results["mfu"][c.name] = mfu
+        mfu = c.flops / (batch / c.median_rate) / peak
+        table["throughput"][c.name] = {"img_per_s": c.median_rate, "min": min(c.rates), "max": max(c.rates),
+                                       "flops_per_step": c.flops, "mfu": mfu,
+                                       "masked_fraction": c.masked_fraction}
+        table["mfu"][c.name] = mfu
     print(f"\n{'step':24s} {'img/s':>8s} {'min':>8s} {'max':>8s} {'GFLOP/img':>10s} {'MFU':>6s} {'masked':>7s}")
     for c in competitors:
         masked = "-" if c.masked_fraction is None else f"{c.masked_fraction:.0%}"
         print(f"{c.name:24s} {c.median_rate:8.1f} {min(c.rates):8.1f} {max(c.rates):8.1f} "
-              f"{c.flops / args.batch / 1e9:10.3f} {results['mfu'][c.name]:6.1%} {masked:>7s}")
+              f"{c.flops / batch / 1e9:10.3f} {table['mfu'][c.name]:6.1%} {masked:>7s}")
+    return table
 
-    by_name = {c.name: c for c in competitors}
 
-    def ratio(a: str, b: str) -> dict | None:
-        if a in by_name and b in by_name:
-            ra, rb = by_name[a].median_rate, by_name[b].median_rate
-            return {a: ra, b: rb, "ratio": ra / rb}
-        return None
+def ratio(by_name: dict[str, Competitor], a: str, b: str) -> dict | None:
+    """Both median rates and a's over b's; None when either step was not timed."""
+    if a in by_name and b in by_name:
+        ra, rb = by_name[a].median_rate, by_name[b].median_rate
+        return {a: ra, b: rb, "ratio": ra / rb}
+    return None
 
-    identical = {"mae_vs_lightly": ratio("mae", "lightly MAE")}
+
+def step_ratios(by_name: dict[str, Competitor], names: list[str], compiled: bool) -> dict:
+    """The ratios of median img/s between steps on the same ViT, batch and input, printed."""
+    pairs = {"mae_vs_lightly": ("mae", "lightly MAE")}
     for name in names:
-        identical[f"{name}_vs_timm_full_token"] = ratio(name, FULL_TOKEN)
+        pairs[f"{name}_vs_timm_full_token"] = (name, FULL_TOKEN)
         if name != "mae":
-            identical[f"mae_vs_{name}"] = ratio("mae", name)
-    if args.compile:
-        identical["mae_compiled_vs_lightly"] = ratio("mae (compiled)", "lightly MAE")
-        identical.update({f"{name}_compiled_vs_eager": ratio(f"{name} (compiled)", name) for name in names})
-    identical = {key: value for key, value in identical.items() if value is not None}
+            pairs[f"mae_vs_{name}"] = ("mae", name)
+    if compiled:
+        pairs["mae_compiled_vs_lightly"] = ("mae (compiled)", "lightly MAE")
+        pairs.update({f"{name}_compiled_vs_eager": (f"{name} (compiled)", name) for name in names})
+    ratios = {key: ratio(by_name, *pair) for key, pair in pairs.items()}
+    ratios = {key: value for key, value in ratios.items() if value is not None}
     print("\nratios of median img/s, same ViT, batch and input:")
-    for key, value in identical.items():
+    for key, value in ratios.items():
         print(f"  {key:32s} {value['ratio']:.2f}x")
-    results.update(identical)
+    return ratios
 
-    ibot = ratio("ibot", "lightly iBOT")
-    if ibot is not None:
-        cfg = anchors.ibot_config(enc)
-        ibot["not_comparable"] = anchors.ibot_differences(cfg)
-        ibot["masked_fraction"] = {n: by_name[n].masked_fraction for n in ("ibot", "lightly iBOT")}
-        results["ibot_vs_lightly"] = ibot
-        print(f"  {'ibot_vs_lightly (nearest config)':32s} {ibot['ratio']:.2f}x   "
-              f"{len(ibot['not_comparable'])} differences: results.json ibot_vs_lightly.not_comparable")
 
-    results["skipped_work"] = skipped_work(by_name, args.batch)
-    return results
+def ibot_vs_lightly(by_name: dict[str, Competitor], enc: ViTConfig) -> dict | None:
+    """Our iBOT over lightly's at the nearest config, with what differs between them; None
+    without a lightly iBOT row."""
+    ibot = ratio(by_name, "ibot", "lightly iBOT")
+    if ibot is None:
+        return None
+    ibot["not_comparable"] = anchors.ibot_differences(anchors.ibot_config(enc))
+    ibot["masked_fraction"] = {n: by_name[n].masked_fraction for n in ("ibot", "lightly iBOT")}
+    print(f"  {'ibot_vs_lightly (nearest config)':32s} {ibot['ratio']:.2f}x   "
+          f"{len(ibot['not_comparable'])} differences: results.json ibot_vs_lightly.not_comparable")
+    return ibot
 
 
 def skipped_work(by_name: dict[str, Competitor], batch: int) -> dict:

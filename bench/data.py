@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,7 +168,7 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}"
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="JPEGs in the synthetic folder (default 1000)")
@@ -180,12 +181,61 @@ def main(argv=None) -> int:
     parser.add_argument("--folder", default=None, help="keep the synthetic folder here (default: a temp dir)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def loader_rates(folder: Path, counts: list[int], args: argparse.Namespace) -> dict:
+    """Median img/s of each loader at each worker count, repetitions interleaved across loaders;
+    each count's line printed as it is measured."""
+    figures: dict = {}
+    for workers in counts:
+        runs = {kind: [] for kind in ("stream", "torchvision", "decode")}
+        for _ in range(args.reps):
+            for kind in runs:
+                runs[kind].append(images_per_second(kind, folder, args.size, args.batch, workers, args.steps))
+        medians = figures[str(workers)] = {kind: statistics.median(values) for kind, values in runs.items()}
+        print(f"{workers} worker(s): " + ", ".join(f"{kind} {v:.0f} img/s" for kind, v in medians.items()), flush=True)
+    return figures
+
+
+def rss_at_scale(folder: Path, large: Path, args: argparse.Namespace, workers: int) -> dict:
+    """Peak RSS streaming `folder` and `large` (its 10x hard-linked copy, made when missing), and
+    the growth from one to the other."""
+    if not large.is_dir():
+        link_copies(folder, large, 10)
+    rss = {label: peak_rss_mb(path, args.size, args.batch, workers, args.steps)
+           for label, path in (("1x", folder), ("10x", large))}
+    rss["growth"] = {part: rss["10x"][part] / rss["1x"][part] - 1 for part in ("main", "largest_worker")}
+    return rss
+
+
+def summary(args: argparse.Namespace, figures: dict, rss: dict, num_images: int) -> dict:
+    import torch
+
+    return {
+        "machine": machine(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
+        "images": num_images, "image_px": "300-500 a side, JPEG quality 90", "view_px": args.size,
+        "batch": args.batch, "steps": args.steps, "reps": args.reps,
+        "img_per_s": figures,
+        "stream_vs_torchvision": {w: f["stream"] / f["torchvision"] for w, f in figures.items()},
+        "decode_ceiling_share": {w: f["stream"] / f["decode"] for w, f in figures.items()},
+        "rss_mb": rss,
+    }
+
+
+def print_summary(results: dict) -> None:
+    rss = results["rss_mb"]
+    for key in ("stream_vs_torchvision", "decode_ceiling_share"):
+        print(f"{key}: " + ", ".join(f"{w} workers {v:.2f}" for w, v in results[key].items()))
+    print(f"peak RSS (MB) 1x / 10x images: main {rss['1x']['main']:.0f} / {rss['10x']['main']:.0f}, "
+          f"largest worker {rss['1x']['largest_worker']:.0f} / {rss['10x']['largest_worker']:.0f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.rss_probe:
         rss_probe(Path(args.rss_probe), args.size, args.batch, int(args.workers), args.steps)
         return 0
-    import statistics
-
     import torch
 
     torch.set_num_threads(1)
@@ -196,37 +246,12 @@ def main(argv=None) -> int:
         if not folder.is_dir():
             classes = 10
             make_jpeg_folder(folder, classes, max(1, args.images // classes))
-        figures: dict = {}
-        for workers in counts:
-            runs = {kind: [] for kind in ("stream", "torchvision", "decode")}
-            for _ in range(args.reps):
-                for kind in runs:
-                    runs[kind].append(images_per_second(kind, folder, args.size, args.batch, workers, args.steps))
-            figures[str(workers)] = {kind: statistics.median(values) for kind, values in runs.items()}
-            print(f"{workers} worker(s): " + ", ".join(f"{kind} {v:.0f} img/s" for kind, v in figures[str(workers)].items()),
-                  flush=True)
-        large = base / "train-10x"
-        if not large.is_dir():
-            link_copies(folder, large, 10)
-        rss_workers = max(counts)
-        rss = {label: peak_rss_mb(path, args.size, args.batch, rss_workers, args.steps)
-               for label, path in (("1x", folder), ("10x", large))}
-        rss["growth"] = {part: rss["10x"][part] / rss["1x"][part] - 1 for part in ("main", "largest_worker")}
+        figures = loader_rates(folder, counts, args)
+        rss = rss_at_scale(folder, base / "train-10x", args, max(counts))
         num_images = sum(1 for _ in folder.rglob("*.JPEG"))
-    results = {
-        "machine": machine(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
-        "images": num_images, "image_px": "300-500 a side, JPEG quality 90", "view_px": args.size,
-        "batch": args.batch, "steps": args.steps, "reps": args.reps,
-        "img_per_s": figures,
-        "stream_vs_torchvision": {w: f["stream"] / f["torchvision"] for w, f in figures.items()},
-        "decode_ceiling_share": {w: f["stream"] / f["decode"] for w, f in figures.items()},
-        "rss_mb": rss,
-    }
+    results = summary(args, figures, rss, num_images)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    for key in ("stream_vs_torchvision", "decode_ceiling_share"):
-        print(f"{key}: " + ", ".join(f"{w} workers {v:.2f}" for w, v in results[key].items()))
-    print(f"peak RSS (MB) 1x / 10x images: main {rss['1x']['main']:.0f} / {rss['10x']['main']:.0f}, "
-          f"largest worker {rss['1x']['largest_worker']:.0f} / {rss['10x']['largest_worker']:.0f}")
+    print_summary(results)
     print(f"wrote {args.out}")
     return 0
 

@@ -288,7 +288,30 @@ def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path
     runs = pd.concat([runs, params.drop(columns=[c for c in params if c in runs])], axis=1)
     metrics = metric_columns(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sections = table_sections(runs, metrics, out_dir)
+    (out_dir / "table.md").write_text(markdown_page(index, sections))
 
+    run_root = index_file.parent / RUNS_FROM_INDEX
+    curves = training_curves(runs, run_root)
+    plots = {"vs_mask_ratio.png": plot_vs_ratio(runs, metrics, out_dir / "vs_mask_ratio.png"),
+             "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
+             "loss_curves.png": plot_losses(curves, out_dir / "loss_curves.png"),
+             "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
+    parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
+             *html_sections(sections), *html_status(runs)]
+    parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
+    parts += html_figures(runs, run_root)
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>mimbench report</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+            "</style></head><body>" + "\n".join(parts) + "</body></html>")
+    (out_dir / "index.html").write_text(page)
+    return out_dir / "index.html"
+
+
+def table_sections(runs: pd.DataFrame, metrics: list[str], out_dir: Path) -> list[tuple]:
+    """(heading, legend, table, notes below it) of each of the suite's tables, for table.md and
+    index.html alike; each table also written to `out_dir` as CSV, with the runs' own."""
     table = with_paper_columns(summarize(runs, metrics))
     diffs = paired_differences(runs, metrics) if (runs["method"] == BASELINE).any() else pd.DataFrame()
     detectable = detectable_differences(runs, metrics)
@@ -297,7 +320,6 @@ def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path
     runs.to_csv(out_dir / "runs.csv", index=False)
     detectable.to_csv(out_dir / "detectable_differences.csv", index=False)
     baseline_note = baseline_footnote(runs, metrics)
-    # (heading, legend, table, notes below it) of each table, for table.md and index.html alike
     sections = [(None, "Mean ± 95% CI (t-interval) over seeds; – = no finished run; (n of m seeds) = only n "
                        "of the cell's m finished runs have that evaluation.",
                  table, [RECIPE_LEGEND, f"Paper columns: {papers.SOURCE}.", *baseline_note])]
@@ -310,42 +332,46 @@ def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path
         sections.append(("Ranking by recipe", RANKING_LEGEND, ranking,
                          ["Pairs that flip between recipes (within noise: the two cells' 95% CIs overlap "
                           "under either recipe):", *flip_lines(flipped), *baseline_note]))
+    return sections
+
+
+def markdown_page(index: dict, sections: list[tuple]) -> str:
     md = [f"# {index['suite']} ({index['profile']} profile)", ""]
     for heading, legend, frame, notes in sections:
         md += ([f"## {heading}", ""] if heading else []) + [legend, "", frame.to_markdown(index=False), ""]
         md += [line for note in notes for line in (note, "")]
-    (out_dir / "table.md").write_text("\n".join(md))
+    return "\n".join(md)
 
-    run_root = index_file.parent / RUNS_FROM_INDEX
-    curves = training_curves(runs, run_root)
-    plots = {"vs_mask_ratio.png": plot_vs_ratio(runs, metrics, out_dir / "vs_mask_ratio.png"),
-             "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
-             "loss_curves.png": plot_losses(curves, out_dir / "loss_curves.png"),
-             "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
-    figures = [(run, setting, p) for (_, run), setting in zip(runs.iterrows(), setting_labels(runs))
-               for p in sorted((run_root / run["run"] / "figures").glob("*.png"))]
 
-    status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
-        ["method", "setting", "recipe", "seed", "run", "status", "missing evaluations", "problem"]]
-    parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>"]
+def html_sections(sections: list[tuple]) -> list[str]:
+    parts = []
     for heading, legend, frame, notes in sections:
         parts += ([f"<h2>{html.escape(heading)}</h2>"] if heading else []) + [
             f"<p>{html.escape(legend)}</p>", frame.to_html(index=False, na_rep="–"),
             *(f"<p>{html.escape(note)}</p>" for note in notes)]
-    if not status.empty:
-        parts += ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
-    parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
-    if figures:
-        parts += ["<h2>Reconstructions and attention maps</h2>"]
-        for run, setting, p in figures:
-            caption = f"{run['method']} {setting}, seed {run['seed']} ({run['run']}/{p.name})"
-            parts.append(f"<figure>{img_tag(p)}<figcaption>{html.escape(caption)}</figcaption></figure>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>mimbench report</title><style>"
-            "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
-            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
-            "</style></head><body>" + "\n".join(parts) + "</body></html>")
-    (out_dir / "index.html").write_text(page)
-    return out_dir / "index.html"
+    return parts
+
+
+def html_status(runs: pd.DataFrame) -> list[str]:
+    """The table of runs that failed, are missing or lack an evaluation; [] when there is none."""
+    status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
+        ["method", "setting", "recipe", "seed", "run", "status", "missing evaluations", "problem"]]
+    if status.empty:
+        return []
+    return ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
+
+
+def html_figures(runs: pd.DataFrame, run_root: Path) -> list[str]:
+    """The figures the run folders hold (reconstructions, attention maps), captioned by run."""
+    figures = [(run, setting, p) for (_, run), setting in zip(runs.iterrows(), setting_labels(runs))
+               for p in sorted((run_root / run["run"] / "figures").glob("*.png"))]
+    if not figures:
+        return []
+    parts = ["<h2>Reconstructions and attention maps</h2>"]
+    for run, setting, p in figures:
+        caption = f"{run['method']} {setting}, seed {run['seed']} ({run['run']}/{p.name})"
+        parts.append(f"<figure>{img_tag(p)}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return parts
 
 
 README_PLOTS = ("vs_mask_ratio.png", "vs_flops.png")     # the first one a suite has goes into the README
