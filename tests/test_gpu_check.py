@@ -16,7 +16,8 @@ from methods import registry  # noqa: E402
 @pytest.mark.skipif(gpu_check.torch.cuda.is_available(), reason="tests the CPU fallback")
 def test_the_gpu_check_runs_every_step_at_micro_size_on_the_cpu_and_writes_its_summary(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
-    assert "no CUDA device: running the same steps at micro size on the CPU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no CUDA device: running the same steps at micro size on the CPU" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["steps"]) == {"smoke", "syncs", "steps", "gpu"}
     assert not [name for name, step in summary["steps"].items() if "error" in step]
@@ -29,7 +30,11 @@ def test_the_gpu_check_runs_every_step_at_micro_size_on_the_cpu_and_writes_its_s
     assert set(syncs) == trained                         # each method's step ran under the trainer
     assert all(row["steps"] > 0 and row["syncs_per_step"] is None for row in syncs.values())   # CPU: not counted
     assert {row["name"] for row in rows} == trained
-    assert all(row["img_per_s"] > 0 and 0 < row["mfu"] < 1 for row in rows)
+    # what each step measured, never how fast: the MFU divides by a matmul peak measured seconds
+    # earlier, so on a loaded machine it can exceed 1 (`make gpu-check` prints both)
+    assert all(row["img_per_s"] > 0 and row["gflop_per_img"] > 0 and row["mfu"] > 0 for row in rows)
+    assert "| name | img_per_s | gflop_per_img | mfu |" in printed
+    assert all(f"| {name} | " in printed for name in trained)
     gpu = summary["steps"]["gpu"]["result"]
     assert 0 <= gpu["mae"]["finetune_top1"] <= 100 and 0 <= gpu["none"]["finetune_top1"] <= 100
     assert gpu["finetune_gain"] == pytest.approx(gpu["mae"]["finetune_top1"] - gpu["none"]["finetune_top1"])
