@@ -46,7 +46,7 @@ class MissingCompiledOps(types.ModuleType):
 def guard_mmcv_ops() -> None:
     """Registers the stand-in when mmcv has no compiled extension; call it before mmseg is
     imported. A compiled extension that is there but fails to load still raises."""
-    if "mmcv._ext" in sys.modules:
+    if sys.modules.get("mmcv._ext") is not None:
         return
     try:
         importlib.import_module("mmcv._ext")

@@ -40,7 +40,8 @@ pip() {
         | { grep -v "^WARNING: Location 'file://.*' is ignored" || true; } >&2; } 3>&1
 }
 
-pip install --quiet --upgrade "pip<25" "setuptools<70" wheel
+# no setuptools pin here: torch 2.14 needs setuptools >= 77 (only the mmcv build wants an older one)
+pip install --quiet --upgrade "pip<25" wheel
 
 echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"
 pip install --quiet torch==2.14.1 torchvision==0.29.1
@@ -87,5 +88,5 @@ pip install --quiet --no-deps -e .
 "$VENV/bin/python" -c "from eval import mmseg_vit; import mmseg.models, torch, timm, mmseg
 from eval.mmcv_ops import mmcv_in_use
 mmcv = mmcv_in_use()
-print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| mmcv', mmcv['mmcv'],
-      '(compiled ops:', mmcv['mmcv_ops'] + ') | mmseg', mmseg.__version__)"
+print('[setup] ok: torch', torch.__version__, '| timm', timm.__version__, '| mmcv', mmcv['mmcv'] + ', compiled ops:',
+      mmcv['mmcv_ops'], '| mmseg', mmseg.__version__)"

@@ -1,5 +1,9 @@
 """Segmentation through mmsegmentation: the ViT as a registered backbone, UperNet built from
-mmseg's registry, layer decay, and the ADE20K path on a fixture built on the fly."""
+mmseg's registry, layer decay, and the ADE20K path on a fixture built on the fly, on the
+mmcv-lite that `make setup` installs (no compiled op)."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,17 +11,25 @@ from PIL import Image
 
 pytest.importorskip("mmseg", reason="mmsegmentation is installed by scripts/setup.sh")
 
+# eval.mmseg_vit first: its guard lets mmseg import on mmcv-lite
+from eval import segmentation  # noqa: E402
+from eval.mmcv_ops import MissingCompiledOps  # noqa: E402
+from eval.mmseg_vit import MimbenchViT, build_model, default_out_indices  # noqa: E402
+
+import mmcv  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 
 from core.config import ConfigError  # noqa: E402
 from engine.trainer import NonFiniteLoss  # noqa: E402
-from eval import segmentation  # noqa: E402
-from eval.mmseg_vit import MimbenchViT, default_out_indices  # noqa: E402
 from eval.registry import EvalContext, get_evaluation  # noqa: E402
 from eval.segmentation import SegmentationConfig  # noqa: E402
 from methods.vit import ViT, ViTConfig  # noqa: E402
+
+# read from the installed files, not from the guard: mmcv-lite ships no compiled extension
+MMCV_LITE = not any(Path(mmcv.__file__).parent.glob("_ext*"))
+on_mmcv_lite = pytest.mark.skipif(not MMCV_LITE, reason="a full mmcv (compiled ops) is installed")
 
 TINY = dict(scale=(64, 48), crop_size=32, iterations=1, batch_size=2, channels=16, aux_channels=16,
             warmup_iters=0, checkpoint_every=1)
@@ -103,7 +115,7 @@ def make_ade20k_fixture(root, per_split=3, size=(64, 48)):
             Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
 
 
-def test_ade20k_fixture_trains_one_iteration_and_evaluates_through_the_same_path(tmp_path):
+def test_ade20k_fixture_trains_one_iteration_evaluates_and_names_the_mmcv_that_ran(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
     make_ade20k_fixture(root)
     cfg = SegmentationConfig(dataset="ade20k", data_root=str(root), **TINY)
@@ -112,6 +124,9 @@ def test_ade20k_fixture_trains_one_iteration_and_evaluates_through_the_same_path
     assert result.metrics == pytest.approx(PINNED_ADE20K, rel=1e-6)
     assert result.details["train"]["iterations"] == 1 and result.details["train"]["steps"] == 1
     assert result.details["eval_images"] == 3
+    # the record names the mmcv that ran
+    assert (result.details["mmcv"], result.details["mmcv_ops"]) == \
+        (mmcv.__version__, "none (mmcv-lite)" if MMCV_LITE else "compiled")
     # reduce_zero_label: ADE20K's "other" (0) is ignored (255), class k becomes k - 1
     sample = segmentation.build_dataset(cfg, "test", segmentation.pipelines(cfg)[1])[0]["data_samples"]
     labels = sample.gt_sem_seg.data
@@ -197,3 +212,42 @@ def test_sliding_window_inference_runs_through_mmseg_and_keeps_the_whole_image_i
     assert 0 <= scores["mIoU"] <= 100
     with pytest.raises(ConfigError, match="test_mode 'tiles' is not one of whole, slide"):
         SegmentationConfig(test_mode="tiles").validate()
+
+
+@on_mmcv_lite
+def test_upernet_runs_the_ade20k_pipeline_slide_inference_and_iou_metric_without_compiled_ops(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    make_ade20k_fixture(root, size=(96, 64))
+    cfg = SegmentationConfig(dataset="ade20k", data_root=str(root), test_mode="slide", **TINY)
+    result = get_evaluation("segmentation").run(micro_vit(), None, cfg, context(tmp_path / "work"))
+    # every mmcv op is the stand-in's: one compiled op called anywhere would have raised
+    assert isinstance(sys.modules["mmcv._ext"], MissingCompiledOps)
+    assert result.details["mmcv_ops"] == "none (mmcv-lite)" and result.details["eval_images"] == 3
+    assert set(result.metrics) == {"seg_miou", "seg_macc", "seg_aacc"}
+    assert 0 <= result.metrics["seg_miou"] <= result.metrics["seg_macc"] <= 100
+
+
+FULL_MMCV_FIX = "install full mmcv with compiled ops: bash scripts/setup.sh --full-mmcv"
+
+
+@on_mmcv_lite
+def test_on_mmcv_lite_a_head_that_needs_compiled_ops_fails_in_one_line_naming_full_mmcv():
+    cfg = SegmentationConfig(dataset="camvid", crop_size=32, channels=16, aux_channels=16)
+    upernet = segmentation.model_config(micro_vit(), cfg, num_classes=11, ignore_index=11)
+    psanet = dict(upernet, decode_head=dict(type="PSAHead", in_channels=64, channels=16, num_classes=11,
+                                            mask_size=(9, 9)))
+    with pytest.raises(ConfigError) as err:
+        build_model(psanet)
+    assert str(err.value) == f"PSAHead needs mmcv's compiled PSAMask, which mmcv-lite lacks; {FULL_MMCV_FIX}"
+    deformable = dict(upernet, auxiliary_head=dict(upernet["auxiliary_head"], conv_cfg=dict(type="DCNv2")))
+    with pytest.raises(ConfigError, match=r"^DCNv2 needs mmcv's compiled ModulatedDeformConv2d, which mmcv-lite "
+                                          r"lacks; install full mmcv"):
+        build_model(deformable)
+    assert type(build_model(upernet).decode_head).__name__ == "UPerHead"      # UperNet itself builds
+
+    # an op reached some other way fails when called, naming the op and the same fix
+    from mmcv.ops import PSAMask
+    with pytest.raises(RuntimeError) as err:
+        PSAMask("collect", (3, 3))(torch.zeros(1, 9, 4, 4))
+    assert str(err.value) == f"mmcv op 'psamask_forward' is compiled, and this mmcv (mmcv-lite) has no " \
+                             f"compiled ops; {FULL_MMCV_FIX}"
