@@ -7,14 +7,15 @@ Three things meet in a `Trainer`:
   a `TrainPlan`   how it is optimised: steps, optimizer and scheduler factories, clipping,
                   precision, checkpoint and log cadence (built from a recipe config, never hashed)
 
-Pre-training passes uint8 images and a `TrainConfig`; the trainer makes the views and masks
-(`MaskedViews`) and the plan (`adamw_cosine_plan`: timm's AdamW, no weight decay on norms and
-biases - the [CLS]/[M] tokens are decayed, as in MAE's official pre-training, not exempt as in
-BEiT's - and timm's cosine schedule with linear warm-up stepped per iteration). The loop owns
-gradient clipping, bf16 autocast on CUDA and fp32 on CPU (fp16 with loss scaling on request),
-optional `torch.compile`, DDP, the buffers averaged over processes (`synced_buffers`), a tqdm bar
-with ETA, `metrics.jsonl` and TensorBoard events in `tb/`, atomic checkpoints and exact resume,
-the non-finite-loss guard and a checkpoint on SIGTERM / SIGINT.
+Pre-training builds both with `engine.views.pretraining` from uint8 images (or a streamed source
+of the same batches, engine.stream) and a `TrainConfig`: the views and masks (`MaskedViews`) and
+the plan (`adamw_cosine_plan`: timm's AdamW, no weight decay on norms and biases - the [CLS]/[M]
+tokens are decayed, as in MAE's official pre-training, not exempt as in BEiT's - and timm's
+cosine schedule with linear warm-up stepped per iteration). The loop owns gradient clipping (the
+gradients' norm is logged, clipped or not), bf16 autocast on CUDA and fp32 on CPU (fp16 with loss
+scaling on request), optional `torch.compile`, DDP, the buffers averaged over processes
+(`synced_buffers`), a tqdm bar with ETA, `metrics.jsonl` and TensorBoard events in `tb/`, atomic
+checkpoints and exact resume, the non-finite-loss guard and a checkpoint on SIGTERM / SIGINT.
 
 Exact resume without saving RNG streams: every source of randomness in step `s` (data order of
 its epoch, augmentation, masks, drop-path) is drawn from generators seeded by (seed, s). A
@@ -43,13 +44,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from core.config import ConfigError, late_field
-from core.device import to_device
 from core.files import read_json, write_json
 from engine import distributed
-from engine.augment import beit_view, dino_views, photometric
 from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
-from engine.data import random_resized_crop_flip, standardize
-from methods.base import AUGMENTATIONS, Batch
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -135,7 +132,13 @@ class Trainable(Protocol):
 
 class BatchSource(Protocol):
     """Where step s's batch comes from. `batch_for_step(s)` must depend on (seed, s) only,
-    never on the steps drawn before: that is what makes resume exact."""
+    never on the steps drawn before: that is what makes resume exact.
+
+    Optional member (its default when absent): `random_access = False`; True where any step's
+    batch costs what the next one does (images in memory: engine.views.MaskedViews). The trainer
+    counts FLOPs on step 0's batch of such a source, else on the first step of the session (a
+    streaming source reads no batch before it).
+    """
     steps_per_epoch: int
 
     def batch_for_step(self, step: int) -> Any:
@@ -245,107 +248,21 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
             group["weight_decay"] = value
 
 
-# ---- batch sources -----------------------------------------------------------------------
-class EpochOrder:
-    """The dataset indices of step s: a random order per epoch, seeded by (seed, epoch); the
-    last partial batch of an epoch is dropped."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, check: bool = True):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.steps_per_epoch = num_items // batch_size
-        if check and self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({num_items} images); "
-                              f"lower it")
-        self._order: tuple[int, Tensor] | None = None        # (epoch, its permutation)
-
-    def indices(self, step: int) -> Tensor:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
-            self._order = (epoch, torch.randperm(self.num_items, generator=gen))
-        return self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
-
-
-# the photometric augmentation's seed stream: clear of the per-rank torch streams (3 + rank)
-COLOUR_STREAM = 1000
-
-
-class MaskedViews:
-    """Pre-training batches: the method's augmented views (`view_specs`, and the photometric
-    augmentation its config names, `view_augmentations`) and masks (`draw_masks`) of uint8
-    images. Under torchrun every rank draws the global batch from the same step seed and
-    keeps its own slice. Crops and masks draw from stream 2 of the step seed, photometric
-    augmentation from stream COLOUR_STREAM, so a view's colours never shift another view's crop
-    or mask."""
-
-    def __init__(self, method, images: Tensor, batch_size: int, crop_scale_min: float, seed: int,
-                 device: torch.device):
-        self.method, self.crop_scale_min, self.seed, self.device = method, crop_scale_min, seed, device
-        self.images = images.to(device)                       # uint8 (N, 3, H, W), on device
-        self.order = EpochOrder(len(images), batch_size, seed, check=method.trains)   # `none`: never drawn
-        self.steps_per_epoch = self.order.steps_per_epoch
-        self.world, self.rank = distributed.world_size(), distributed.rank()
-        specs = method.view_specs(crop_scale_min)
-        self.specs = list(zip(specs, view_augmentations(method.augmentation, len(specs), method.num_views)))
-
-    def batch_for_step(self, step: int) -> Batch:
-        index = self.order.indices(step)
-        gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
-        colour_gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=COLOUR_STREAM))
-        uint8 = self.images[to_device(index, self.device)]
-        views = []
-        for (size, scale), colour in self.specs:
-            if colour is None or not colour.active:
-                views.append(random_resized_crop_flip(uint8, size, gen, scale=scale))
-            else:   # colour ops work on [0, 1] pixels: crop, augment, then standardise
-                pixels = random_resized_crop_flip(uint8, size, gen, scale=scale, standardized=False)
-                views.append(standardize(photometric(pixels, colour, colour_gen)))
-        mask = self.method.draw_masks(len(index), gen)
-        if self.world > 1:  # every rank drew the global batch; keep this rank's slice
-            shard = slice(self.rank * len(index) // self.world, (self.rank + 1) * len(index) // self.world)
-            views = [v[shard] for v in views]
-            mask = None if mask is None else mask[..., shard, :]
-        return Batch.of_views(views, mask, self.device)
-
-
-def view_augmentations(name: str, num_views: int, num_global: int) -> list:
-    """The photometric augmentation (engine.augment.Photometric, or None) of each of a method's
-    `num_views` views, by the name its config gives (methods.base.AUGMENTATIONS):
-    none, BEiT's colour jitter on its one view, or DINO/iBOT's pipeline (two global views, then
-    local ones)."""
-    if name == "none":
-        return [None] * num_views
-    if name == "beit":
-        return [beit_view()] * num_views
-    if name == "dino":
-        if num_global != 2:
-            raise ConfigError(f"the 'dino' augmentation needs two global views, the method has {num_global}")
-        return list(dino_views(num_views - num_global))
-    raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
-
-
 # ---- the trainer -------------------------------------------------------------------------
 class Trainer:
     """Trains `module` on `data` by `plan`, in `run_dir` (checkpoints/, metrics.jsonl, tb/,
     train_stats.json); `fit()` resumes from the newest checkpoint of `config_hash`.
 
-    Pre-training: `Trainer(method, uint8_images, train_config, ...)`, or a BatchSource of the
-    same batches (engine.stream.StreamingViews) with the train_config; every other use passes a
-    BatchSource and a TrainPlan.
+    Pre-training: `Trainer(method, *engine.views.pretraining(method, uint8_images, train_config,
+    seed, device), ...)`.
     """
 
-    def __init__(self, module: Trainable, data: Tensor | BatchSource, plan: TrainConfig | TrainPlan,
-                 run_dir: Path, seed: int, config_hash: str, device: str | torch.device = "cpu",
-                 progress: bool = True):
+    def __init__(self, module: Trainable, data: BatchSource, plan: TrainPlan, run_dir: Path, seed: int,
+                 config_hash: str, device: str | torch.device = "cpu", progress: bool = True):
+        if not isinstance(plan, TrainPlan):
+            raise TypeError(f"a Trainer takes a BatchSource and a TrainPlan, not a {type(plan).__name__}; "
+                            f"pre-training makes both with engine.views.pretraining")
         self.device = torch.device(device)
-        if isinstance(data, Tensor) and not isinstance(plan, TrainConfig):
-            raise TypeError("pass uint8 images with a TrainConfig (pre-training), or a BatchSource with a TrainPlan")
-        if isinstance(plan, TrainConfig):      # pre-training: the method's views and masks, AdamW + cosine
-            plan.validate()
-            if isinstance(data, Tensor):       # else a source of the same batches (engine.stream)
-                data = MaskedViews(module, data, plan.batch_size, plan.crop_scale_min, seed, self.device)
-            steps = round(plan.epochs * data.steps_per_epoch) if module.trains else 0
-            plan = adamw_cosine_plan(plan, steps, desc=f"pre-train {module.name}")
         self.module, self.data, self.plan, self.seed = module, data, plan, seed
         self.run_dir, self.config_hash = Path(run_dir), config_hash
         self.progress = progress
@@ -450,7 +367,7 @@ class Trainer:
         # source resumed from a checkpoint of before that counts its first batch of this session
         # (it reads no batch before it). Also when a kill came between the last checkpoint and the stats.
         flops = self.flops = self.resumed_flops if self.resumed_flops is not None else \
-            self.flops_per_step(0 if isinstance(self.data, MaskedViews) else min(start, self.total_steps - 1))
+            self.flops_per_step(0 if getattr(self.data, "random_access", False) else min(start, self.total_steps - 1))
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log = MetricLog(self.run_dir, start) if self.rank == 0 else None   # rank 0's slice of the batch
         timer = StepTimer(skip_until=start + 2)  # skip warm-up steps (allocation, compile) in timings
@@ -574,6 +491,9 @@ class Trainer:
         elif self.plan.clip_grad > 0:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
                                                                self.plan.clip_grad, foreach=True)
+        else:   # measured as clip_grad_norm_ measures it, the gradients left as they are
+            logs["grad_norm"] = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None], foreach=True)
         if self.scaler is None:
             self.optimizer.step()
         else:

@@ -44,9 +44,11 @@ from core.config import ConfigError, identity_record, late_field
 from core.device import to_device
 from core.files import config_hash
 from engine.data import DataError, ImageSet, Splits, holdout_positions, normalize, random_resized_crop_flip
-from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, StepImages, StepPart, StepSource, StreamedSet,
-                           crop_flip, image_generator, item_seed, standardize_pixels)
-from engine.trainer import EpochOrder, Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
+from engine.splits import StreamedSet
+from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, StepImages, StepPart, StepSource, crop_flip,
+                           image_generator, item_seed, standardize_pixels)
+from engine.trainer import Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
+from engine.views import EpochOrder
 from eval.features import POOLINGS, image_batches
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.base import Batch

@@ -43,7 +43,8 @@ from filelock import FileLock
 
 from core.files import read_json, write_json
 from engine.data import holdout_size, list_images
-from engine.trainer import MaskedViews, adamw_cosine_plan, count_flops, total_steps, train_flops
+from engine.trainer import adamw_cosine_plan, count_flops, total_steps, train_flops
+from engine.views import MaskedViews
 from eval.registry import split_name
 from methods import registry
 from methods.base import Batch

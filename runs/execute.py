@@ -35,8 +35,10 @@ from core.files import atomic_path, config_hash, read_json, write_json
 from engine import distributed
 from engine.checkpoint import load_latest
 from engine.data import Splits, synthetic_splits
-from engine.stream import StreamingViews, choose_source, load_splits, streamed_splits
+from engine.splits import choose_source, load_splits, streamed_splits
+from engine.stream import StreamingViews
 from engine.trainer import Preempted, Trainer
+from engine.views import pretraining
 from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
@@ -313,7 +315,7 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
                                     on_bad_image)
         else:
             images = load_data(data_json, on_bad_image, progress).train.images
-        trainer = Trainer(method, images, train_config, run_dir,
+        trainer = Trainer(method, *pretraining(method, images, train_config, config.seed, device), run_dir,
                           seed=config.seed, config_hash=config.hash, device=device, progress=progress)
         train_stats = trainer.fit()
         train_stats["data_source"] = {**(images.describe() if kind == "stream" else {"kind": "memory"}),

@@ -112,6 +112,7 @@ def syncs_step(device: torch.device, sizes: Sizes) -> dict:
 
     from engine.data import synthetic_splits
     from engine.trainer import Trainer, TrainConfig
+    from engine.views import pretraining
     from methods import build_method
 
     images = synthetic_splits(img_size=sizes.small.img_size, train_per_class=sizes.small_batch // 10 * 4).train.images
@@ -123,7 +124,8 @@ def syncs_step(device: torch.device, sizes: Sizes) -> dict:
         cfg = TrainConfig(epochs=1, batch_size=sizes.small_batch // 2, blr=1e-4, checkpoint_every=1000,
                           log_every=1000, precision="bf16" if sizes.cuda else "fp32")
         with tempfile.TemporaryDirectory() as run_dir:
-            trainer = Trainer(method, images, cfg, Path(run_dir), seed=0, config_hash="gpu-check",
+            trainer = Trainer(method, *pretraining(method, images, cfg, 0, device), Path(run_dir), seed=0,
+                              config_hash="gpu-check",
                               device=str(device), progress=False)
             step, seen = trainer._step, []
 

@@ -29,6 +29,7 @@ from engine import distributed  # noqa: E402
 from engine.data import synthetic_splits  # noqa: E402
 from engine.stream import FolderReader, StreamingViews  # noqa: E402
 from engine.trainer import Preempted, Trainer, TrainConfig  # noqa: E402
+from engine.views import pretraining  # noqa: E402
 from methods import build_method, registry  # noqa: E402
 
 CFG = TrainConfig(epochs=3, batch_size=32, blr=1e-3, warmup_frac=0.1, checkpoint_every=4, log_every=2)
@@ -78,7 +79,8 @@ def main() -> int:
                               device=torch.device("cpu"), workers=args.workers)
     else:
         data = synthetic_splits(img_size=16, train_per_class=32).train.images
-    trainer = Trainer(method, data, cfg, Path(args.run_dir), seed=0, config_hash="driver", progress=False)
+    trainer = Trainer(method, *pretraining(method, data, cfg, seed=0), Path(args.run_dir), seed=0,
+                      config_hash="driver", progress=False)
     if distributed.rank() == distributed.world_size() - 1 and args.nan_on_last_rank_at >= 0:
         forward, calls = trainer.step_fn, []
 

@@ -7,7 +7,7 @@ from torchvision.transforms import functional as TF
 
 from core.config import ConfigError
 from engine.augment import DRAWS, Photometric, beit_view, dino_views, photometric, shift_hue
-from engine.trainer import view_augmentations
+from engine.views import view_augmentations
 from methods.base import AUGMENTATIONS
 
 DINO_JITTER = dict(jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)

@@ -144,6 +144,7 @@ def test_the_training_step_reads_no_tensor_on_the_host_beyond_the_known_syncs(na
 
     from engine.data import synthetic_splits
     from engine.trainer import Trainer, TrainConfig
+    from engine.views import pretraining
 
     root = Path(__file__).resolve().parents[1]
     calls, inside = Counter(), [False]
@@ -163,7 +164,8 @@ def test_the_training_step_reads_no_tensor_on_the_host_beyond_the_known_syncs(na
     method = build_method(name, **micro_overrides())
     images = synthetic_splits(img_size=16, train_per_class=32).train.images          # 320: 10 steps
     cfg = TrainConfig(epochs=1, batch_size=32, blr=1e-3, checkpoint_every=100, log_every=100)
-    trainer = Trainer(method, images, cfg, tmp_path, seed=0, config_hash="t", progress=False)
+    trainer = Trainer(method, *pretraining(method, images, cfg, seed=0), tmp_path, seed=0, config_hash="t",
+                      progress=False)
     step = trainer._step
 
     def counted_step(*args):
@@ -182,6 +184,7 @@ def test_the_training_step_reads_no_tensor_on_the_host_beyond_the_known_syncs(na
 def test_the_run_record_states_precision_device_and_cuda_versions(tmp_path):
     from engine.data import synthetic_splits
     from engine.trainer import Trainer, TrainConfig, precision_name
+    from engine.views import pretraining
     from runs.execute import provenance
 
     assert precision_name(torch.device("cpu")) == "fp32"                       # auto: fp32 on the CPU
@@ -189,7 +192,8 @@ def test_the_run_record_states_precision_device_and_cuda_versions(tmp_path):
     assert precision_name(torch.device("cpu"), "fp16") == "fp16 autocast"
     images = synthetic_splits(img_size=16, train_per_class=8).train.images
     cfg = TrainConfig(epochs=1, batch_size=16, blr=1e-3, precision="bf16")
-    stats = Trainer(build_method("mae", **micro_overrides()), images, cfg, tmp_path, seed=0,
-                    config_hash="t", progress=False).fit()
+    method = build_method("mae", **micro_overrides())
+    stats = Trainer(method, *pretraining(method, images, cfg, seed=0), tmp_path, seed=0, config_hash="t",
+                    progress=False).fit()
     assert (stats["precision"], stats["device"]) == ("bf16 autocast", "cpu")
     assert {"device", "cuda", "cudnn", "torch"} <= set(provenance())

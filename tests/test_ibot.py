@@ -12,6 +12,7 @@ from core.config import ConfigError
 from engine.checkpoint import checkpoint_paths
 from engine.data import random_resized_crop_flip, synthetic_splits
 from engine.trainer import Trainer, TrainConfig
+from engine.views import pretraining
 from methods import build_method
 from methods.base import Batch
 from methods.ibot import centred_softmax, cosine_momentum, cross_view_cross_entropy, masked_image_mean
@@ -147,7 +148,9 @@ def test_a_resumed_run_ends_with_bit_identical_teacher_centres_and_metrics(tmp_p
     cfg = TrainConfig(epochs=1, batch_size=32, blr=1e-3, warmup_frac=0.2, checkpoint_every=4, log_every=2)
 
     def trainer(run_dir):
-        return Trainer(ibot(**SMALL_HEAD), images, cfg, run_dir, seed=0, config_hash="test", progress=False)
+        method = ibot(**SMALL_HEAD)
+        return Trainer(method, *pretraining(method, images, cfg, seed=0), run_dir, seed=0, config_hash="test",
+                       progress=False)
 
     full = trainer(tmp_path / "full")
     full.fit()
@@ -289,7 +292,8 @@ def test_multi_crop_adds_local_views_that_train_the_student_cls_only(tmp_path):
     # the trainer makes the local crops from the method's view specs and trains with them
     splits = synthetic_splits(img_size=16, train_per_class=8)
     cfg = TrainConfig(epochs=1, batch_size=16, blr=1e-3, warmup_frac=0.0, log_every=1, checkpoint_every=100)
-    trainer = Trainer(method, splits.train.images, cfg, tmp_path, seed=0, config_hash="test", progress=False)
+    trainer = Trainer(method, *pretraining(method, splits.train.images, cfg, seed=0), tmp_path, seed=0,
+                      config_hash="test", progress=False)
     views = trainer.batch_for_step(0).views
     assert [tuple(v.shape[-2:]) for v in views] == [(16, 16)] * 2 + [(8, 8)] * 2
     trainer.fit()

@@ -12,6 +12,7 @@ import torch
 from core.config import ConfigError
 from engine.data import synthetic_splits
 from engine.trainer import TrainConfig, Trainer, cosine_between
+from engine.views import pretraining
 from methods import build_method, registry
 from methods.ibot import INIT_SHARE_AT_END, base_momentum, teacher_init_share
 from methods.masking import MaskConfig, make_masks
@@ -145,7 +146,8 @@ def train_micro(method: str, tmp_path: Path, epochs: float = 1.0, overrides: dic
     model = build_method(method, encoder=MICRO, **{**heads, **(overrides or {})})
     images = synthetic_splits(img_size=16, train_per_class=16).train.images
     cfg = TrainConfig(epochs=epochs, batch_size=32, blr=1e-3, warmup_frac=0.0, checkpoint_every=100, **train)
-    trainer = Trainer(model, images, cfg, tmp_path, seed=0, config_hash="test", progress=False)
+    trainer = Trainer(model, *pretraining(model, images, cfg, seed=0), tmp_path, seed=0, config_hash="test",
+                      progress=False)
     trainer.fit()
     return trainer
 

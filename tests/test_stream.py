@@ -16,9 +16,9 @@ from core.config import ConfigError
 from bench.data import make_jpeg_folder
 from conftest import ROOT, micro_overrides
 from engine.data import DataError, load_imagefolder, to_square_rgb
-from engine import shards, stream
-from engine.stream import (FolderReader, ImageViews, StreamedSet, StreamingViews, choose_source, crop_box, decode_rgb,
-                           load_splits, open_reader)
+from engine import shards, splits
+from engine.splits import StreamedSet, choose_source, load_splits
+from engine.stream import FolderReader, ImageViews, StreamingViews, crop_box, decode_rgb, open_reader
 from eval.features import extract_features
 from eval.knn import KNNConfig, knn_top1, nearest
 from methods import build_method
@@ -238,7 +238,7 @@ def test_a_split_streams_when_its_decoded_size_is_over_the_memory_limit_unless_f
     data = {"name": "data", "path": str(tmp_path / "data"), "img_size": 32}
     kind, reason = choose_source(data)
     assert kind == "memory" and reason.startswith("10 images x 3 x 32 x 32 = 0.00 GiB decoded, within")
-    monkeypatch.setattr(stream, "MEMORY_SOURCE_MAX_BYTES", 10 * 3 * 32 * 32 - 1)
+    monkeypatch.setattr(splits, "MEMORY_SOURCE_MAX_BYTES", 10 * 3 * 32 * 32 - 1)
     assert choose_source(data)[0] == "stream"
     assert choose_source(data, "memory") == ("memory", "--data-source memory")
     assert choose_source({"name": "synthetic", "img_size": 16}) == ("memory", "synthetic images")
@@ -445,7 +445,7 @@ def test_the_linear_probe_streams_and_takes_the_held_out_rows_the_memory_path_fi
     make_jpeg_folder(root / "train", num_classes=3, per_class=30, min_px=20, max_px=60)
     make_jpeg_folder(root / "test", num_classes=3, per_class=6, min_px=20, max_px=60, seed=1)
     memory = load_splits(root, 16, progress=False)
-    streamed = stream.streamed_splits(root, 16, workers=0)
+    streamed = splits.streamed_splits(root, 16, workers=0)
     assert streamed.fit is None and len(streamed.train) == len(memory.train) == 90
     labels = streamed.train.labels
     rows_streamed = linear.held_out_rows(streamed, labels)

@@ -10,10 +10,10 @@ import torch
 from bench.data import make_jpeg_folder
 from conftest import kill_at_step
 from engine import data as memory_data
-from engine import stream
 from engine.checkpoint import checkpoint_paths
 from engine.data import load_splits
-from engine.stream import FolderReader, StreamedSet, streamed_splits
+from engine.splits import StreamedSet, streamed_splits
+from engine.stream import FolderReader
 from eval import finetune
 from eval.finetune import FinetuneConfig, StreamingLabelledBatches
 from eval.registry import EvalContext, get_evaluation
@@ -147,7 +147,7 @@ def test_the_streamed_test_split_is_read_in_batches_never_decoded_whole(root, tm
         raise AssertionError("a split was decoded into memory")
 
     monkeypatch.setattr(memory_data, "load_imagefolder", decoded_whole)
-    monkeypatch.setattr(stream, "decode_split", decoded_whole)
+    monkeypatch.setattr("engine.splits.decode_split", decoded_whole)
     monkeypatch.setattr(StreamedSet, "in_memory", decoded_whole)
     held, batches = [], StreamedSet.batches
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from conftest import micro_overrides
 from engine.checkpoint import checkpoint_paths
 from engine.data import synthetic_splits
 from engine.trainer import NonFiniteLoss, Trainer, TrainConfig
+from engine.views import pretraining
 from methods import build_method
 
 CFG = TrainConfig(epochs=2, batch_size=32, blr=1e-3, warmup_frac=0.2, checkpoint_every=5, log_every=2)
@@ -16,7 +18,8 @@ def make_trainer(run_dir, name="mae", cfg=CFG, seed=0):
     torch.manual_seed(seed)
     method = build_method(name, **micro_overrides())
     images = synthetic_splits(img_size=16, train_per_class=32).train.images     # 320 images
-    return Trainer(method, images, cfg, run_dir, seed=seed, config_hash="test", progress=False)
+    return Trainer(method, *pretraining(method, images, cfg, seed), run_dir, seed=seed, config_hash="test",
+                   progress=False)
 
 
 class Interrupt(Exception):
@@ -90,6 +93,20 @@ def test_tensorboard_events_in_tb_hold_the_scalars_of_metrics_jsonl(tmp_path):
     for tag, series in scalars.items():
         assert [step for step, _ in series] == [r["step"] for r in rows] == list(range(20)), tag
         assert [value for _, value in series] == pytest.approx([r[tag] for r in rows], rel=1e-6), tag
+
+
+def test_grad_norm_is_logged_with_clipping_off_and_measuring_it_leaves_the_weights_alone(tmp_path):
+    # a clip far above any norm scales every gradient by exactly 1: the same weights as no clip
+    unclipped = make_trainer(tmp_path / "off", cfg=dataclasses.replace(CFG, clip_grad=0.0))
+    unclipped.fit()
+    clipped = make_trainer(tmp_path / "far", cfg=dataclasses.replace(CFG, clip_grad=1e9))
+    clipped.fit()
+    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("off", "far")]
+    assert len(norms[0]) == 20 and all(norm > 0 for norm in norms[0])
+    assert norms[0] == norms[1]                    # measured as clip_grad_norm_ measures it
+    for (key, a), b in zip(unclipped.module.state_dict().items(), clipped.module.state_dict().values()):
+        assert torch.equal(a, b), key
 
 
 def test_metrics_log_every_step_and_the_lr_follows_warmup_then_cosine(tmp_path):
