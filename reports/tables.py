@@ -21,11 +21,9 @@ import pandas as pd
 from scipy import stats
 
 from core.files import read_json
+from runs.index import RUNS_FROM_INDEX, read_index  # noqa: F401  (reports.build reads them here)
 from runs.records import RecordError, RunRecord, read_record, record_path
 
-
-# where run folders are, seen from a suite's index (outputs/suites/<suite>/<profile>/runs.json)
-RUNS_FROM_INDEX = Path("..") / ".." / ".." / "runs"
 
 # the metrics a table shows, in this order, when runs have them (iBOT's k-NN of the student
 # encoder beside the default, its teacher's)
@@ -65,21 +63,6 @@ def half_width_text(half: float, n: int) -> str:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def read_index(index_file: Path) -> dict:
-    """A suite's runs.json; RecordError (one line, naming the file) when it is damaged."""
-    try:
-        index = read_json(index_file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RecordError(f"{index_file}: cannot be read ({err.__class__.__name__}: {err})") from None
-    keys = ("method", "setting", "seed", "run_dir")
-    if not (isinstance(index, dict) and isinstance(index.get("suite"), str) and isinstance(index.get("profile"), str)
-            and isinstance(index.get("runs"), list) and index["runs"]
-            and all(isinstance(e, dict) and all(k in e for k in keys) for e in index["runs"])):
-        raise RecordError(f"{index_file}: not a suite index (suite, profile and a non-empty 'runs' list "
-                          f"of {', '.join(keys)})")
-    return index
 
 
 def load_index(index_file: Path, index: dict | None = None) -> pd.DataFrame:

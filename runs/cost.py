@@ -49,9 +49,9 @@ from eval.registry import split_name
 from methods import registry
 from methods.base import Batch
 from methods.vit import ViT
-from runs.execute import (UnreadableRecord, eval_config, product_missing, read_result, stale_evaluations,
-                          usable)
-from runs.identity import Budget, Run, RunConfig, RunSpec, config_from_record, resolve
+from runs.identity import RunProfile, Run, RunConfig, RunSpec, config_from_record, resolve
+from runs.plan import Plan
+from runs.state import RunState, eval_config
 
 # images per split without a folder to count (the known sizes of the named datasets; else ImageNet's)
 TRAIN_IMAGES = {"synthetic": 640, "cifar10": 50_000, "imagenet": 1_281_167}
@@ -87,6 +87,14 @@ def _encoder_forward_flops(encoder_json: str, img_size: int) -> float:
     images = torch.randn(1, encoder.cfg.in_chans, img_size, img_size)
     # a linear layer's backward is twice its forward: a third of a full-token step's FLOPs
     return count_flops(encoder, lambda: encoder(images).float().sum()) / 3
+
+
+def cell_flops_per_image(spec: RunSpec, profile: RunProfile, recipe: str) -> float:
+    """Training FLOPs per image of a grid cell at a profile and recipe (its seed and data change
+    nothing of them): what a suite that matches methods in FLOPs weighs its cells by."""
+    data = {"name": "synthetic", "img_size": profile.encoder["img_size"]}
+    config = resolve(spec, profile, seed=0, data=data, recipe=recipe)
+    return flops_per_image(config.method, config.method_config)
 
 
 def encoder_forward_flops(config: RunConfig, img_size: int | None = None) -> float:
@@ -130,15 +138,28 @@ def pretrain_flops(config: RunConfig) -> float:
     return flops_per_image(config.method, config.method_config) * images_seen(config)
 
 
-def estimate_seconds(config: RunConfig, profile: Budget, flops_per_second: float | None = None) -> float:
+def estimate_seconds(config: RunConfig, profile: RunProfile, flops_per_second: float | None = None) -> float:
     """Pre-training wall time at `flops_per_second` (default: the profile's assumed figure), at
     the share of it the method sustains (`training_efficiency`: the dVAE's convolutions, 0.66)."""
     efficiency = registry[config.method][0].training_efficiency
     return pretrain_flops(config) / ((flops_per_second or profile.flops_per_second) * efficiency)
 
 
+def format_flops(flops: float) -> str:
+    """2.4e6 -> '2.4 MFLOP', 1.92e13 -> '19.2 TFLOP', 1.27e11 -> '127 GFLOP'."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if flops >= scale:
+            value = flops / scale
+            return f"{value:.3g} {prefix}FLOP" if value < 100 else f"{value:.0f} {prefix}FLOP"
+    return f"{flops:.0f} FLOP"
+
+
+def format_hours(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 # ---- evaluations ---------------------------------------------------------------------------
-def evaluation_flops(name: str, config: RunConfig, profile: Budget) -> float:
+def evaluation_flops(name: str, config: RunConfig, profile: RunProfile) -> float:
     """FLOPs of evaluation `name` of a run at the profile's config of it, without the frozen
     protocols' shared feature extraction (`feature_flops`). ("knn@student", an evaluation of
     another encoder the run saves, costs what "knn" does.)"""
@@ -177,7 +198,7 @@ def feature_flops(config: RunConfig) -> float:
     return encoder_forward_flops(config) * (num_images(config.data, "train") + num_images(config.data, "test"))
 
 
-def evaluation_seconds(config: RunConfig, evals, profile: Budget, flops_per_second: float,
+def evaluation_seconds(config: RunConfig, evals, profile: RunProfile, flops_per_second: float,
                        features_cached: bool = False) -> dict[str, float]:
     """Estimated seconds of each of `evals` (those still to run) of a run; the first one that
     reads frozen features of an encoder pays their extraction unless the run has them cached."""
@@ -193,38 +214,29 @@ def evaluation_seconds(config: RunConfig, evals, profile: Budget, flops_per_seco
 
 
 # ---- what a plan still costs ----------------------------------------------------------------
-def seconds_left(run: Run, profile: Budget, outputs: Path, flops_per_second: float) -> dict[str, float]:
-    """Estimated seconds of the work a run still needs, by phase ("pre-train", each evaluation):
-    nothing for what its folder holds finished."""
-    run_dir = run.config.folder(outputs)
-    try:
-        record = read_result(run_dir)
-    except UnreadableRecord:
-        record = None
-    features_cached = (run_dir / "features").is_dir()
-    if record is not None and record.done:
-        stale = stale_evaluations(record, run.spec.evals, profile)
-        seconds = evaluation_seconds(run.config, stale, profile, flops_per_second, features_cached)
-        if stale and product_missing(run_dir, run.config.method):    # restored from the results archive
+def seconds_left(run: Run, state: RunState, profile: RunProfile, flops_per_second: float) -> dict[str, float]:
+    """Estimated seconds of the work a run still needs, by phase ("pre-train", each evaluation),
+    given its folder's `state`: nothing for what it holds finished."""
+    if state.finished:
+        seconds = evaluation_seconds(run.config, state.stale, profile, flops_per_second, state.features_cached)
+        if state.stale and not state.product_here:    # restored from the results archive
             seconds = {"pre-train": estimate_seconds(run.config, profile, flops_per_second), **seconds}
         return seconds
     pretrain = estimate_seconds(run.config, profile, flops_per_second)
     return {**({"pre-train": pretrain} if pretrain else {}),
-            **evaluation_seconds(run.config, run.spec.evals, profile, flops_per_second, features_cached)}
+            **evaluation_seconds(run.config, run.spec.evals, profile, flops_per_second, state.features_cached)}
 
 
-def plan_seconds(runs: list[Run], profile: Budget, outputs: Path, flops_per_second: float
-                 ) -> tuple[dict[str, dict[str, float]], dict[str, float], float]:
-    """Seconds left per run (by phase), per prerequisite run not done (BEiT's tokenizer: once,
-    however many runs need it), and in all."""
+def plan_seconds(plan: Plan, flops_per_second: float) -> tuple[dict[str, dict[str, float]], dict[str, float], float]:
+    """Seconds left per run of the plan's grid (by phase), per prerequisite run not done
+    (BEiT's tokenizer: once, however many runs need it), and in all."""
     per_run, prerequisites = {}, {}
-    for run in runs:
-        per_run[run.name] = seconds_left(run, profile, outputs, flops_per_second)
+    for run in plan.grid:
+        per_run[run.name] = seconds_left(run, plan.state(run), plan.profile, flops_per_second)
         if "pre-train" in per_run[run.name]:
             for need in run.config.requires.values():
-                if need.config.name not in prerequisites and not usable(need.config.folder(outputs), need.evals,
-                                                                        need.config.method):
-                    prerequisites[need.config.name] = estimate_seconds(need.config, profile, flops_per_second)
+                if need.config.name not in prerequisites and not plan.requirement(need).usable:
+                    prerequisites[need.config.name] = estimate_seconds(need.config, plan.profile, flops_per_second)
     total = sum(sum(phases.values()) for phases in per_run.values()) + sum(prerequisites.values())
     return per_run, prerequisites, total
 
@@ -260,7 +272,7 @@ def machine() -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def calibrate(profile: Budget, outputs: str | Path, device: str = "cpu", recalibrate: bool = False) -> Calibration:
+def calibrate(profile: RunProfile, outputs: str | Path, device: str = "cpu", recalibrate: bool = False) -> Calibration:
     """This machine's sustained training FLOP/s at the profile's scale: read from
     `outputs/calibration.json` when it was measured on this machine with as many threads, the
     same torch, device and profile; else measured now and recorded. A lock makes processes
@@ -285,7 +297,7 @@ def calibrate(profile: Budget, outputs: str | Path, device: str = "cpu", recalib
     return Calibration(flops_per_second, record, reused=False)
 
 
-def measure_flops_per_second(profile: Budget, device: str = "cpu", batch_size: int = CALIBRATION_BATCH,
+def measure_flops_per_second(profile: RunProfile, device: str = "cpu", batch_size: int = CALIBRATION_BATCH,
                              steps: int = CALIBRATION_STEPS, warmup: int = CALIBRATION_WARMUP) -> float:
     """Counted training FLOPs / the median wall time of `steps` MAE steps as the trainer takes
     them (augmented views and masks drawn, forward, backward, AdamW), at the profile's encoder.

@@ -24,8 +24,10 @@ import platform
 import subprocess
 import time
 import traceback
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -44,19 +46,13 @@ from methods import registry
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.vit import load_encoder, save_encoder
 from runs.figures import first_of_each_class, write_figures
-from runs.identity import Budget, Run, RunConfig, RunSpec, build_from_record, identity_record
-from runs.records import EvalRecord, NewerSchemaError, RecordError, RunRecord, read_record, write_record
-
-ENCODER_FILE = "encoder.safetensors"
-
+from runs.identity import RunProfile, Run, RunConfig, RunSpec, identity_record
+from runs.records import EvalRecord, RunRecord, write_record
+from runs.state import (ENCODER_FILE, UnreadableRecord, eval_config, is_current, is_done, product_missing,
+                        read_result, read_state)
 
 class RunSkipped(Exception):
     """Another process holds this run's lock."""
-
-
-class UnreadableRecord(RuntimeError):
-    """A run folder's result.json does not parse or validate: that run fails (its file is left
-    as it is), the others go on."""
 
 
 @lru_cache(maxsize=4)
@@ -96,52 +92,8 @@ def provenance() -> dict:
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
-# ---- state of a run folder -----------------------------------------------------------------
-def read_result(run_dir: Path) -> RunRecord | None:
-    """The folder's record. A record of a newer mimbench is a ConfigError (it stops the suite:
-    every run of this outputs folder is suspect); a damaged one is UnreadableRecord."""
-    try:
-        return read_record(run_dir)
-    except NewerSchemaError as err:
-        raise ConfigError(f"{err}, or use another --outputs folder") from None
-    except RecordError as err:
-        raise UnreadableRecord(str(err)) from None
-
-
-def stale_evaluations(record: RunRecord, evals: tuple[str, ...], profile: Budget | None = None) -> list[str]:
-    """The evaluations in `evals` that a finished run's record lacks (or, given a profile, holds
-    at another config than the profile's)."""
-    return [name for name in evals if name not in record.evals or (
-        profile is not None and not is_current(record.evals[name], name, profile, record.method))]
-
-
-def is_current(record: EvalRecord | None, name: str, profile: Budget, method: str | None = None) -> bool:
-    """Whether a recorded evaluation was produced with this profile's config of it (for `method`)."""
-    return record is not None and record.config == json.loads(json.dumps(eval_config_dict(name, profile, method)))
-
-
-def eval_config(name: str, profile: Budget, method: str | None = None):
-    """Evaluation `name`'s config at this profile, for a run of `method`: the profile's, with
-    the method's `eval_overrides` (the `none` baseline's from-scratch fine-tune recipe)."""
-    base = split_name(name)[0]
-    cfg = profile.eval_config(base)
-    overrides = registry[method][0].eval_overrides.get(base, {}) if method in registry else {}
-    return build_from_record(type(cfg), {**dataclasses.asdict(cfg), **overrides},
-                             f"{base} config of {method}") if overrides else cfg
-
-
-def eval_config_dict(name: str, profile: Budget, method: str | None = None) -> dict:
-    """The config an evaluation is recorded and cached under (late fields as for runs)."""
-    return identity_record(eval_config(name, profile, method))
-
-
-def is_done(run_dir: Path, evals: tuple[str, ...], profile: Budget | None = None) -> bool:
-    """Finished with every evaluation in `evals` (and, given a profile, each at its budget)."""
-    record = read_result(run_dir)
-    return record is not None and record.done and not stale_evaluations(record, evals, profile)
-
-
-def check_inputs(runs: list[Run], profile: Budget) -> None:
+# ---- inputs ------------------------------------------------------------------------------
+def check_inputs(runs: list[Run], profile: RunProfile) -> None:
     """Fail before any training when an evaluation's inputs are missing (segmentation data)."""
     for name in sorted({name for run in runs for name in run.spec.evals}):
         evaluation = get_evaluation(name)
@@ -193,21 +145,28 @@ def load_variant(run_dir: Path, config: RunConfig, variant: str, steps: int):
 
 
 # ---- executing -----------------------------------------------------------------------------
-def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progress: bool = True,
-            on_bad_image: str = "error", data_source: str = "auto", workers: int | None = None,
+@dataclass(frozen=True)
+class RunOptions:
+    """How this process runs what it runs; none of it is part of a run's identity."""
+    device: str = "cpu"
+    progress: bool = True           # progress bars
+    on_bad_image: str = "error"     # or "skip": leave unreadable image files out, counted
+    data_source: str = "auto"       # how pre-training reads its images (engine.stream.choose_source)
+    workers: int | None = None      # a streaming source's DataLoader workers (None: as many as cores)
+
+
+def execute(run: Run, profile: RunProfile, outputs: Path, options: RunOptions = RunOptions(),
             need_product: bool = False) -> RunRecord | None:
     """Run (or resume, or skip) one run; its record (None on ranks > 0). A failure is recorded
-    in result.json (status, error, traceback) and re-raised. `data_source` is how pre-training
-    reads its images (engine.stream.choose_source: auto, memory or stream; recorded, not part of
-    the identity), `workers` the streaming source's DataLoader workers (None: as many as cores).
-    `need_product`: a finished run whose product file is missing (its record restored from the
-    results archive, runs.archive) trains again, for a run that requires it."""
+    in result.json (status, error, traceback) and re-raised. `need_product`: a finished run
+    whose product file is missing (its record restored from the results archive, runs.archive)
+    trains again, for a run that requires it."""
     run_dir = run.config.folder(outputs)
     distributed.barrier()  # under torchrun: rank 0 has finished writing the previous run
     if not distributed.is_main():
         # other ranks only take part in pre-training; rank 0 owns the lock, records and evaluations
         if not finished_with(run_dir, run, profile, need_product):
-            train_and_evaluate(run, profile, run_dir, device, False, on_bad_image, data_source, workers)
+            train_and_evaluate(run, profile, run_dir, dataclasses.replace(options, progress=False))
         distributed.barrier()
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,34 +176,22 @@ def execute(run: Run, profile: Budget, outputs: Path, device: str = "cpu", progr
     except Timeout:
         raise RunSkipped(f"{run_dir.name} is running in another process; skipped here") from None
     try:
-        return _execute_locked(run, profile, run_dir, device, progress, on_bad_image, data_source, workers,
-                               need_product)
+        return _execute_locked(run, profile, run_dir, options, need_product)
     finally:
         lock.release()
         distributed.barrier()
 
 
-def finished_with(run_dir: Path, run: Run, profile: Budget, need_product: bool) -> bool:
-    """Done with the run's evaluations (and, if `need_product`, its product file is here)."""
-    if need_product:
-        return usable(run_dir, run.spec.evals, run.config.method, profile)
-    return is_done(run_dir, run.spec.evals, profile)
+def finished_with(run_dir: Path, run: Run, profile: RunProfile, need_product: bool) -> bool:
+    """Done with the run's evaluations (and, if `need_product`, its product file is here); read
+    under the run's lock, where another process may have finished it since the plan was made."""
+    state = read_state(run_dir, run.spec.evals, run.config.method, profile)
+    if state.unreadable is not None:
+        raise UnreadableRecord(state.unreadable)
+    return state.usable if need_product else state.done
 
 
-def usable(run_dir: Path, evals: tuple[str, ...], method: str, profile: Budget | None = None) -> bool:
-    """Done with `evals` and its product file here: what a run that requires it can use (a
-    record restored from the results archive has no weights)."""
-    return is_done(run_dir, evals, profile) and not product_missing(run_dir, method)
-
-
-def product_missing(run_dir: Path, method: str) -> bool:
-    """Whether a run's product file (encoder or tokenizer) is absent: a record restored from the
-    results archive keeps no weights."""
-    return not (run_dir / PRODUCT_FILES[registry[method][0].product][0]).exists()
-
-
-def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
-                    on_bad_image: str, data_source: str, workers: int | None, need_product: bool) -> RunRecord:
+def _execute_locked(run: Run, profile: RunProfile, run_dir: Path, options: RunOptions, need_product: bool) -> RunRecord:
     if finished_with(run_dir, run, profile, need_product):
         return read_result(run_dir)
     config = run.config.to_dict()
@@ -256,7 +203,7 @@ def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progr
         write_json(run_dir / "config.json", config)
     started = time.time()
     try:
-        record = train_and_evaluate(run, profile, run_dir, device, progress, on_bad_image, data_source, workers)
+        record = train_and_evaluate(run, profile, run_dir, options)
     except Preempted:
         raise  # not a failure: the checkpoint is written, the same command resumes
     except RunSkipped:
@@ -277,13 +224,13 @@ def _execute_locked(run: Run, profile: Budget, run_dir: Path, device: str, progr
     return record
 
 
-def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, progress: bool,
-                       on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> RunRecord | None:
+def train_and_evaluate(run: Run, profile: RunProfile, run_dir: Path, options: RunOptions) -> RunRecord | None:
+    """Pre-train (unless the folder's record says it finished, with its weights here), save the
+    product, run the evaluations not yet current; the record (None on ranks > 0)."""
     config = run.config
-    data_json = json.dumps(config.data, sort_keys=True)
-    kind, reason = choose_source(config.data, data_source)
-    streamed = None if kind == "memory" else streamed_splits(config.data["path"], config.data["img_size"], workers,
-                                                             on_bad_image)
+    kind, reason = choose_source(config.data, options.data_source)
+    streamed = None if kind == "memory" else streamed_splits(config.data["path"], config.data["img_size"],
+                                                             options.workers, options.on_bad_image)
     previous = read_result(run_dir)
     train_stats = previous.train if previous is not None and previous.done else None
     evals = dict(previous.evals) if previous is not None else {}
@@ -294,7 +241,6 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         print(f"  {run_dir.name}: finished, without its weights (restored from the results archive); "
               f"training it again", flush=True)
         archived, train_stats = train_stats, None
-    outputs = run_dir.parent.parent
 
     def record_progress() -> RunRecord:
         """result.json after pre-training and after each evaluation: a later failure or stop keeps them."""
@@ -303,42 +249,17 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
         return record
 
     if train_stats is None:
-        torch.manual_seed(config.seed)            # the encoder's initial weights
-        method = config.build_method()
-        if config.requires:
-            method.use_prerequisites(run_prerequisites(config, profile, outputs, device, progress, on_bad_image,
-                                                       data_source, workers))
-        train_config = config.train_config() or profile.train
-        if kind == "stream":
-            images = StreamingViews(method, streamed.train.reader, train_config.batch_size,
-                                    train_config.crop_scale_min, config.seed, torch.device(device), workers,
-                                    on_bad_image)
-        else:
-            images = load_data(data_json, on_bad_image, progress).train.images
-        trainer = Trainer(method, *pretraining(method, images, train_config, config.seed, device), run_dir,
-                          seed=config.seed, config_hash=config.hash, device=device, progress=progress)
-        train_stats = trainer.fit()
-        train_stats["data_source"] = {**(images.describe() if kind == "stream" else {"kind": "memory"}),
-                                      "reason": reason}
-        if kind == "stream":
-            images.close()        # its workers end here, before the evaluations start theirs
-        del images, trainer
+        method, train_stats = pretrain(run, profile, run_dir, options, (kind, reason), streamed)
         if archived is not None:
             # the record keeps the training its evaluations were measured on; this one beside it
             train_stats = {**archived, "retrained": train_stats}
         if distributed.is_main():
-            save_product(method, run_dir)
-            save_variants(method, run_dir)
-            if method.product == "encoder":
-                test = load_data(data_json, on_bad_image, progress).test if streamed is None else \
-                    streamed.test.in_memory(first_of_each_class(streamed.test.labels))
-                write_figures(method, test, run_dir, device=device)
+            save_outputs(method, run_dir, config, streamed, options)
             record_progress()
     if not distributed.is_main():
         return None     # ranks > 0 take part in pre-training only; rank 0 evaluates and records
     # evaluated as saved (iBOT: its teacher); a finished run builds no method to get there
     product = load_product(run_dir, registry[config.method][0].product)
-
     for name in run.spec.evals:
         if not is_current(evals.get(name), name, profile, config.method):
             variant = split_name(name)[1]
@@ -346,14 +267,49 @@ def train_and_evaluate(run: Run, profile: Budget, run_dir: Path, device: str, pr
             # the splits decoded at the model's size (engine.data), or read from the files in
             # batches when pre-training streams and the evaluation can (k-NN, probe, fine-tune)
             splits = streamed if streamed is not None and get_evaluation(name).streams else \
-                load_data(data_json, on_bad_image, progress)
-            evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, device, progress,
-                                   config.method)
+                load_data(json.dumps(config.data, sort_keys=True), options.on_bad_image, options.progress)
+            evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, options.device,
+                                   options.progress, config.method)
             record_progress()
     return done_record(config, evals, train_stats)
 
 
-def evaluate(name: str, product, splits: Splits, profile: Budget, run_dir: Path, seed: int, device: str,
+def pretrain(run: Run, profile: RunProfile, run_dir: Path, options: RunOptions, source: tuple[str, str],
+             streamed) -> tuple[Any, dict]:
+    """Train the run's method (its prerequisites first) on its data, read as `source` says
+    ((kind, reason): engine.splits.choose_source); the method and its training stats."""
+    config, (kind, reason) = run.config, source
+    torch.manual_seed(config.seed)            # the encoder's initial weights
+    method = config.build_method()
+    if config.requires:
+        method.use_prerequisites(run_prerequisites(config, profile, run_dir.parent.parent, options))
+    train_config = config.train_config() or profile.train
+    if kind == "stream":
+        images = StreamingViews(method, streamed.train.reader, train_config.batch_size, train_config.crop_scale_min,
+                                config.seed, torch.device(options.device), options.workers, options.on_bad_image)
+    else:
+        images = load_data(json.dumps(config.data, sort_keys=True), options.on_bad_image, options.progress).train.images
+    trainer = Trainer(method, *pretraining(method, images, train_config, config.seed, options.device), run_dir,
+                      seed=config.seed, config_hash=config.hash, device=options.device, progress=options.progress)
+    train_stats = trainer.fit()
+    train_stats["data_source"] = {**(images.describe() if kind == "stream" else {"kind": "memory"}),
+                                  "reason": reason}
+    if kind == "stream":
+        images.close()        # its workers end here, before the evaluations start theirs
+    return method, train_stats
+
+
+def save_outputs(method, run_dir: Path, config: RunConfig, streamed, options: RunOptions) -> None:
+    """The run's product, its other encoders and (for an encoder) its figures."""
+    save_product(method, run_dir)
+    save_variants(method, run_dir)
+    if method.product == "encoder":
+        test = load_data(json.dumps(config.data, sort_keys=True), options.on_bad_image, options.progress).test \
+            if streamed is None else streamed.test.in_memory(first_of_each_class(streamed.test.labels))
+        write_figures(method, test, run_dir, device=options.device)
+
+
+def evaluate(name: str, product, splits: Splits, profile: RunProfile, run_dir: Path, seed: int, device: str,
              progress: bool, method: str | None = None) -> EvalRecord:
     """One evaluation of a run's product at the profile's config of it (for a run of `method`).
     Its record is kept in its work folder too, so a run stopped during a later evaluation keeps
@@ -402,8 +358,7 @@ def done_record(config: RunConfig, evals: dict[str, EvalRecord], train_stats: di
                      prerequisites={role: need.config.name for role, need in config.requires.items()})
 
 
-def run_prerequisites(config: RunConfig, profile: Budget, outputs: Path, device: str, progress: bool,
-                      on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> dict:
+def run_prerequisites(config: RunConfig, profile: RunProfile, outputs: Path, options: RunOptions) -> dict:
     """Finish the runs `config` requires (or find them finished); their products by role."""
     products = {}
     for role, need in config.requires.items():
@@ -413,6 +368,6 @@ def run_prerequisites(config: RunConfig, profile: Budget, outputs: Path, device:
             "done, its weights to make again" if product_missing(run_dir, need.config.method) else "done, reused"
         print(f"  {role}: {run_dir.name} ({state})", flush=True)
         budget = dataclasses.replace(profile, train=need.config.train_config())
-        execute(run, budget, outputs, device, progress, on_bad_image, data_source, workers, need_product=True)
+        execute(run, budget, outputs, options, need_product=True)
         products[role] = load_product(run_dir, registry[need.config.method][0].product)
     return products

@@ -34,8 +34,9 @@ from methods.recipes import RECIPES
 IDENTITY_VERSION = 1
 
 
-class Budget(Protocol):
-    """What the run layer reads of a budget profile (`suites.profiles.Profile` is the one kind)."""
+class RunProfile(Protocol):
+    """What the run layer reads of a profile (`suites.profiles.Profile` is the one kind): sizes,
+    schedule, data, evaluation configs. (`suites.budget.ComputeBudget` is the --budget.)"""
     name: str
     data: str                   # "synthetic", "cifar10" or "user" (--data required)
     encoder: dict               # ViTConfig fields every method's encoder gets
@@ -147,7 +148,7 @@ def deep_merge(base: dict, *updates: dict) -> dict:
     return out
 
 
-def data_descriptor(profile: Budget, data: str | None, check: bool = True) -> dict:
+def data_descriptor(profile: RunProfile, data: str | None, check: bool = True) -> dict:
     """The run's data as its identity holds it. `data` is --data (None: the profile's own);
     `check=False` describes it without looking at the folder (cost listings)."""
     if data is None and profile.data == "user":
@@ -184,7 +185,7 @@ def recipe_of(method: str, recipe: str):
     return method_cls.paper_recipe if recipe == "paper" and method_cls.trains else None
 
 
-def resolve(spec: RunSpec, profile: Budget, seed: int, data: dict, recipe: str = "paper") -> RunConfig:
+def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: str = "paper") -> RunConfig:
     """The full config of a run (what its name is the hash of) at `recipe` (methods.recipes:
     "paper", each method's own, or "shared", the profile's for all). Reads no files: an
     evaluation's inputs are checked by `runs.execute.check_inputs` before anything runs."""
@@ -209,7 +210,7 @@ def resolve(spec: RunSpec, profile: Budget, seed: int, data: dict, recipe: str =
                      seed=seed, data=data, requires=requires, recipe="paper" if paper else "shared")
 
 
-def resolve_prerequisite(need: Prerequisite, profile: Budget, data: dict) -> Requirement:
+def resolve_prerequisite(need: Prerequisite, profile: RunProfile, data: dict) -> Requirement:
     """A prerequisite's config comes from the method's hook alone (plus data and the
     profile's shared training recipe with the hook's train overrides), not from the profile's
     encoder or method defaults: BEiT runs of both recipes share one tokenizer."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.config import ConfigError
 from core.files import write_json
 
 SCHEMA = 1                              # version of result.json this code writes
@@ -33,6 +34,11 @@ class RecordError(ValueError):
 
 class NewerSchemaError(RecordError):
     """A record written by a newer mimbench (a higher SCHEMA)."""
+
+
+class UnreadableRecord(RuntimeError):
+    """A run folder's result.json does not parse or validate: that run fails (its file is left
+    as it is), the others go on."""
 
 
 # ---- the schema ----------------------------------------------------------------------------
@@ -170,3 +176,14 @@ def write_record(run_dir: str | Path, record: RunRecord) -> None:
     data = record.to_dict()
     RunRecord.from_dict(json.loads(json.dumps(data, default=str)), where="record to write")
     write_json(record_path(run_dir), data)
+
+
+def read_result(run_dir: Path) -> RunRecord | None:
+    """`read_record` as a suite acts on it: a record of a newer mimbench is a ConfigError (it stops
+    the suite: every run of this outputs folder is suspect); a damaged one is UnreadableRecord."""
+    try:
+        return read_record(run_dir)
+    except NewerSchemaError as err:
+        raise ConfigError(f"{err}, or use another --outputs folder") from None
+    except RecordError as err:
+        raise UnreadableRecord(str(err)) from None

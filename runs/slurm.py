@@ -26,6 +26,7 @@ MIMBENCH_SUBMITIT_CLUSTER=debug runs each job in this process when it is waited 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,8 +39,9 @@ import torch
 from core.config import ConfigError
 from engine import distributed
 from runs.archive import running
-from runs.execute import UnreadableRecord, execute, is_done, run_prerequisites, usable
-from runs.identity import Budget, Run
+from runs.execute import RunOptions, execute, run_prerequisites
+from runs.identity import RunProfile, Run
+from runs.plan import Plan
 
 CLUSTER_ENV = "MIMBENCH_SUBMITIT_CLUSTER"
 # How often submitit requeues a job that hit its time limit before giving up (preemptions do
@@ -94,35 +96,33 @@ def parse_extra(pairs: list[str]) -> dict:
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """What one job does: finish one run of the plan, or (prerequisites_only) the runs it requires."""
+    """What one job does: finish one run of the plan, or (prerequisites_only) the runs it requires.
+    `options.device` None: cuda when the job has one."""
 
-    # a job pickled before these were arguments (requeued after an upgrade) reads them here
-    data_source: str = "auto"
-    workers: int | None = None
-
-    def __init__(self, run: Run, profile: Budget, outputs: Path, device: str | None,
-                 progress: bool, on_bad_image: str, prerequisites_only: bool = False,
-                 data_source: str = "auto", workers: int | None = None):
-        self.run, self.profile = run, profile
+    def __init__(self, run: Run, profile: RunProfile, outputs: Path, options: RunOptions,
+                 prerequisites_only: bool = False):
+        self.run, self.profile, self.options = run, profile, options
         self.outputs = Path(outputs).resolve()    # the job may start in another directory
-        self.device, self.progress, self.on_bad_image = device, progress, on_bad_image
         self.prerequisites_only = prerequisites_only
-        # --data-source / --data-workers, as the plain command passes them to `execute`
-        self.data_source, self.workers = data_source, workers
+
+    def __setstate__(self, state: dict) -> None:
+        # a job pickled before its options were one record (requeued after an upgrade)
+        if "options" not in state:
+            state["options"] = RunOptions(state.pop("device"), state.pop("progress"), state.pop("on_bad_image"),
+                                          state.pop("data_source", "auto"), state.pop("workers", None))
+        self.__dict__.update(state)
 
     def __call__(self) -> str:
-        device = join_process_group(self.device)
+        options = dataclasses.replace(self.options, device=join_process_group(self.options.device))
         if self.prerequisites_only:
-            run_prerequisites(self.run.config, self.profile, self.outputs, device, self.progress,
-                              self.on_bad_image, self.data_source, self.workers)
+            run_prerequisites(self.run.config, self.profile, self.outputs, options)
             return f"done: {', '.join(need.config.name for need in self.run.config.requires.values())}"
         run_dir = self.run.config.folder(self.outputs)
         if held_elsewhere(run_dir):
             message = f"{run_dir.name} is running in another process (submitted twice?); nothing to do here"
             print(message, flush=True)
             return message
-        record = execute(self.run, self.profile, self.outputs, device=device, progress=self.progress,
-                         on_bad_image=self.on_bad_image, data_source=self.data_source, workers=self.workers)
+        record = execute(self.run, self.profile, self.outputs, options)
         status = record.status if record else "done"   # ranks > 0 get no record back: rank 0 alone writes it
         return f"{run_dir.name}: {status} (rank {distributed.rank()} of {distributed.world_size()})"
 
@@ -157,23 +157,18 @@ class PlannedJob:
     after: int | None      # index of the planned job it must wait for
 
 
-def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | None, progress: bool,
-              on_bad_image: str, data_source: str = "auto", workers: int | None = None) -> list[PlannedJob]:
-    """One job per run of `runs` not done, each run's unfinished prerequisites in one job before it;
-    every job reads its data as `data_source` / `workers` say (the CLI's --data-source / --data-workers)."""
-    data = dict(data_source=data_source, workers=workers)
+def plan_jobs(plan: Plan, options: RunOptions) -> list[PlannedJob]:
+    """One job per run of the plan not done, each run's unfinished prerequisites in one job before
+    it; every job runs with `options` (the CLI's device, --data-source, --data-workers, ...)."""
     jobs: list[PlannedJob] = []
     prerequisite_job: dict[str, int] = {}      # the required runs' names -> index of their job
-    for run in runs:
-        try:
-            if is_done(run.config.folder(outputs), run.spec.evals, profile):
-                continue
-        except UnreadableRecord:
-            pass    # submitted: its job fails naming the damaged file
+    for run in plan.runs:
+        if plan.state(run).done:     # (a damaged record is submitted: its job fails naming the file)
+            continue
         after = None
         # a prerequisite restored from the results archive has no weights: it trains in its own job too
-        unfinished = [need.config.folder(outputs) for need in run.config.requires.values()
-                      if not usable(need.config.folder(outputs), need.evals, need.config.method)]
+        unfinished = [need.config.folder(plan.outputs) for need in run.config.requires.values()
+                      if not plan.requirement(need).usable]
         if unfinished:
             key = json.dumps(sorted(need.config.name for need in run.config.requires.values()))
             if key not in prerequisite_job:
@@ -181,12 +176,11 @@ def plan_jobs(runs: list[Run], profile: Budget, outputs: Path, device: str | Non
                 jobs.append(PlannedJob(
                     f"prerequisites of {run.spec.method} {run.spec.setting} seed {run.seed}: "
                     f"{', '.join(d.name for d in unfinished)}", unfinished[0],
-                    RunJob(run, profile, outputs, device, progress, on_bad_image, prerequisites_only=True, **data),
-                    None))
+                    RunJob(run, plan.profile, plan.outputs, options, prerequisites_only=True), None))
             after = prerequisite_job[key]
-        run_dir = run.config.folder(outputs)
+        run_dir = run.config.folder(plan.outputs)
         jobs.append(PlannedJob(f"{run.spec.method} {run.spec.setting} seed {run.seed} -> {run_dir.name}", run_dir,
-                               RunJob(run, profile, outputs, device, progress, on_bad_image, **data), after))
+                               RunJob(run, plan.profile, plan.outputs, options), after))
     return jobs
 
 

@@ -192,11 +192,11 @@ def steps_step(device: torch.device, sizes: Sizes, peak: float) -> dict:
 
 
 def gpu_step(device: torch.device, sizes: Sizes) -> dict:
-    from runs.execute import execute
+    from runs.execute import RunOptions, execute
     from runs.identity import Run, RunSpec, data_descriptor, resolve
     from suites.profiles import get_profile, override
 
-    profile = override(get_profile(sizes.profile), [f"eval_budget.finetune.epochs={sizes.finetune_epochs}"])
+    profile = override(get_profile(sizes.profile), [f"evaluations.finetune.epochs={sizes.finetune_epochs}"])
     outputs = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     result = {"profile": sizes.profile, "pretrain_epochs": sizes.pretrain_epochs,
               "finetune_epochs": sizes.finetune_epochs, "anchors": ANCHORS}
@@ -204,7 +204,7 @@ def gpu_step(device: torch.device, sizes: Sizes) -> dict:
         spec = RunSpec(method, evals=("knn", "finetune"), train=train)
         run = Run(spec, 0, resolve(spec, profile, 0, data_descriptor(profile, None), recipe="paper"))
         t0 = time.perf_counter()
-        record = execute(run, profile, outputs, device=device.type, progress=False)
+        record = execute(run, profile, outputs, RunOptions(device=device.type, progress=False))
         train_stats = record.train or {}
         result[method] = {"seconds": time.perf_counter() - t0, **record.metrics,
                           "img_per_s": train_stats.get("images_per_second"),

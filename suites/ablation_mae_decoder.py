@@ -5,7 +5,7 @@ from runs.identity import RunSpec
 DESCRIPTION = "MAE decoder depth and width (MAE Table 1a/1b), with the none baseline; k-NN"
 
 
-def grid(profile, recipe: str = "paper") -> list[RunSpec]:
+def grid(profile, recipe: str = "paper", flops_per_image=None) -> list[RunSpec]:
     base = profile.method_defaults.get("mae", {})
     width = base.get("decoder_dim", 128)
     runs = [RunSpec("none", "random init")]

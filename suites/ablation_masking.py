@@ -6,7 +6,7 @@ from runs.identity import RunSpec
 DESCRIPTION = "mask ratio (MAE) and mask strategy (pixel, BEiT), with the none baseline; k-NN"
 
 
-def grid(profile, recipe: str = "paper") -> list[RunSpec]:
+def grid(profile, recipe: str = "paper", flops_per_image=None) -> list[RunSpec]:
     runs = [RunSpec("none", "random init")]
     runs += [RunSpec("mae", f"random {ratio}", {"mask": {"strategy": "random", "ratio": ratio}})
              for ratio in (0.25, 0.5, 0.75, 0.9)]

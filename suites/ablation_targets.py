@@ -8,7 +8,7 @@ DESCRIPTION = "prediction targets: BEiT tokens vs raw vs normalised pixels (BEiT
 BLOCK_40 = {"strategy": "block", "ratio": 0.4}
 
 
-def grid(profile, recipe: str = "paper") -> list[RunSpec]:
+def grid(profile, recipe: str = "paper", flops_per_image=None) -> list[RunSpec]:
     return [
         RunSpec("none", "random init"),
         RunSpec("beit", "tokens, block 0.4", {"mask": BLOCK_40}),

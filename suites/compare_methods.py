@@ -13,8 +13,13 @@ training FLOPs per image / its own), rounded to 0.01 epochs.
 """
 from __future__ import annotations
 
-from runs.cost import flops_per_image
-from runs.identity import RunSpec, resolve
+from collections.abc import Callable
+
+from runs.identity import RunSpec
+
+# a cell's training FLOPs per image at the grid's profile and recipe (runs.cost.cell_flops_per_image,
+# handed in by the plan: a grid builds no model)
+FlopsPerImage = Callable[[RunSpec], float]
 
 DESCRIPTION = "MAE vs pixel vs BEiT vs iBOT at paper defaults, matched in epochs and in FLOPs; all evaluations"
 
@@ -41,45 +46,42 @@ def evaluations(method: str, evals: tuple[str, ...]) -> tuple[str, ...]:
     return evals + ("knn@student",) if method == "ibot" and "knn" in evals else evals
 
 
-def grid(profile, recipe: str = "paper") -> list[RunSpec]:
+def grid(profile, recipe: str = "paper", flops_per_image: FlopsPerImage | None = None) -> list[RunSpec]:
+    if flops_per_image is None:
+        raise TypeError("compare_methods.grid matches methods in FLOPs: pass flops_per_image "
+                        "(suites.plan.grid_specs does)")
     methods = paper_defaults(profile)
     runs = [RunSpec("none", "random init", evals=EVALS)]
     runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=evaluations(name, EVALS))
              for name, overrides in methods.items()]
-    budget = _cell_flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]), profile, recipe)
+    budget = flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]))
     for name, overrides in methods.items():
         if name == REFERENCE:
             continue
-        epochs = round(profile.train.epochs * budget / _cell_flops_per_image(RunSpec(name, overrides=overrides),
-                                                                         profile, recipe), 2)
+        epochs = round(profile.train.epochs * budget / flops_per_image(RunSpec(name, overrides=overrides)), 2)
         runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=evaluations(name, EVALS),
                             train={"epochs": epochs}))
     return runs
 
 
-def budget_flops_per_image(profile, recipe: str) -> dict[str, float]:
-    """Each method's training FLOPs per image (fpi), at its grid cell's config under `recipe`."""
-    return {name: _cell_flops_per_image(RunSpec(name), profile, recipe) for name in paper_defaults(profile)}
+def budget_flops_per_image(profile, flops_per_image: FlopsPerImage) -> dict[str, float]:
+    """Each method's training FLOPs per image (fpi), at its grid cell's config."""
+    return {name: flops_per_image(RunSpec(name)) for name in paper_defaults(profile)}
 
 
-def budget_epochs(profile, recipe: str, mae_epochs: float) -> dict[str, float]:
+def budget_epochs(flops: dict[str, float], mae_epochs: float) -> dict[str, float]:
     """Each method's epochs at a budget of E = `mae_epochs` (rounded to 0.01) MAE-epochs of
-    pre-training FLOPs: round(E * fpi(mae) / fpi(method), 2); MAE itself at E."""
+    pre-training FLOPs, given each method's fpi: round(E * fpi(mae) / fpi(method), 2); MAE itself at E."""
     mae_epochs = round(mae_epochs, 2)
-    flops = budget_flops_per_image(profile, recipe)
     return {name: round(mae_epochs * flops[REFERENCE] / flops[name], 2) for name in flops}
 
 
-def budget_grid(profile, recipe: str, mae_epochs: float, evals: tuple[str, ...] = BUDGET_EVALS) -> list[RunSpec]:
-    """`none` and every method at the pre-training FLOPs of MAE at `mae_epochs`."""
+def budget_grid(profile, flops: dict[str, float], mae_epochs: float,
+                evals: tuple[str, ...] = BUDGET_EVALS) -> list[RunSpec]:
+    """`none` and every method at the pre-training FLOPs of MAE at `mae_epochs` (`flops`: each
+    method's fpi, `budget_flops_per_image`)."""
     label = f"{round(mae_epochs, 2):g}"
     return [RunSpec("none", "random init", evals=evals)] + [
         RunSpec(name, f"budget {label}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name],
                 evals=evaluations(name, evals), train={"epochs": epochs})
-        for name, epochs in budget_epochs(profile, recipe, mae_epochs).items()]
-
-
-def _cell_flops_per_image(spec: RunSpec, profile, recipe: str) -> float:
-    config = resolve(spec, profile, seed=0, data={"name": "synthetic", "img_size": profile.encoder["img_size"]},
-                     recipe=recipe)
-    return flops_per_image(config.method, config.method_config)
+        for name, epochs in budget_epochs(flops, mae_epochs).items()]

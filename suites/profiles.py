@@ -1,4 +1,4 @@
-"""Budget profiles: how big, how long, on what data. Named dataclass instances, no YAML.
+"""Profiles: how big, how long, on what data. Named dataclass instances, no YAML.
 
 smoke     synthetic images, a micro ViT, seconds: for tests and a first look
 cpu       CIFAR-10 on the nano ViT, 2 cores; budgets from ../shared/DESIGN.md (Calibration):
@@ -25,8 +25,8 @@ from eval.segmentation import SegmentationConfig
 
 
 @dataclass(frozen=True)
-class EvalBudget:
-    """What the linear probe, fine-tuning and segmentation cost at a profile's scale
+class EvalConfigs:
+    """The linear probe's, fine-tuning's and segmentation's configs at a profile's scale
     (defaults: the papers' ViT-B / ImageNet / ADE20K protocols)."""
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -41,7 +41,7 @@ class Profile:
     train: TrainConfig
     seeds: int                      # default number of seeds
     knn: KNNConfig = field(default_factory=KNNConfig)
-    eval_budget: EvalBudget = field(default_factory=EvalBudget)
+    evaluations: EvalConfigs = field(default_factory=EvalConfigs)
     feature_batch: int = 1024
     # per-method config overrides at this scale, e.g. {"mae": {"decoder_dim": 128}}: the one place
     # for them (a method a profile does not name runs at its config's defaults)
@@ -52,10 +52,10 @@ class Profile:
     flops_per_second: float = 100e9
 
     def eval_config(self, name: str):
-        """The config of evaluation `name` at this profile's budget; a registered evaluation
-        the profile does not budget runs at its config class's defaults."""
-        budgets = {"knn": self.knn, **{f.name: getattr(self.eval_budget, f.name) for f in fields(EvalBudget)}}
-        return budgets[name] if name in budgets else get_evaluation(name).config_cls()
+        """The config of evaluation `name` at this profile; a registered evaluation the profile
+        does not configure runs at its config class's defaults."""
+        configs = {"knn": self.knn, **{f.name: getattr(self.evaluations, f.name) for f in fields(EvalConfigs)}}
+        return configs[name] if name in configs else get_evaluation(name).config_cls()
 
 
 # method_defaults["beit"] is BEiT's stage-1 tokenizer at each profile: one dVAE run, trained once
@@ -71,7 +71,7 @@ PROFILES = {
         method_defaults={"mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
                          "beit": dict(tokenizer={"vocab_size": 64, "hidden_dim": 16}, tokenizer_epochs=2.0)},
         # every code path once, in seconds; CamVid (real) at a toy size
-        eval_budget=EvalBudget(
+        evaluations=EvalConfigs(
             linear=LinearConfig(epochs=5, batch_size=128),
             finetune=FinetuneConfig(epochs=1, batch_size=64, blr=1e-3, checkpoint_every=8, log_every=4),
             segmentation=SegmentationConfig(dataset="camvid", scale=(64, 48), crop_size=32, iterations=2,
@@ -92,7 +92,7 @@ PROFILES = {
         feature_batch=64,
         method_defaults={"mae": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4),
                          "beit": dict(tokenizer_epochs=2.0)},
-        eval_budget=EvalBudget(
+        evaluations=EvalConfigs(
             linear=LinearConfig(),      # 30 epochs on cached features: seconds
             # Two epochs (~8 min on an idle 2-core machine): a short schedule on a small model
             # underfits, so none of the long-schedule regularisers (mixup/cutmix, RandAugment,
@@ -116,7 +116,7 @@ PROFILES = {
         seeds=3, feature_batch=4096,
         method_defaults={"mae": dict(decoder_dim=192, decoder_depth=4, decoder_heads=6),
                          "beit": dict(tokenizer={"hidden_dim": 64}, tokenizer_epochs=30.0)},
-        eval_budget=EvalBudget(
+        evaluations=EvalConfigs(
             linear=LinearConfig(batch_size=4096, epochs=90),
             # the BEiT/MAE recipe on CIFAR-10: 100 epochs, mixup/cutmix, RandAugment, layer decay
             finetune=FinetuneConfig(epochs=100, batch_size=512, blr=5e-4, layer_decay=0.65,
@@ -138,8 +138,8 @@ PROFILES = {
                          "beit": dict(tokenizer={"vocab_size": 8192, "hidden_dim": 64}, tokenizer_epochs=30.0,
                                       tokenizer_blr=1e-4)},
         # the papers' protocols: MAE's linear probe (90 epochs, batch 16384), BEiT/MAE
-        # fine-tuning and UperNet on ADE20K (the EvalBudget defaults) with sliding-window inference
-        eval_budget=EvalBudget(linear=LinearConfig(epochs=90, batch_size=16384),
+        # fine-tuning and UperNet on ADE20K (the EvalConfigs defaults) with sliding-window inference
+        evaluations=EvalConfigs(linear=LinearConfig(epochs=90, batch_size=16384),
                                segmentation=SegmentationConfig(test_mode="slide")),
         flops_per_second=8 * 300e12,
     ),

@@ -1,8 +1,10 @@
-"""Known suites: name -> module with `DESCRIPTION` and `grid(profile, recipe) -> list[RunSpec]`.
+"""Known suites: name -> module with `DESCRIPTION` and
+`grid(profile, recipe, flops_per_image) -> list[RunSpec]`.
 
 `recipe` ("paper" or "shared", methods.recipes) is the one `suites.run --recipe` resolves every
-run at; a grid whose cells depend on it (compare_methods: epochs matched in FLOPs, which depend on
-each method's recipe) reads it, the others take it and ignore it.
+run at; `flops_per_image(spec)` a cell's training FLOPs per image under it (from the run layer:
+a grid builds no model). A grid whose cells depend on them (compare_methods: epochs matched in
+FLOPs, which depend on each method's recipe) reads them, the others take them and ignore them.
 """
 import importlib
 

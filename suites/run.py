@@ -27,36 +27,29 @@ writing a checkpoint (run the same command again to resume).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-
 from core.config import ConfigError, UnknownNameError
-from core.files import read_json, write_json
 from engine import distributed
 from engine.data import DataError
 from engine.stream import DATA_SOURCES, MAX_WORKERS, MEMORY_SOURCE_MAX_BYTES
 from engine.trainer import Preempted
-from reports.tables import RUNS_FROM_INDEX, load_index, metric_columns, read_index, summarize, warn
-from runs import slurm
-from eval.registry import get_evaluation
 from methods.recipes import RECIPES
-from runs.cost import (Calibration, calibrate, estimate_seconds, largest_within, num_images, plan_seconds,
-                       pretrain_flops, train_steps)
-from runs.execute import RunSkipped, UnreadableRecord, check_inputs, execute, read_result, stale_evaluations
-from runs.identity import Run, data_descriptor, resolve
-from runs.records import RecordError
+from reports.tables import load_index, metric_columns, summarize
+from runs import slurm
+from runs.cost import plan_seconds
+from runs.execute import RunOptions, check_inputs
+from runs.index import INDEX_FILE, write_index
+from runs.plan import Plan, run_plan
 from suites import compare_methods
+from suites.budget import BUDGET_SUITE, Allocation, ComputeBudget, budget_arguments, plan_budget
+from suites.plan import check_recipe, suite_plan
 from suites.profiles import PROFILES, get_profile, override
-from suites.registry import SUITES, get_suite
-
-BUDGET_SUITE = "compare_methods"        # the suite --budget applies to
+from suites.registry import SUITES
+from suites.show import list_suites, print_plan
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +79,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recalibrate", action="store_true",
                         help="with --budget: measure this machine's FLOP/s again (outputs/calibration.json) "
                              "and solve the budget again instead of keeping the E of an earlier command")
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
+    parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: write the grid's index and table from the runs finished so far "
+                             "(the others show as missing)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_arguments(parser)
+    add_slurm_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where runs go, what they read and on which device."""
     parser.add_argument("--outputs", default="outputs", help="where run folders go (default outputs/)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder with train/ and test/ (default: the shipped CIFAR-10); images "
@@ -103,12 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-workers", type=int, default=None, metavar="N",
                         help="with a streaming source: DataLoader workers per process (default: the "
                              f"process's cores, at most {MAX_WORKERS})")
-    parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
-    parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
-    parser.add_argument("--table-only", action="store_true",
-                        help="run nothing: write the grid's index and table from the runs finished so far "
-                             "(the others show as missing)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     cluster = parser.add_argument_group("Slurm (through submitit; each option needs --slurm)")
     cluster.add_argument("--slurm", action="store_true",
                          help="submit one Slurm job per run not done instead of running here; with "
@@ -126,7 +129,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="any other sbatch option, e.g. account=vision or qos=high (repeatable)")
     cluster.add_argument("--slurm-wait", action="store_true", default=None,   # None: not given
                          help="wait for the jobs to end, then write the table")
-    return parser.parse_args(argv)
 
 
 # --slurm-* arguments -> SlurmOptions fields
@@ -148,414 +150,105 @@ def slurm_options(args: argparse.Namespace) -> slurm.SlurmOptions | None:
                               extra=slurm.parse_extra(args.slurm_option or []))
 
 
-def plan(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
-         data: str | None, check_data: bool = True, recipe: str = "paper") -> list[Run]:
-    """Every run of the suite that `only` keeps (all without it), in grid order."""
-    grid = plan_grid(suite_name, profile_name, seeds, data, check_data, recipe)
-    return keep_only(grid, only, suite_name) if only else grid
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_recipe(args.recipe)
+    if args.data_workers is not None and args.data_workers < 0:
+        raise ConfigError(f"--data-workers {args.data_workers}: pass 0 (decode in the training process) or more")
+    if args.list:
+        list_suites(args.profile, args.recipe)
+        return 0
+    if not args.suite:
+        raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
+    budget = budget_arguments(args.suite, args.budget, args.evals, args.recalibrate)
+    cluster = slurm_options(args)
+    if budget is not None and budget.hours is not None and cluster:
+        raise ConfigError("--budget in hours is solved at this machine's FLOP/s; with --slurm pass MAE-epochs "
+                          "(e.g. --budget 1.3ep)")
+    plan, allocation = plan_command(args, budget)
+    if not args.dry_run:
+        check_outputs(plan.outputs)
+        if not args.table_only:
+            check_inputs(list(plan.runs), plan.profile)       # e.g. CamVid for segmentation: before any training
+    jobs = slurm.plan_jobs(plan, run_options(args, args.device)) if cluster else []
+    if args.dry_run:
+        print_plan(plan, allocation)
+        if cluster:
+            slurm.print_jobs(jobs, cluster, len(plan.runs))
+        return 0
+    budget_entry = index_budget_entry(plan, allocation)
+    if args.table_only:
+        write_index(plan, budget_entry)
+        write_table(plan.suite_dir)
+        return 0
+    if cluster:
+        return submit_to_slurm(args, cluster, jobs, plan, budget_entry)
+    return run_here(args, plan, budget_entry)
 
 
-def plan_grid(suite_name: str, profile_name: str, seeds: int | None, data: str | None,
-              check_data: bool = True, recipe: str = "paper", settings: tuple[str, ...] = ()) -> list[Run]:
-    """Every run of the suite's whole grid. `check_data=False` (--dry-run) names the runs
-    without looking at the data folder; `settings` are --set overrides of the profile."""
-    suite = get_suite(suite_name)
-    profile = override(get_profile(profile_name), list(settings))
-    check_recipe(recipe)
-    descriptor = data_descriptor(profile, data, check=check_data)
-    return resolve_runs(suite.grid(profile, recipe), profile, seed_count(profile, seeds), descriptor, recipe)
+def plan_command(args: argparse.Namespace, budget: ComputeBudget | None) -> tuple[Plan, Allocation | None]:
+    """The command's plan: the suite's whole grid (the index and table list it, whatever --only
+    picked to run: processes running different cells side by side write the same index), or,
+    with --budget, the compute-matched block at its E."""
+    profile = override(get_profile(args.profile), args.set)
+    outputs = Path(args.outputs)
+    if budget is None:
+        return suite_plan(args.suite, args.profile, profile, args.recipe, outputs, args.seeds, args.only, args.data,
+                          not args.dry_run, tuple(args.set)), None
+    device = distributed.default_device(args.device).split(":")[0]
+    return plan_budget(budget, args.profile, profile, args.recipe, outputs, args.seeds, args.only, args.data,
+                       not args.dry_run, args.evals, device, args.recalibrate)
 
 
-def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str) -> list[Run]:
-    return [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
-            for spec in specs for seed in range(seeds)]
-
-
-def seed_count(profile, seeds: int | None) -> int:
-    seeds = profile.seeds if seeds is None else seeds
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    return seeds
-
-
-def check_recipe(recipe: str) -> None:
-    if recipe not in RECIPES:
-        raise ConfigError(f"--recipe {recipe!r} unknown; known: {', '.join(RECIPES)}")
-
-
-# ---- --budget: the compute-matched block at the FLOPs of E MAE-epochs --------------------------
-@dataclass(frozen=True)
-class ComputeBudget:
-    """--budget: hours the whole suite must fit on this machine, or E MAE-epochs of FLOPs."""
-    hours: float | None = None
-    mae_epochs: float | None = None
-
-    def describe(self) -> str:
-        return f"{self.hours:g} h" if self.hours is not None else f"{self.mae_epochs:g} MAE-epochs of FLOPs"
-
-
-def parse_budget(text: str) -> ComputeBudget:
-    """'2.5' or '2.5h': hours; '1.3ep': MAE-epochs (rounded to 0.01)."""
-    word = text.strip().lower()
-    epochs = word.endswith("ep")
-    number = word[:-2] if epochs else word.removesuffix("h")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ConfigError(f"--budget {text!r} is neither hours ('2.5' or '2.5h') nor MAE-epochs of "
-                          f"FLOPs ('1.3ep')") from None
-    if not math.isfinite(value) or value <= 0 or (epochs and round(value, 2) <= 0):
-        raise ConfigError(f"--budget {text!r} must be a positive number of hours or of MAE-epochs "
-                          f"(at least 0.01ep)")
-    return ComputeBudget(mae_epochs=round(value, 2)) if epochs else ComputeBudget(hours=value)
-
-
-def parse_evals(text: str | None) -> tuple[str, ...]:
-    """--evals: registered evaluations, comma-separated (the budget's default without it)."""
-    if text is None:
-        return compare_methods.BUDGET_EVALS
-    names = tuple(dict.fromkeys(word.strip() for word in text.split(",") if word.strip()))
-    if not names:
-        raise ConfigError(f"--evals {text!r} names nothing; pass evaluations, comma-separated "
-                          f"(e.g. knn,linear)")
-    for name in names:
-        get_evaluation(name)        # an unknown one: one line naming the known ones
-    return names
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """What a --budget gives every method, and what the suite is estimated to cost."""
-    budget: ComputeBudget
-    mae_epochs: float                   # E: every method gets MAE's pre-training FLOPs at E epochs
-    epochs: dict[str, float]            # each method's epochs at E
-    flops_per_image: dict[str, float]   # each method's training FLOPs per image
-    calibration: Calibration
-    seeds: int
-    evals: tuple[str, ...]
-    recipe: str
-    kept: bool = False                  # E kept from the suite's index (an earlier command solved it)
-
-    def record(self, estimated_seconds: float, data: dict) -> dict:
-        """The suite index's "budget" entry."""
-        return {"hours": self.budget.hours, "mae_epochs": self.mae_epochs,
-                "flops_per_image_mae": self.flops_per_image[compare_methods.REFERENCE],
-                "flops_per_second": self.calibration.flops_per_second, "calibration": self.calibration.record,
-                "epochs": self.epochs, "seeds": self.seeds, "evals": list(self.evals), "recipe": self.recipe,
-                "data": data, "estimated_hours": estimated_seconds / 3600}
-
-    def matches(self, stored: dict | None, data: dict) -> bool:
-        """Whether an earlier command's index entry was solved for this same hours budget."""
-        return (isinstance(stored, dict) and stored.get("hours") == self.budget.hours
-                and stored.get("seeds") == self.seeds and stored.get("evals") == list(self.evals)
-                and stored.get("recipe") == self.recipe and stored.get("data") == data
-                and isinstance(stored.get("mae_epochs"), (int, float)))
-
-
-def budget_runs(profile, recipe: str, mae_epochs: float, evals: tuple[str, ...], seeds: int,
-                descriptor: dict) -> list[Run]:
-    return resolve_runs(compare_methods.budget_grid(profile, recipe, mae_epochs, evals), profile, seeds,
-                        descriptor, recipe)
-
-
-def allocate(budget: ComputeBudget, profile, recipe: str, evals: tuple[str, ...], seeds: int, descriptor: dict,
-             outputs: Path, suite_dir: Path, calibration: Calibration, recalibrate: bool) -> Allocation:
-    """E for the budget: given ("1.3ep"), kept from the suite's index (the same hours, seeds,
-    evaluations, recipe and data solved by an earlier command), or solved for the hours."""
-    flops_per_image = compare_methods.budget_flops_per_image(profile, recipe)
-    allocation = Allocation(budget, budget.mae_epochs or 0.0, {}, flops_per_image, calibration, seeds, evals, recipe)
-    if budget.hours is not None:
-        stored = earlier_budget(suite_dir)
-        if not recalibrate and allocation.matches(stored, descriptor):
-            allocation = dataclasses.replace(allocation, mae_epochs=float(stored["mae_epochs"]), kept=True)
-        else:
-            def seconds_at(mae_epochs: float) -> float:
-                runs = budget_runs(profile, recipe, mae_epochs, evals, seeds, descriptor)
-                return plan_seconds(runs, profile, outputs, calibration.flops_per_second)[2]
-
-            mae_epochs = largest_within(seconds_at, budget.hours * 3600)
-            if mae_epochs <= 0:
-                raise ConfigError(f"--budget {budget.hours:g}h does not cover the suite without its pre-training: "
-                                  f"~{seconds_at(0.01) / 3600:.2f} h of evaluations (and BEiT's tokenizer) at "
-                                  f"{calibration.flops_per_second / 1e9:.0f} GFLOP/s; raise it, or pass fewer "
-                                  f"--evals or --seeds")
-            allocation = dataclasses.replace(allocation, mae_epochs=mae_epochs)
-    return dataclasses.replace(allocation, epochs=compare_methods.budget_epochs(profile, recipe, allocation.mae_epochs))
-
-
-def earlier_budget(suite_dir: Path) -> dict | None:
-    """The "budget" entry of the suite's index (None when there is none or it cannot be read)."""
-    try:
-        return read_index(suite_dir / "runs.json").get("budget")
-    except (RecordError, OSError):
+def index_budget_entry(plan: Plan, allocation: Allocation | None) -> dict | None:
+    """A --budget's entry of the suite's index (its plan printed first, on the main process)."""
+    if allocation is None:
         return None
+    if distributed.is_main():
+        print_plan(plan, allocation)
+    estimated = plan_seconds(plan, allocation.calibration.flops_per_second)[2]
+    return allocation.record(estimated, plan.grid[0].config.data)
 
 
-def budget_warnings(allocation: Allocation, runs: list[Run]) -> list[str]:
-    """What makes a budget too small to say much: E below the calibration's threshold, a cell
-    that trains less than one step."""
-    warnings = []
-    if allocation.mae_epochs < compare_methods.SEPARATING_MAE_EPOCHS:
-        warnings.append(f"WARNING: {allocation.mae_epochs:g} MAE-epochs is below the "
-                        f"{compare_methods.SEPARATING_MAE_EPOCHS:g} at which nano MAE was measured to "
-                        f"separate from random init in k-NN (DESIGN.md); differences will likely sit within the seed spread "
-                        f"(raise --budget)")
-    for run in runs:
-        if run.seed == 0 and run.config.train is not None and train_steps(run.config) < 1:
-            per_epoch = num_images(run.config.data, "train") // run.config.train["batch_size"]
-            warnings.append(f"WARNING: {run.spec.method} trains 0 steps at {run.config.train['epochs']:g} epochs "
-                            f"({per_epoch} steps per epoch): its row is its random init (raise --budget)")
-    return warnings
+def run_options(args: argparse.Namespace, device: str | None) -> RunOptions:
+    return RunOptions(device=device, progress=not args.no_progress,
+                      on_bad_image="skip" if args.skip_bad_images else "error", data_source=args.data_source,
+                      workers=args.data_workers)
 
 
-def keep_only(grid: list[Run], only: str, suite_name: str) -> list[Run]:
-    """The runs of `grid` whose cells `--only` keeps."""
-    kept = select([run.spec for run in grid if run.seed == 0], only, suite_name)
-    return [run for run in grid if run.spec in kept]
-
-
-def select(specs: list, only: str, suite_name: str) -> list:
-    """The grid cells `--only` keeps: "mae,none" keeps methods, "beit:random 0.4" one cell."""
-    known = sorted({s.method for s in specs})
-    kept = []
-    for word in only_words(only, known):
-        method, _, setting = (part.strip() for part in word.partition(":"))
-        if method not in known:
-            raise UnknownNameError(f"--only names {method!r}, not in suite {suite_name!r}; its methods: "
-                                   f"{', '.join(known)}")
-        cells = [s for s in specs if s.method == method and (not setting or s.setting == setting)]
-        if not cells:
-            settings = ", ".join(repr(s.setting) for s in specs if s.method == method)
-            raise UnknownNameError(f"--only names {word!r}, but {method} has no setting {setting!r} in suite "
-                                   f"{suite_name!r}; its settings: {settings}")
-        kept += [s for s in cells if s not in kept]
-    return [s for s in specs if s in kept]     # grid order
-
-
-def only_words(only: str, methods: list[str]) -> list[str]:
-    """--only split at commas, except inside a setting that has one ("pixel:raw pixels, block 0.4")."""
-    words: list[str] = []
-    for piece in (p.strip() for p in only.split(",")):
-        if words and ":" in words[-1] and ":" not in piece and piece not in methods:
-            words[-1] += ", " + piece
-        elif piece:
-            words.append(piece)
-    if not words:
-        raise UnknownNameError(f"--only {only!r} names nothing; pass methods or METHOD:SETTING, "
-                               f"comma-separated (its methods: {', '.join(methods)})")
-    return words
-
-
-def flatten(overrides: dict, prefix: str = "") -> dict:
-    """{"mask": {"ratio": 0.75}} -> {"mask.ratio": 0.75}: the grid's settings as report columns."""
-    flat = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def run_state(run_dir: Path, spec, profile) -> str:
-    """What a run folder holds for this grid cell: done, to evaluate (named), to run, failed,
-    unreadable (a damaged result.json)."""
+def run_here(args: argparse.Namespace, plan: Plan, budget_entry: dict | None) -> int:
+    """Run the plan in this process (under torchrun: in every rank), then write the table."""
+    distributed.init_from_env()       # under torchrun: join the process group
+    options = run_options(args, distributed.default_device(args.device))
+    if distributed.is_main():
+        write_index(plan, budget_entry)
+    started = time.time()
     try:
-        record = read_result(run_dir)
-    except UnreadableRecord:
-        return "unreadable"
-    if record is None:
-        return "to run"
-    if not record.done:
-        return record.status
-    stale = stale_evaluations(record, spec.evals, profile)
-    return "to evaluate: " + ", ".join(stale) if stale else "done"
+        outcome = run_plan(plan, options, distributed.is_main())
+    except Preempted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 128 + (err.signum or 0)
+    if not distributed.is_main():
+        return 0
+    write_table(plan.suite_dir, f"{len(plan.runs)} runs in {time.time() - started:.0f} s; ")
+    if outcome.skipped:
+        print(f"{len(outcome.skipped)} run(s) were busy in another process: {', '.join(outcome.skipped)}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) FAILED: {', '.join(outcome.failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def print_plan(suite_name: str, profile_name: str, runs: list[Run], outputs: Path, recipe: str = "paper",
-               allocation: Allocation | None = None, grid: list[Run] | None = None, profile=None) -> None:
-    """Each run with its estimated cost and state; with a budget, its allocation and its total
-    (over the whole `grid`, whatever --only keeps) against the budget. `profile`: the named
-    one with its --set overrides."""
-    profile = profile or get_profile(profile_name)
-    print(f"suite {suite_name}, profile {profile_name}, recipe {recipe}: {len(runs)} runs")
-    if allocation is not None:
-        print_budget_plan(runs, grid or runs, outputs, profile, allocation)
-        return
-    total = left = 0.0
-    for run in runs:
-        seconds = estimate_seconds(run.config, profile)
-        state = run_state(run.config.folder(outputs), run.spec, profile)
-        total += seconds
-        left += seconds if state in ("to run", "failed", "unreadable") else 0.0   # pre-training still to do
-        print(f"  {run.spec.method:6s} {run.spec.setting:22s} seed {run.seed}  ~{seconds / 60:7.1f} min  "
-              f"{run.name}  [{state}]")
-    print(f"estimated pre-training: {left / 3600:.2f} h left of {total / 3600:.2f} h for these runs "
-          f"at {profile.flops_per_second / 1e9:.0f} GFLOP/s (plus a minute or two of evaluation per run; "
-          f"fine-tuning and segmentation take longer)")
-
-
-def print_budget_plan(runs: list[Run], grid: list[Run], outputs: Path, profile, allocation: Allocation) -> None:
-    flops_per_second = allocation.calibration.flops_per_second
-    per_run, prerequisites, total = plan_seconds(grid, profile, outputs, flops_per_second)
-    how = ("kept from the suite's index, solved by an earlier command; --recalibrate solves again"
-           if allocation.kept else "solved for the hours" if allocation.budget.hours is not None else "given")
-    print(f"budget {allocation.budget.describe()}: E = {allocation.mae_epochs:g} MAE-epochs of pre-training FLOPs "
-          f"per method ({how})")
-    print(f"this machine: {allocation.calibration.describe()}")
-    configs = {run.spec.method: run.config for run in grid if run.seed == 0}
-    for method, epochs in allocation.epochs.items():
-        print(f"  {method:6s} {epochs:6.2f} epochs x {format_flops(allocation.flops_per_image[method])} per image "
-              f"= {format_flops(pretrain_flops(configs[method]))} per run ({train_steps(configs[method])} steps)")
-    print(f"evaluations: {', '.join(allocation.evals)}; {allocation.seeds} seed(s)")
-    for run in runs:
-        phases = per_run[run.name]
-        seconds, pretrain = sum(phases.values()), phases.get("pre-train", 0.0)
-        state = run_state(run.config.folder(outputs), run.spec, profile)
-        print(f"  {run.spec.method:6s} {run.spec.setting:34s} seed {run.seed}  ~{seconds / 60:6.1f} min "
-              f"(pre-train {pretrain / 60:5.1f}, evals {(seconds - pretrain) / 60:4.1f})  {run.name}  [{state}]")
-    for name, seconds in prerequisites.items():
-        print(f"  prerequisite {name}  ~{seconds / 60:6.1f} min  [to run]")
-    if allocation.budget.hours is not None:
-        print(f"estimated: {total / 3600:.2f} h left of the {allocation.budget.hours:g} h budget for the whole suite "
-              f"({len(grid)} runs; finished work counts 0)")
-    else:
-        print(f"estimated: {total / 3600:.2f} h left for the whole suite ({len(grid)} runs; finished work counts 0)")
-    for line in budget_warnings(allocation, grid):
-        print(line)
-
-
-def list_suites(cost_profile: str, recipe: str = "paper") -> None:
-    """Suites with their grid sizes per profile, and the estimated pre-training cost at
-    `cost_profile` (counting FLOPs builds every model of the grid, so only one profile)."""
-    costs: dict[str, float] = {}
-    cost_at = get_profile(cost_profile)
-    for name in SUITES:
-        suite = get_suite(name)
-        print(f"{name}: {suite.DESCRIPTION}")
-        for profile_name, profile in PROFILES.items():
-            specs = suite.grid(profile, recipe)
-            line = (f"  {profile_name:9s} {len(specs):2d} cells x {profile.seeds} seed(s) = "
-                    f"{len(specs) * profile.seeds:3d} runs")
-            if profile is cost_at:
-                # the profile's own data, without reading it (imagenet: ImageNet-1k's size)
-                data = {"name": "imagenet" if profile.data == "user" else profile.data,
-                        "img_size": profile.encoder["img_size"]}
-                total = 0.0
-                for spec in specs:
-                    config = resolve(spec, profile, 0, data, recipe=recipe)
-                    key = json.dumps(config.to_dict(), sort_keys=True)
-                    if key not in costs:
-                        costs[key] = estimate_seconds(config, profile)
-                    total += costs[key] * profile.seeds
-                line += (f", ~{format_hours(total)} of pre-training at "
-                         f"{profile.flops_per_second / 1e9:g} GFLOP/s (estimated from counted FLOPs)")
-            print(line)
-    print(f"(costs shown for --profile {cost_profile}, --recipe {recipe}; pass --list --profile NAME for another)")
-
-
-def format_flops(flops: float) -> str:
-    """2.4e6 -> '2.4 MFLOP', 1.92e13 -> '19.2 TFLOP', 1.27e11 -> '127 GFLOP'."""
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if flops >= scale:
-            value = flops / scale
-            return f"{value:.3g} {prefix}FLOP" if value < 100 else f"{value:.0f} {prefix}FLOP"
-    return f"{flops:.0f} FLOP"
-
-
-def format_hours(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
-
-
-def write_index(suite_dir: Path, suite_name: str, profile_name: str, runs: list[Run], outputs: Path,
-                budget: dict | None = None) -> None:
-    """runs.json: the suite's runs with their grid settings and recipe, as the table reads them
-    (and a --budget's allocation). Finished runs of the same cells at other seeds, listed by an
-    earlier command (e.g. `--seeds 3` before `--seeds 2`), stay listed: a table never loses a
-    finished seed to a smaller --seeds; so do finished runs of the same cells at the other recipe."""
-    suite_dir.mkdir(parents=True, exist_ok=True)
-    entries = [{"method": run.spec.method, "setting": run.spec.setting, "recipe": run.config.recipe,
-                "seed": run.seed, "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
-                "run_dir": str(RUNS_FROM_INDEX / run.name)}
-               for run in runs]
-    kept, dropped = earlier_finished_runs(suite_dir, runs)
-    if kept:
-        print(f"runs.json also lists {len(kept)} finished run(s) of other seeds or the other recipe from earlier "
-              f"commands")
-    if dropped:
-        print(f"runs.json no longer lists {dropped} finished run(s) of an earlier command (another "
-              f"--data or grid); their folders stay in {outputs}/runs")
-    order = {(run.spec.method, recipe_free(run.spec.setting)): i for i, run in enumerate(runs)}
-    entries = sorted(entries + kept, key=lambda e: (order[(e["method"], recipe_free(e["setting"]))],
-                                                    entry_recipe(e), e["seed"]))
-    index = {"suite": suite_name, "profile": profile_name, "runs": entries}
-    if budget is not None:
-        index["budget"] = budget
-    write_json(suite_dir / "runs.json", index)
-
-
-def entry_recipe(entry: dict) -> str:
-    """An index entry's recipe: entries written before recipes existed are the shared one's."""
-    return entry.get("recipe", "shared")
-
-
-def recipe_free(setting: str) -> str:
-    """A cell's setting label without the epochs that depend on its recipe's FLOPs per image."""
-    return setting.split(" (")[0]
-
-
-def earlier_finished_runs(suite_dir: Path, runs: list[Run]) -> tuple[list[dict], int]:
-    """Entries of the existing runs.json to keep (finished, same cell and config but another
-    seed; or same cell and data at the other recipe) and how many finished ones are dropped
-    (another config, e.g. other --data)."""
-    index_file = suite_dir / "runs.json"
-    if not index_file.exists():
-        return [], 0
-
-    def unseeded(config: dict) -> str:
-        return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
-
-    cells = {(run.spec.method, run.spec.setting, run.config.recipe): unseeded(run.config.to_dict()) for run in runs}
-    # the other recipe's run of a cell: the same method and setting but for the epochs a
-    # FLOPs-matched label ends with, "(0.25 ep)" under one recipe, "(0.21 ep)" under the other
-    data = {(run.spec.method, recipe_free(run.spec.setting)): run.config.to_dict()["data"] for run in runs}
-    listed = {(run.spec.method, run.spec.setting, run.config.recipe, run.seed) for run in runs}
-    try:
-        earlier = read_index(index_file)["runs"]        # the report's reader: validated
-    except RecordError as err:
-        warn(f"{err}; it is written anew from this grid (the run folders stay in outputs/runs)")
-        return [], 0
-    kept, dropped = [], 0
-    for entry in earlier:
-        run_dir = suite_dir / entry["run_dir"]
-        cell = (entry["method"], entry["setting"], entry_recipe(entry))
-        if (*cell, entry["seed"]) in listed:
-            continue
-        try:
-            record = read_result(run_dir)
-        except UnreadableRecord:
-            record = None            # not listed; the run's own cell names it
-        if record is None or not record.done or not (run_dir / "config.json").exists():
-            continue
-        config = read_json(run_dir / "config.json")
-        if cell in cells:
-            same = cells[cell] == unseeded(config)
-        else:      # the other recipe's run of a cell of this grid, on the same data
-            same = data.get((cell[0], recipe_free(cell[1]))) == config.get("data")
-        if same:
-            kept.append(entry)
-        else:
-            dropped += 1
-    return kept, dropped
-
-
-def write_table(suite_dir: Path) -> None:
-    runs_table = load_index(suite_dir / "runs.json")
+def write_table(suite_dir: Path, before: str = "") -> None:
+    """The suite's table (mean ± 95% CI over seeds) from its index: printed, and saved as
+    table.csv and table.md."""
+    runs_table = load_index(suite_dir / INDEX_FILE)
     table = summarize(runs_table, metric_columns(runs_table))
     table.to_csv(suite_dir / "table.csv", index=False)
     (suite_dir / "table.md").write_text(table.to_markdown(index=False) + "\n")
     print()
     print(table.to_string(index=False))
+    print(f"\n{before}table: {suite_dir}/table.md")
 
 
 def table_command(args: argparse.Namespace) -> str:
@@ -573,17 +266,15 @@ def table_command(args: argparse.Namespace) -> str:
 
 
 def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs: list[slurm.PlannedJob],
-                    runs: list[Run], grid: list[Run], outputs: Path, suite_dir: Path,
-                    budget: dict | None = None) -> int:
+                    plan: Plan, budget: dict | None = None) -> int:
     if jobs:
         slurm.cluster()   # no sbatch here: say so before writing anything
-    write_index(suite_dir, args.suite, args.profile, grid, outputs, budget)
+    write_index(plan, budget)
     if not jobs:
-        print(f"nothing to submit: all {len(runs)} runs are done")
-        write_table(suite_dir)
-        print(f"\ntable: {suite_dir}/table.md")
+        print(f"nothing to submit: all {len(plan.runs)} runs are done")
+        write_table(plan.suite_dir)
         return 0
-    folder = outputs / "slurm" / args.suite / args.profile
+    folder = plan.outputs / "slurm" / args.suite / args.profile
     submitted = slurm.submit(jobs, options, folder)
     print(f"submitted {len(jobs)} job(s); each: {options.describe()}")
     job_ids = [handle.job_id for handle in submitted]
@@ -598,129 +289,12 @@ def submit_to_slurm(args: argparse.Namespace, options: slurm.SlurmOptions, jobs:
         return 0
     print("waiting for them:")
     failed = slurm.wait(jobs, submitted)
-    write_table(suite_dir)
-    print(f"\ntable: {suite_dir}/table.md")
+    write_table(plan.suite_dir)
     if failed:
-        print(f"{len(failed)} job(s) FAILED (their logs in {folder}, runs' result.json in {outputs}/runs)",
+        print(f"{len(failed)} job(s) FAILED (their logs in {folder}, runs' result.json in {plan.outputs}/runs)",
               file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    check_recipe(args.recipe)
-    if args.data_workers is not None and args.data_workers < 0:
-        raise ConfigError(f"--data-workers {args.data_workers}: pass 0 (decode in the training process) or more")
-    if args.list:
-        list_suites(args.profile, args.recipe)
-        return 0
-    if not args.suite:
-        raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
-    outputs = Path(args.outputs)
-    profile = override(get_profile(args.profile), args.set)
-    budget = budget_arguments(args)
-    options = slurm_options(args)
-    if budget is not None and budget.hours is not None and options:
-        raise ConfigError("--budget in hours is solved at this machine's FLOP/s; with --slurm pass MAE-epochs "
-                          "(e.g. --budget 1.3ep)")
-    allocation = None
-    suite_dir = outputs / "suites" / args.suite / args.profile
-    # the suite's index (and so its table) lists the whole grid, whatever --only picked to run:
-    # processes running different cells side by side then write the same index
-    if budget is None:
-        grid = plan_grid(args.suite, args.profile, args.seeds, args.data, not args.dry_run, args.recipe,
-                         tuple(args.set))
-    else:
-        # the budgeted block is its own table beside the full grid's: <profile>-budget
-        suite_dir = outputs / "suites" / args.suite / f"{args.profile}-budget"
-        seeds = seed_count(profile, args.seeds)
-        descriptor = data_descriptor(profile, args.data, check=not args.dry_run)
-        evals = parse_evals(args.evals)
-        budget_runs(profile, args.recipe, 1.0, evals, 1, descriptor)    # bad evaluations fail before calibrating
-        calibration = calibrate(profile, outputs, distributed.default_device(args.device).split(":")[0],
-                                recalibrate=args.recalibrate)
-        allocation = allocate(budget, profile, args.recipe, evals, seeds, descriptor, outputs, suite_dir,
-                              calibration, args.recalibrate)
-        grid = budget_runs(profile, args.recipe, allocation.mae_epochs, evals, seeds, descriptor)
-    runs = keep_only(grid, args.only, args.suite) if args.only else grid
-    if not args.dry_run:
-        check_outputs(outputs)
-        if not args.table_only:
-            check_inputs(runs, profile)       # e.g. CamVid for segmentation: before any training
-    jobs = slurm.plan_jobs(runs, profile, outputs, args.device, not args.no_progress,
-                           "skip" if args.skip_bad_images else "error", args.data_source,
-                           args.data_workers) if options else []
-    if args.dry_run:
-        print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid, profile)
-        if options:
-            slurm.print_jobs(jobs, options, len(runs))
-        return 0
-    index_budget = None
-    if allocation is not None:
-        if distributed.is_main():
-            print_plan(args.suite, args.profile, runs, outputs, args.recipe, allocation, grid, profile)
-        estimated = plan_seconds(grid, profile, outputs, allocation.calibration.flops_per_second)[2]
-        index_budget = allocation.record(estimated, descriptor)
-    if args.table_only:
-        write_index(suite_dir, args.suite, args.profile, grid, outputs, index_budget)
-        write_table(suite_dir)
-        print(f"\ntable: {suite_dir}/table.md")
-        return 0
-    if options:
-        return submit_to_slurm(args, options, jobs, runs, grid, outputs, suite_dir, index_budget)
-    distributed.init_from_env()       # under torchrun: join the process group
-    device = distributed.default_device(args.device)
-    if distributed.is_main():
-        write_index(suite_dir, args.suite, args.profile, grid, outputs, index_budget)
-
-    failed, skipped, started = [], [], time.time()
-    for i, run in enumerate(runs, 1):
-        name = run.name
-        if distributed.is_main():
-            print(f"[{i}/{len(runs)}] {run.spec.method} {run.spec.setting} seed {run.seed} -> {name}", flush=True)
-        try:
-            execute(run, profile, outputs, device=device, progress=not args.no_progress,
-                    on_bad_image="skip" if args.skip_bad_images else "error", data_source=args.data_source,
-                    workers=args.data_workers)
-        except RunSkipped as err:
-            skipped.append(name)
-            print(f"  skipped: {err}")
-        except (DataError, UnknownNameError, ConfigError):
-            raise  # bad input: stop the whole suite (exit 2), nothing else would work either
-        except UnreadableRecord as err:      # the file is left as it is
-            failed.append(name)
-            print(f"  FAILED: {err}", file=sys.stderr)
-        except Preempted as err:
-            print(f"stopped: {err}", file=sys.stderr)
-            return 128 + (err.signum or 0)
-        except Exception as err:  # one run's failure must not stop the others
-            failed.append(name)
-            print(f"  FAILED: {err.__class__.__name__}: {err} (traceback in {name}/result.json)")
-
-    if not distributed.is_main():
-        return 0
-    write_table(suite_dir)
-    print(f"\n{len(runs)} runs in {time.time() - started:.0f} s; table: {suite_dir}/table.md")
-    if skipped:
-        print(f"{len(skipped)} run(s) were busy in another process: {', '.join(skipped)}")
-    if failed:
-        print(f"{len(failed)} run(s) FAILED: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def budget_arguments(args: argparse.Namespace) -> ComputeBudget | None:
-    """--budget parsed (None without it); its companions checked."""
-    if args.budget is None:
-        for flag in ("evals", "recalibrate"):
-            if getattr(args, flag):
-                raise ConfigError(f"--{flag} needs --budget")
-        return None
-    if args.suite != BUDGET_SUITE:
-        raise ConfigError(f"--budget applies to {BUDGET_SUITE} only (its compute-matched block); "
-                          f"{args.suite} runs its whole grid: drop --budget, narrow it with --seeds / --only")
-    return parse_budget(args.budget)
 
 
 def check_outputs(outputs: Path) -> None:

@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 
 from runs import archive
-from runs.execute import execute
+from runs.execute import RunOptions, execute
+from runs.plan import plan_of
+from suites.plan import select_runs as plan
 from suites.profiles import get_profile
-from suites.run import cli, plan
+from suites.run import cli
 
 SMOKE = ["--profile", "smoke", "--seeds", "1", "--no-progress", "--recipe", "shared"]
 BEIT = "beit:tokens, block 0.4"
+
+QUIET = RunOptions(progress=False)
 
 
 def stamps(outputs: Path) -> dict[str, int]:
@@ -46,13 +50,13 @@ def test_a_restored_run_asked_for_a_new_evaluation_trains_its_weights_again_to_t
     first, fresh, results = tmp_path / "first", tmp_path / "fresh", tmp_path / "results"
     profile = get_profile("smoke")
     [run] = plan("ablation_targets", "smoke", 1, BEIT, None, recipe="shared")    # needs BEiT's tokenizer
-    execute(run, profile, first, progress=False)
+    execute(run, profile, first, QUIET)
     archive.save(first, results)
     archive.restore(results, fresh)
     knn = json.loads((fresh / "runs" / run.name / "result.json").read_text())["evals"]["knn"]
 
     wider = dataclasses.replace(run, spec=dataclasses.replace(run.spec, evals=("knn", "linear")))
-    record = execute(wider, profile, fresh, progress=False)
+    record = execute(wider, profile, fresh, QUIET)
     assert set(record.evals) == {"knn", "linear"} and dataclasses.asdict(record.evals["knn"]) == knn
     [tokenizer] = [p.name for p in (first / "runs").glob("dvae-*")]
     for folder, file in ((run.name, "encoder.safetensors"), (tokenizer, "tokenizer.safetensors")):
@@ -83,18 +87,18 @@ def test_a_restored_prerequisite_gets_its_own_slurm_job_and_the_dry_run_counts_t
     first, fresh, results = tmp_path / "first", tmp_path / "fresh", tmp_path / "results"
     profile = get_profile("smoke")
     [run] = plan("ablation_targets", "smoke", 1, BEIT, None, recipe="shared")
-    execute(run, profile, first, progress=False)
+    execute(run, profile, first, QUIET)
     archive.save(first, results)
     archive.restore(results, fresh)
     wider = dataclasses.replace(run, spec=dataclasses.replace(run.spec, evals=("knn", "linear")))
 
-    jobs = slurm.plan_jobs([wider], profile, fresh, None, False, "error")
+    jobs = slurm.plan_jobs(plan_of([wider], profile, fresh), RunOptions(device=None, progress=False))
     assert [job.task.prerequisites_only for job in jobs] == [True, False] and jobs[1].after == 0
-    per_run, prerequisites, _ = plan_seconds([wider], profile, fresh, 1e9)
+    per_run, prerequisites, _ = plan_seconds(plan_of([wider], profile, fresh), 1e9)
     assert set(per_run[run.name]) == {"pre-train", "linear"} and len(prerequisites) == 1
-    assert set(plan_seconds([run], profile, fresh, 1e9)[0][run.name]) == set()   # knn is done: nothing to train
+    assert set(plan_seconds(plan_of([run], profile, fresh), 1e9)[0][run.name]) == set()   # knn is done: nothing to train
 
-    record = execute(wider, profile, fresh, progress=False)
+    record = execute(wider, profile, fresh, QUIET)
     archived = json.loads((results / "runs" / run.name / "result.json").read_text())["train"]
     assert {key: record.train[key] for key in archived} == archived       # what knn was measured on
     assert record.train["retrained"]["steps"] == archived["steps"]

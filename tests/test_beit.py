@@ -11,12 +11,14 @@ from methods import build_method
 from methods.base import Batch
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.vit import ViT, ViTConfig
-from runs.execute import execute
+from runs.execute import RunOptions, execute
 from runs.identity import Run, RunSpec, data_descriptor, resolve
 from runs.records import read_record
 from suites.profiles import get_profile
 
 MICRO_TOKENIZER = {"vocab_size": 64, "hidden_dim": 8}
+
+QUIET = RunOptions(progress=False)
 
 
 def micro_dvae(img_size=16, patch_size=4):
@@ -131,10 +133,10 @@ def test_a_smoke_tokenizer_is_trained_once_and_reused_by_a_second_beit_run(tmp_p
     assert configs[0].requires == configs[1].requires == resolve(specs[0], profile, 1, data).requires
     tokenizer_dir = configs[0].requires["tokenizer"].config.folder(tmp_path)
 
-    first = execute(Run(specs[0], 0, configs[0]), profile, tmp_path, progress=False)
+    first = execute(Run(specs[0], 0, configs[0]), profile, tmp_path, QUIET)
     tokenizer_file = tokenizer_dir / TOKENIZER_FILE
     stamps = {p: p.stat().st_mtime_ns for p in (tokenizer_file, tokenizer_dir / "result.json")}
-    second = execute(Run(specs[1], 0, configs[1]), profile, tmp_path, progress=False)
+    second = execute(Run(specs[1], 0, configs[1]), profile, tmp_path, QUIET)
 
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert [r.split("-")[0] for r in runs] == ["beit", "beit", "dvae"]

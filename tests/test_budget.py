@@ -11,7 +11,9 @@ from conftest import ROOT
 from runs.cost import CALIBRATION_FILE, Calibration, calibrate, machine, plan_seconds
 from runs.identity import data_descriptor
 from suites.profiles import get_profile
-from suites.run import ComputeBudget, allocate, budget_runs, cli, parse_budget
+from runs.plan import plan_of
+from suites.budget import ComputeBudget, allocate, budget_runs, parse_budget
+from suites.run import cli
 
 PINNED = json.loads((ROOT / "tests" / "data" / "run_names.json").read_text())
 CPU_DATA = {"name": "cifar10", "path": PINNED["data_path"], "img_size": 32}
@@ -59,11 +61,11 @@ def test_hours_solve_for_the_largest_mae_epochs_that_fit_and_more_hours_give_mor
         allocation = allocate(ComputeBudget(hours=hours), profile, "shared", ("knn", "linear"), 3, CPU_DATA,
                               tmp_path, tmp_path / "suite", calibration, recalibrate=False)
         runs = budget_runs(profile, "shared", allocation.mae_epochs, ("knn", "linear"), 3, CPU_DATA)
-        total = plan_seconds(runs, profile, tmp_path, 50e9)[2]
+        total = plan_seconds(plan_of(runs, profile, tmp_path), 50e9)[2]
         assert 0.95 * hours * 3600 <= total <= hours * 3600, (hours, allocation.mae_epochs, total)
         # 0.01 MAE-epochs more would not fit
         more = budget_runs(profile, "shared", allocation.mae_epochs + 0.01, ("knn", "linear"), 3, CPU_DATA)
-        assert plan_seconds(more, profile, tmp_path, 50e9)[2] > hours * 3600
+        assert plan_seconds(plan_of(more, profile, tmp_path), 50e9)[2] > hours * 3600
         solved.append(allocation.mae_epochs)
     assert solved == sorted(solved) and solved[0] < solved[-1], solved
     # twice the FLOP/s, the same hours: more than twice the epochs (the evaluations shrink too)
@@ -164,7 +166,7 @@ def test_finished_runs_cost_nothing_so_the_same_hours_then_buy_more_epochs(tmp_p
     # exactly nothing left of `none` (the printed "0.0 min" is rounded)
     profile = get_profile("smoke")
     grid = budget_runs(profile, "paper", solved(after), ("knn", "linear"), 1, data_descriptor(profile, None))
-    left = plan_seconds(grid, profile, tmp_path, 10e9)[0]
+    left = plan_seconds(plan_of(grid, profile, tmp_path), 10e9)[0]
     assert [sum(phases.values()) for name, phases in left.items() if name.startswith("none-")] == [0.0]
 
 
@@ -185,7 +187,7 @@ def test_the_baselines_fine_tune_is_costed_with_its_lr_sweep():
     """none's from-scratch fine-tune tries 3 lrs on train minus the held-out 5k, then trains
     on all of train: about 3.7 fine-tunes where a pre-trained encoder's costs one."""
     from runs.cost import evaluation_flops
-    from suites.run import plan
+    from suites.plan import select_runs as plan
     profile = get_profile("cpu")
     cells = {run.spec.method: run for run in plan("compare_methods", "cpu", 1, "none,mae:5 epochs", None,
                                                   check_data=False, recipe="shared")}
@@ -199,11 +201,11 @@ def test_the_tokenizer_is_costed_at_the_share_of_the_calibrated_rate_its_convolu
     """BEiT's dVAE trains at about two thirds of MAE's FLOP/s (measured; the plan once said 8.1
     min for 14.6): its prerequisite time is its FLOPs at that share of the rate."""
     from runs.cost import pretrain_flops
-    from suites.run import plan
+    from suites.plan import select_runs as plan
     from methods import registry
     [run] = plan("compare_methods", "cpu", 1, "beit:5 epochs", None, check_data=False, recipe="shared")
     [tokenizer] = [need.config for need in run.config.requires.values()]
-    _, prerequisites, _ = plan_seconds([run], get_profile("cpu"), tmp_path, 1e10)
+    _, prerequisites, _ = plan_seconds(plan_of([run], get_profile("cpu"), tmp_path), 1e10)
     efficiency = registry["dvae"][0].training_efficiency
     assert 0.5 < efficiency < 0.8
     assert prerequisites == {tokenizer.name: pytest.approx(pretrain_flops(tokenizer) / (1e10 * efficiency))}

@@ -6,17 +6,19 @@ import pytest
 
 from core.config import ConfigError
 from runs.cost import flops_per_image, pretrain_flops
-from runs.execute import execute
+from runs.execute import RunOptions, execute
 from runs.identity import Run, RunConfig, RunSpec, resolve
 from suites.profiles import get_profile
-from suites.registry import get_suite
+from suites.plan import grid_specs
 
 SYNTHETIC = {"name": "synthetic", "img_size": 16}
+
+QUIET = RunOptions(progress=False)
 
 
 def test_flops_matched_cells_cost_what_the_reference_costs():
     profile = get_profile("smoke")
-    cells = get_suite("compare_methods").grid(profile)
+    cells = grid_specs("compare_methods", profile, "paper")
     configs = {(c.method, c.setting): resolve(c, profile, 0, SYNTHETIC) for c in cells}
     budget = pretrain_flops(configs[("mae", f"{profile.train.epochs:g} epochs")])
     matched = {key: cfg for key, cfg in configs.items() if key[1].startswith("MAE's FLOPs")}
@@ -37,7 +39,7 @@ def test_train_overrides_change_the_hash_and_reach_the_trainer(tmp_path):
     shorter = RunSpec("mae", overrides={"encoder": {"size": "micro"}}, train={"epochs": 1.0})
     plain_cfg, short_cfg = (resolve(s, profile, 0, SYNTHETIC) for s in (plain, shorter))
     assert plain_cfg.name != short_cfg.name
-    result = execute(Run(shorter, 0, short_cfg), profile, tmp_path, progress=False)
+    result = execute(Run(shorter, 0, short_cfg), profile, tmp_path, QUIET)
     assert result.train["steps"] == 640 // profile.train.batch_size      # 1 epoch, not the profile's 2
     assert result.train["steps"] < profile.train.epochs * 640 // profile.train.batch_size
 
@@ -73,15 +75,16 @@ SMOKE_SHARED_FLOPS = {"mae": 2_397_312, "pixel": 2_974_464, "beit": 5_743_360, "
 def test_budget_epochs_are_e_times_maes_flops_per_image_over_the_methods_rounded_to_hundredths():
     """The rule other processes already name run folders by: with E rounded to 0.01, method m
     trains round(E * fpi(mae) / fpi(m), 2) epochs; MAE trains E; `none` gets no train override."""
-    from suites.compare_methods import budget_epochs, budget_flops_per_image, budget_grid
+    from suites.budget import method_flops
+    from suites.compare_methods import budget_epochs, budget_grid
     profile = get_profile("smoke")
-    flops = budget_flops_per_image(profile, "shared")
+    flops = method_flops(profile, "shared")
     assert flops == SMOKE_SHARED_FLOPS
     # by hand: 2.37 * 2397312 / 2974464 = 1.910, * / 5743360 = 0.989, * / 59852800 = 0.0949
-    assert budget_epochs(profile, "shared", 2.37) == {"mae": 2.37, "pixel": 1.91, "beit": 0.99, "ibot": 0.09}
+    assert budget_epochs(flops, 2.37) == {"mae": 2.37, "pixel": 1.91, "beit": 0.99, "ibot": 0.09}
     # 1.3 * 2397312 / 2974464 = 1.048, * / 5743360 = 0.543, * / 59852800 = 0.052
-    assert budget_epochs(profile, "shared", 1.304) == {"mae": 1.3, "pixel": 1.05, "beit": 0.54, "ibot": 0.05}
-    cells = budget_grid(profile, "shared", 2.37)
+    assert budget_epochs(flops, 1.304) == {"mae": 1.3, "pixel": 1.05, "beit": 0.54, "ibot": 0.05}
+    cells = budget_grid(profile, flops, 2.37)
     assert [(c.method, c.train, c.evals) for c in cells] == [
         ("none", {}, ("knn", "linear")), ("mae", {"epochs": 2.37}, ("knn", "linear")),
         ("pixel", {"epochs": 1.91}, ("knn", "linear")), ("beit", {"epochs": 0.99}, ("knn", "linear")),
@@ -90,21 +93,22 @@ def test_budget_epochs_are_e_times_maes_flops_per_image_over_the_methods_rounded
 
 
 def test_budget_epochs_under_the_paper_recipe_use_each_methods_paper_flops():
+    from suites.budget import method_flops
     from suites.compare_methods import budget_epochs
     profile = get_profile("smoke")
     flops = {}
     for method in SMOKE_SHARED_FLOPS:
         config = resolve(RunSpec(method), profile, 0, SYNTHETIC, recipe="paper")
         flops[method] = flops_per_image(config.method, config.method_config)
-    assert budget_epochs(profile, "paper", 1.3) == {
+    assert budget_epochs(method_flops(profile, "paper"), 1.3) == {
         method: round(1.3 * flops["mae"] / flops[method], 2) for method in flops}
 
 
 def test_budget_cells_cost_the_reference_flops_within_one_step():
-    from suites.compare_methods import budget_grid
+    from suites.budget import budget_runs
     profile = get_profile("cpu")
     data = {"name": "cifar10", "img_size": 32}
-    configs = {c.method: resolve(c, profile, 0, data, recipe="shared") for c in budget_grid(profile, "shared", 1.3)}
+    configs = {run.spec.method: run.config for run in budget_runs(profile, "shared", 1.3, ("knn", "linear"), 1, data)}
     budget = pretrain_flops(configs["mae"])
     assert configs["mae"].train["epochs"] == 1.3 and configs["none"].train is None
     for method in ("pixel", "beit", "ibot"):

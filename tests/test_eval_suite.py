@@ -12,17 +12,20 @@ from core.config import ConfigError, UnknownNameError, build_config, config_valu
 from eval.linear import LinearConfig
 from eval.registry import EvalContext, EvalResult, registry
 from runs import execute as runs_execute
-from runs.execute import UnreadableRecord, eval_config, execute, is_done
+from runs.execute import RunOptions, execute
+from runs.state import UnreadableRecord, eval_config, is_done
 from runs.identity import Run, RunSpec, data_descriptor, resolve
 from runs.records import read_record
 from suites.profiles import get_profile
 
 SMOKE = get_profile("smoke")
 
+QUIET = RunOptions(progress=False)
+
 
 def run_once(spec: RunSpec, outputs, profile=SMOKE):
     config = resolve(spec, profile, seed=0, data=data_descriptor(profile, None))
-    return execute(Run(spec, 0, config), profile, outputs, progress=False)
+    return execute(Run(spec, 0, config), profile, outputs, QUIET)
 
 
 def replace_evaluation(monkeypatch, name, run):
@@ -96,7 +99,7 @@ def test_all_evaluations_of_a_random_init_encoder_run_in_the_smoke_profile(tmp_p
     result = run_once(RunSpec("none", evals=("knn", "linear", "finetune", "segmentation")), tmp_path)
     assert result.done
     assert result.evals["segmentation"].details["dataset"] == "camvid"
-    assert result.evals["linear"].config == json.loads(json.dumps(dataclasses.asdict(SMOKE.eval_budget.linear)))
+    assert result.evals["linear"].config == json.loads(json.dumps(dataclasses.asdict(SMOKE.evaluations.linear)))
     on_disk = json.loads(next(tmp_path.glob("runs/*/result.json")).read_text())
     assert on_disk["metrics"] == result.metrics
     # the smoke values (deterministic on CPU; within one test image / a rounding step of mmseg's
@@ -147,8 +150,8 @@ def test_a_changed_knn_config_reruns_knn(tmp_path):
 
 def test_a_changed_budget_reruns_only_that_evaluation(tmp_path, monkeypatch):
     run_once(RunSpec("none", evals=("knn", "linear")), tmp_path)
-    cheaper = dataclasses.replace(SMOKE, eval_budget=dataclasses.replace(
-        SMOKE.eval_budget, linear=LinearConfig(epochs=2, batch_size=128, lrs=(0.1, 1.0))))
+    cheaper = dataclasses.replace(SMOKE, evaluations=dataclasses.replace(
+        SMOKE.evaluations, linear=LinearConfig(epochs=2, batch_size=128, lrs=(0.1, 1.0))))
     ran = []
     for name in ("knn", "linear"):
         real = registry[name].run
@@ -178,8 +181,8 @@ def test_segmentation_on_ade20k_without_the_data_fails_before_any_training(tmp_p
     from runs.execute import check_inputs
 
     monkeypatch.delenv("MIMBENCH_ADE20K", raising=False)
-    ade = dataclasses.replace(SMOKE, eval_budget=dataclasses.replace(
-        SMOKE.eval_budget, segmentation=dataclasses.replace(SMOKE.eval_budget.segmentation, dataset="ade20k")))
+    ade = dataclasses.replace(SMOKE, evaluations=dataclasses.replace(
+        SMOKE.evaluations, segmentation=dataclasses.replace(SMOKE.evaluations.segmentation, dataset="ade20k")))
     spec = RunSpec("none", evals=("segmentation",))
     # naming and costing the run (--list, --dry-run) needs no data
     config = resolve(spec, ade, 0, data_descriptor(ade, None))

@@ -20,7 +20,8 @@ ALLOWED = {
     # the ViT, the Batch/products and the registry: never a method file such as methods.mae
     "eval": frozenset({"engine", "methods", "methods.vit", "methods.base", "methods.registry", "core"}),
     "runs": frozenset({"eval", "engine", "methods", "core"}),
-    "suites": frozenset({"runs", "eval", "engine", "methods", "core"}),
+    # the command line prints and saves the suite's table (reports.tables) once its runs are done
+    "suites": frozenset({"runs", "eval", "engine", "methods", "core", "reports"}),
     # the record schema (and the run index beside it) and the ground floor: no model code
     "reports": frozenset({"runs.records", "runs.index", "core"}),
     "bench": ANYTHING,

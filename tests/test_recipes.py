@@ -16,13 +16,16 @@ from engine.views import pretraining
 from methods import build_method, registry
 from methods.ibot import INIT_SHARE_AT_END, base_momentum, teacher_init_share
 from methods.masking import MaskConfig, make_masks
-from runs.execute import ENCODER_FILE, eval_config, execute
+from runs.execute import RunOptions, execute
+from runs.state import ENCODER_FILE, eval_config
 from runs.identity import Run, RunSpec, data_descriptor, resolve
 from runs.records import read_record, write_record
 from suites.profiles import PROFILES, get_profile
 
 SYNTHETIC = {"name": "synthetic", "img_size": 32}
 MICRO = {"size": "micro", "img_size": 16, "patch_size": 4}
+
+QUIET = RunOptions(progress=False)
 
 
 def pretraining_methods():
@@ -218,7 +221,7 @@ def test_knn_of_the_student_is_recorded_beside_the_teachers_and_rebuilt_from_the
     smoke = get_profile("smoke")
     spec = RunSpec("ibot", evals=("knn", "knn@student"), overrides=dict(out_dim=64, head_hidden_dim=32))
     config = resolve(spec, smoke, 0, data_descriptor(smoke, None), recipe="shared")
-    record = execute(Run(spec, 0, config), smoke, tmp_path, progress=False)
+    record = execute(Run(spec, 0, config), smoke, tmp_path, QUIET)
     run_dir = config.folder(tmp_path)
     assert {"knn_top1_cls", "knn_student_top1_cls", "knn_student_top1_mean"} <= set(record.metrics)
     assert (run_dir / "student.safetensors").is_file() and (run_dir / "features-student").is_dir()
@@ -234,7 +237,7 @@ def test_knn_of_the_student_is_recorded_beside_the_teachers_and_rebuilt_from_the
         f.unlink()
     finished = read_record(run_dir)
     write_record(run_dir, dataclasses.replace(finished, evals={k: v for k, v in finished.evals.items() if "@" not in k}))
-    again = execute(Run(spec, 0, config), smoke, tmp_path, progress=False)
+    again = execute(Run(spec, 0, config), smoke, tmp_path, QUIET)
     assert (run_dir / "student.safetensors").read_bytes() == student
     assert again.metrics["knn_student_top1_cls"] == record.metrics["knn_student_top1_cls"]
 

@@ -13,10 +13,11 @@ from core.config import ConfigError, late_field
 from core.files import config_hash
 from methods import registry
 from methods.beit import BEiTConfig
-from runs.execute import eval_config_dict
 from runs.identity import config_from_record, config_values, identity_record, resolve
+from runs.state import eval_config_dict
+from suites.plan import grid_specs
 from suites.profiles import get_profile
-from suites.registry import SUITES, get_suite
+from suites.registry import SUITES
 
 PINNED = json.loads((ROOT / "tests" / "data" / "run_names.json").read_text())
 PROFILES = ("cpu", "smoke", "gpu")
@@ -33,7 +34,7 @@ def data_of(profile):
 def grid_runs(suite: str, profile_name: str) -> list:
     profile = get_profile(profile_name)
     return [(spec, seed, resolve(spec, profile, seed, data_of(profile), recipe="shared"))
-            for spec in get_suite(suite).grid(profile, "shared") for seed in range(profile.seeds)]
+            for spec in grid_specs(suite, profile, "shared") for seed in range(profile.seeds)]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -124,4 +125,4 @@ def test_mimbench_data_moves_the_data_root_of_cifar10_and_camvid(tmp_path, monke
     with pytest.raises(DataError, match=str(tmp_path / "cifar10")):
         data_descriptor(cpu, None)
     with pytest.raises(DataError, match=f"camvid folder {tmp_path / 'camvid'} has no"):
-        dataset_root(cpu.eval_budget.segmentation)
+        dataset_root(cpu.evaluations.segmentation)

@@ -17,7 +17,10 @@ from submitit.core.utils import DelayedSubmission
 from bench.data import make_jpeg_folder
 from runs import slurm
 from suites.profiles import get_profile
-from suites.run import cli, plan
+from runs.execute import RunOptions
+from runs.plan import plan_of
+from suites.plan import select_runs
+from suites.run import cli
 
 SMOKE = ["--profile", "smoke", "--seeds", "1", "--no-progress"]
 
@@ -65,8 +68,8 @@ def test_a_two_gpu_job_runs_its_run_as_one_two_process_group(tmp_path, monkeypat
 def test_a_job_signalled_before_its_time_limit_requeues_itself_and_resumes_its_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMBENCH_SUBMITIT_CLUSTER", "local")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    runs = plan("ablation_targets", "smoke", 1, "mae", None)[:1]
-    jobs = slurm.plan_jobs(runs, get_profile("smoke"), tmp_path, None, False, "error")
+    runs = select_runs("ablation_targets", "smoke", 1, "mae", None)[:1]
+    jobs = slurm.plan_jobs(plan_of(runs, get_profile("smoke"), tmp_path), RunOptions(device=None, progress=False))
     folder = tmp_path / "slurm"
     [handle] = slurm.submit(jobs, slurm.SlurmOptions(), folder)
     checkpoints = jobs[0].run_dir / "checkpoints"

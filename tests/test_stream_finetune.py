@@ -49,7 +49,7 @@ def final_weights(work_dir):
 
 def test_a_streamed_run_fine_tunes_from_its_files_and_records_a_top1(root, tmp_path):
     assert get_evaluation("finetune").streams       # runs.execute hands it a streamed run's StreamedSets
-    profile = override(get_profile("smoke"), ["eval_budget.finetune.batch_size=8", "feature_batch=8"])
+    profile = override(get_profile("smoke"), ["evaluations.finetune.batch_size=8", "feature_batch=8"])
     record = evaluate("finetune", micro_vit(), streamed_splits(root, 16, workers=2), profile, tmp_path,
                       seed=0, device="cpu", progress=False)
     assert 0 <= record.metrics["finetune_top1"] <= 100

@@ -144,7 +144,10 @@ def test_records_name_the_commit_of_the_code_that_ran():
 def test_dry_run_state_names_the_evaluations_a_pretrained_run_still_needs(tmp_path):
     from runs.identity import RunSpec
     from runs.records import EvalRecord, RunRecord, write_record
-    from suites.run import run_state
+    from runs.state import read_state
+
+    def run_state(run_dir, spec, profile):
+        return read_state(run_dir, spec.evals, spec.method, profile).label
     spec = RunSpec("mae", "random 0.75", evals=("knn", "linear", "finetune"))
     assert run_state(tmp_path / "absent", spec, None) == "to run"
     record = RunRecord(status="done", method="mae", seed=0, config_hash="0" * 12, train={"steps": 1},

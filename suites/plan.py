@@ -1,0 +1,108 @@
+"""A suite's grid as runs, and its plan: every cell resolved at the profile, recipe and seeds,
+`--only` applied, every run folder's state read once (`runs.plan`).
+
+    plan = suite_plan("ablation_masking", "cpu", profile, "paper", Path("outputs"), seeds=None,
+                      only="mae,none", data=None)
+    plan.runs            # what --only keeps, in grid order
+    plan.grid            # the whole grid (the suite's index lists every run of it)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.config import ConfigError, UnknownNameError
+from methods.recipes import RECIPES
+from runs.cost import cell_flops_per_image
+from runs.identity import RunProfile, Run, data_descriptor, resolve
+from runs.plan import Plan, make_plan
+from suites.profiles import get_profile, override
+from suites.registry import get_suite
+
+
+def check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe {recipe!r} unknown; known: {', '.join(RECIPES)}")
+
+
+def seed_count(profile, seeds: int | None) -> int:
+    seeds = profile.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    return seeds
+
+
+def grid_specs(suite_name: str, profile: RunProfile, recipe: str) -> list:
+    """The suite's cells at a profile and recipe; a grid that compares methods at equal FLOPs gets
+    each cell's training FLOPs per image from the run layer (`runs.cost`), not by building models."""
+    return get_suite(suite_name).grid(profile, recipe, lambda spec: cell_flops_per_image(spec, profile, recipe))
+
+
+def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str) -> list[Run]:
+    return [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
+            for spec in specs for seed in range(seeds)]
+
+
+def grid_runs(suite_name: str, profile_name: str, seeds: int | None, data: str | None, check_data: bool = True,
+              recipe: str = "paper", settings: tuple[str, ...] = ()) -> list[Run]:
+    """Every run of the suite's whole grid. `check_data=False` (--dry-run) names the runs
+    without looking at the data folder; `settings` are --set overrides of the profile."""
+    profile = override(get_profile(profile_name), list(settings))
+    check_recipe(recipe)
+    descriptor = data_descriptor(profile, data, check=check_data)
+    return resolve_runs(grid_specs(suite_name, profile, recipe), profile, seed_count(profile, seeds), descriptor,
+                        recipe)
+
+
+def select_runs(suite_name: str, profile_name: str, seeds: int | None, only: str | None,
+                data: str | None, check_data: bool = True, recipe: str = "paper") -> list[Run]:
+    """Every run of the suite that `only` keeps (all without it), in grid order."""
+    grid = grid_runs(suite_name, profile_name, seeds, data, check_data, recipe)
+    return keep_only(grid, only, suite_name) if only else grid
+
+
+def suite_plan(suite_name: str, profile_name: str, profile: RunProfile, recipe: str, outputs: Path,
+               seeds: int | None, only: str | None, data: str | None, check_data: bool = True,
+               settings: tuple[str, ...] = ()) -> Plan:
+    """The plan of the suite's whole grid, running what `only` keeps."""
+    grid = grid_runs(suite_name, profile_name, seeds, data, check_data, recipe, settings)
+    runs = keep_only(grid, only, suite_name) if only else grid
+    return make_plan(suite_name, profile_name, profile, recipe, outputs, grid, runs)
+
+
+# ---- --only ------------------------------------------------------------------------------------
+def keep_only(grid: list[Run], only: str, suite_name: str) -> list[Run]:
+    """The runs of `grid` whose cells `--only` keeps."""
+    kept = select([run.spec for run in grid if run.seed == 0], only, suite_name)
+    return [run for run in grid if run.spec in kept]
+
+
+def select(specs: list, only: str, suite_name: str) -> list:
+    """The grid cells `--only` keeps: "mae,none" keeps methods, "beit:random 0.4" one cell."""
+    known = sorted({s.method for s in specs})
+    kept = []
+    for word in only_words(only, known):
+        method, _, setting = (part.strip() for part in word.partition(":"))
+        if method not in known:
+            raise UnknownNameError(f"--only names {method!r}, not in suite {suite_name!r}; its methods: "
+                                   f"{', '.join(known)}")
+        cells = [s for s in specs if s.method == method and (not setting or s.setting == setting)]
+        if not cells:
+            settings = ", ".join(repr(s.setting) for s in specs if s.method == method)
+            raise UnknownNameError(f"--only names {word!r}, but {method} has no setting {setting!r} in suite "
+                                   f"{suite_name!r}; its settings: {settings}")
+        kept += [s for s in cells if s not in kept]
+    return [s for s in specs if s in kept]     # grid order
+
+
+def only_words(only: str, methods: list[str]) -> list[str]:
+    """--only split at commas, except inside a setting that has one ("pixel:raw pixels, block 0.4")."""
+    words: list[str] = []
+    for piece in (p.strip() for p in only.split(",")):
+        if words and ":" in words[-1] and ":" not in piece and piece not in methods:
+            words[-1] += ", " + piece
+        elif piece:
+            words.append(piece)
+    if not words:
+        raise UnknownNameError(f"--only {only!r} names nothing; pass methods or METHOD:SETTING, "
+                               f"comma-separated (its methods: {', '.join(methods)})")
+    return words
