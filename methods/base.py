@@ -111,6 +111,12 @@ class Method(nn.Module):
     # evaluation config fields this method's runs change from the profile's, by evaluation
     # (the `none` baseline: its from-scratch fine-tune recipe); every other method: none
     eval_overrides: Mapping[str, dict] = MappingProxyType({})
+    # this method's cells in the suites that vary a setting across methods, by suite: setting
+    # label -> method config overrides, e.g. {"ablation_masking": {"block 0.6": {"mask":
+    # {"strategy": "block", "ratio": 0.6}}}}. A suite it names no cells for runs it once at its
+    # config's defaults (setting "default"); compare_methods runs every method at its defaults.
+    # (The project's own methods' cells are in the suites' modules, beside the papers' tables.)
+    suite_cells: Mapping[str, Mapping[str, dict]] = MappingProxyType({})
 
     def __init__(self, cfg):
         super().__init__()

@@ -4,6 +4,9 @@
     class MAE(MIMMethod): ...
 
     method = build_method("mae", encoder={"size": "nano"}, mask={"ratio": 0.9})
+
+A method may be registered from outside the package (a user's file or package, imported by
+`runs.plugins`); `from_project` tells the project's own methods from those.
 """
 from __future__ import annotations
 
@@ -46,3 +49,21 @@ def build_method(name: str, **overrides: Any):
     """Instantiate a registered method from its config defaults plus `overrides`."""
     cfg = method_config(name, **overrides)
     return registry[name][0](cfg)
+
+
+PROJECT_PACKAGE = "methods"     # where the project's own methods are defined
+
+
+def from_project(name: str) -> bool:
+    """Whether registered method `name` is one of mimbench's own (its class is defined in the
+    `methods` package), not one registered from outside: the project's tests hold its own
+    methods to rules (a paper recipe, pinned run names) that a user's method need not follow."""
+    if name not in registry:
+        raise unknown("method", name, registry)
+    return registry[name][0].__module__.split(".")[0] == PROJECT_PACKAGE
+
+
+def pretraining_methods() -> list[str]:
+    """The registered methods whose runs pre-train an encoder (the methods a suite compares), in
+    the order registered: the project's own first, then those from outside."""
+    return [name for name, (cls, _) in registry.items() if cls.trains and cls.product == "encoder"]

@@ -82,14 +82,20 @@ SOURCE_COMMIT = source_commit()
 
 
 def provenance() -> dict:
+    """The code and machine a record was written by; with plugins loaded (runs.plugins), each one:
+    its module, version or file hash, and the methods and evaluations it registered."""
     import timm
 
-    return {"git_commit": SOURCE_COMMIT, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    from runs.plugins import records as plugin_records
+
+    out = {"git_commit": SOURCE_COMMIT, "torch": torch.__version__, "timm": timm.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    plugins = plugin_records()
+    return {**out, "plugins": plugins} if plugins else out     # records without plugins: as before
 
 
 # ---- inputs ------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Which method gives the best encoder? MAE, pixel regression (SimMIM), BEiT and iBOT at their
-papers' default masking, every evaluation, against the no-pre-training baseline, twice:
+"""Which method gives the best encoder? MAE, pixel regression (SimMIM), BEiT, iBOT and every
+other registered method that pre-trains an encoder (a plugin's too, `runs.plugins`) at their
+config's defaults (the papers' masking), every registered evaluation of an encoder, against the
+no-pre-training baseline, twice:
 
 - matched in epochs: every method sees the profile's number of passes over the data;
 - matched in compute: every method gets the pre-training FLOPs of MAE's run above, so a
@@ -15,15 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from eval.registry import registry as evaluation_registry
+from methods.registry import pretraining_methods, registry
 from runs.identity import RunSpec
 
 # a cell's training FLOPs per image at the grid's profile and recipe (runs.cost.cell_flops_per_image,
 # handed in by the plan: a grid builds no model)
 FlopsPerImage = Callable[[RunSpec], float]
 
-DESCRIPTION = "MAE vs pixel vs BEiT vs iBOT at paper defaults, matched in epochs and in FLOPs; all evaluations"
+DESCRIPTION = ("MAE vs pixel vs BEiT vs iBOT (and every other registered method) at paper defaults, matched in "
+               "epochs and in FLOPs; all evaluations")
 
-EVALS = ("knn", "linear", "finetune", "segmentation")
 BUDGET_EVALS = ("knn", "linear")    # --budget's default: minutes per run, a verdict the same day
 REFERENCE = "mae"    # its epochs-matched run sets the FLOPs budget
 
@@ -36,14 +40,30 @@ REFERENCE = "mae"    # its epochs-matched run sets the FLOPs budget
 SEPARATING_MAE_EPOCHS = 5.0
 
 
+# The project's methods in the order every table so far printed them; the other registered
+# methods follow in the order they were registered
+PAPER_ORDER = ("mae", "pixel", "beit", "ibot")
+
+
 def paper_defaults(profile) -> dict[str, dict]:
-    """Each method at its config's defaults (and the profile's method_defaults)."""
-    return {"mae": {}, "pixel": {}, "beit": {}, "ibot": {}}
+    """Each compared method (every registered one that pre-trains an encoder) and its overrides:
+    none, so each runs at its config's defaults (and the profile's method_defaults)."""
+    names = pretraining_methods()
+    ordered = [name for name in PAPER_ORDER if name in names] + [name for name in names if name not in PAPER_ORDER]
+    return {name: {} for name in ordered}
+
+
+def all_evaluations() -> tuple[str, ...]:
+    """Every registered evaluation of an encoder, in the order registered (knn, linear, finetune,
+    segmentation, then those of plugins)."""
+    return tuple(name for name, evaluation in evaluation_registry.items() if evaluation.takes == "encoder")
 
 
 def evaluations(method: str, evals: tuple[str, ...]) -> tuple[str, ...]:
-    """A cell's evaluations: iBOT's k-NN also of its student (beside the exported teacher)."""
-    return evals + ("knn@student",) if method == "ibot" and "knn" in evals else evals
+    """A cell's evaluations: with k-NN, also k-NN of each other encoder the method saves
+    (`Method.encoder_variants`; iBOT: its student, beside the exported teacher)."""
+    variants = registry[method][0].encoder_variants if "knn" in evals else ()
+    return evals + tuple(f"knn@{variant}" for variant in variants)
 
 
 def grid(profile, recipe: str = "paper", flops_per_image: FlopsPerImage | None = None) -> list[RunSpec]:
@@ -51,15 +71,16 @@ def grid(profile, recipe: str = "paper", flops_per_image: FlopsPerImage | None =
         raise TypeError("compare_methods.grid matches methods in FLOPs: pass flops_per_image "
                         "(suites.plan.grid_specs does)")
     methods = paper_defaults(profile)
-    runs = [RunSpec("none", "random init", evals=EVALS)]
-    runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=evaluations(name, EVALS))
+    evals = all_evaluations()
+    runs = [RunSpec("none", "random init", evals=evals)]
+    runs += [RunSpec(name, f"{profile.train.epochs:g} epochs", overrides, evals=evaluations(name, evals))
              for name, overrides in methods.items()]
     budget = flops_per_image(RunSpec(REFERENCE, overrides=methods[REFERENCE]))
     for name, overrides in methods.items():
         if name == REFERENCE:
             continue
         epochs = round(profile.train.epochs * budget / flops_per_image(RunSpec(name, overrides=overrides)), 2)
-        runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=evaluations(name, EVALS),
+        runs.append(RunSpec(name, f"MAE's FLOPs ({epochs:g} ep)", overrides, evals=evaluations(name, evals),
                             train={"epochs": epochs}))
     return runs
 

@@ -8,13 +8,17 @@
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from core.config import ConfigError, UnknownNameError
 from methods.recipes import RECIPES
+from methods.registry import registry
 from runs.cost import cell_flops_per_image
 from runs.identity import RunProfile, Run, data_descriptor, resolve
 from runs.plan import Plan, make_plan
+from runs.plugins import plugin_of
+from suites.cells import check_suite_cells
 from suites.profiles import get_profile, override
 from suites.registry import get_suite
 
@@ -34,12 +38,32 @@ def seed_count(profile, seeds: int | None) -> int:
 def grid_specs(suite_name: str, profile: RunProfile, recipe: str) -> list:
     """The suite's cells at a profile and recipe; a grid that compares methods at equal FLOPs gets
     each cell's training FLOPs per image from the run layer (`runs.cost`), not by building models."""
+    check_suite_cells()
     return get_suite(suite_name).grid(profile, recipe, lambda spec: cell_flops_per_image(spec, profile, recipe))
 
 
 def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str) -> list[Run]:
-    return [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
+    runs = [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
             for spec in specs for seed in range(seeds)]
+    warn_shared_instead_of_paper(runs, recipe)
+    return runs
+
+
+WARNED: set[str] = set()      # methods warned about in this process (the budget solver resolves grids often)
+
+
+def warn_shared_instead_of_paper(runs: list[Run], recipe: str) -> None:
+    """One line per method that pre-trains but declares no paper recipe (a method from outside,
+    `Method.paper_recipe`), when --recipe paper runs it under the shared one."""
+    for name in dict.fromkeys(run.spec.method for run in runs):
+        cls = registry[name][0]
+        if recipe == "paper" and cls.trains and cls.paper_recipe is None and name not in WARNED:
+            WARNED.add(name)
+            plugin = plugin_of(cls.__module__)
+            where = f"plugin {plugin.given}" if plugin else f"module {cls.__module__}"
+            print(f"warning: {name} ({where}) declares no paper recipe: --recipe paper trains it under the "
+                  f"shared recipe and labels its rows shared (set {cls.__name__}.paper_recipe = "
+                  f"methods.recipes.Recipe(train=..., method=..., source=...) to give it one)", file=sys.stderr)
 
 
 def grid_runs(suite_name: str, profile_name: str, seeds: int | None, data: str | None, check_data: bool = True,
@@ -84,7 +108,7 @@ def select(specs: list, only: str, suite_name: str) -> list:
         method, _, setting = (part.strip() for part in word.partition(":"))
         if method not in known:
             raise UnknownNameError(f"--only names {method!r}, not in suite {suite_name!r}; its methods: "
-                                   f"{', '.join(known)}")
+                                   f"{', '.join(known)}{why_not_in(method, suite_name)}")
         cells = [s for s in specs if s.method == method and (not setting or s.setting == setting)]
         if not cells:
             settings = ", ".join(repr(s.setting) for s in specs if s.method == method)
@@ -92,6 +116,17 @@ def select(specs: list, only: str, suite_name: str) -> list:
                                    f"{suite_name!r}; its settings: {settings}")
         kept += [s for s in cells if s not in kept]
     return [s for s in specs if s in kept]     # grid order
+
+
+def why_not_in(method: str, suite_name: str) -> str:
+    """What to do about a method --only names that the suite's grid lacks."""
+    if method not in registry:
+        return (" (a method of your own: load the file or module that registers it with --plugins PATH, "
+                "or list it in MIMBENCH_PLUGINS)")
+    cls = registry[method][0]
+    if not (cls.trains and cls.product == "encoder"):
+        return f" ({method} pre-trains no encoder, which is what the suites compare)"
+    return f" ({method} is registered; this suite takes it only with the cells {cls.__name__}.suite_cells[{suite_name!r}] declares)"
 
 
 def only_words(only: str, methods: list[str]) -> list[str]:

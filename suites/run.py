@@ -44,6 +44,7 @@ from runs.cost import plan_seconds
 from runs.execute import RunOptions, check_inputs
 from runs.index import INDEX_FILE, write_index
 from runs.plan import Plan, run_plan
+from runs.plugins import load_plugins
 from suites import compare_methods
 from suites.budget import BUDGET_SUITE, Allocation, ComputeBudget, budget_arguments, plan_budget
 from suites.plan import check_recipe, suite_plan
@@ -85,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run nothing: write the grid's index and table from the runs finished so far "
                              "(the others show as missing)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--plugins", action="append", default=[], metavar="MODULE_OR_PATH",
+                        help="a module or .py file of your own that registers methods or evaluations, imported "
+                             "before the suite is planned (repeatable; also $MIMBENCH_PLUGINS, separated by "
+                             f"'{os.pathsep}', and installed packages' 'mimbench.plugins' entry points); every "
+                             "suite then runs its methods, and each run's record names the plugin")
     add_data_arguments(parser)
     add_slurm_arguments(parser)
     return parser.parse_args(argv)
@@ -152,6 +158,7 @@ def slurm_options(args: argparse.Namespace) -> slurm.SlurmOptions | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    load_plugins(args.plugins)
     check_recipe(args.recipe)
     if args.data_workers is not None and args.data_workers < 0:
         raise ConfigError(f"--data-workers {args.data_workers}: pass 0 (decode in the training process) or more")
