@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from engine.trainer import count_flops
 from methods import build_method
-from methods.base import Batch
+from methods.base import Batch, Horizon
 from methods.vit import ViTConfig, patchify
 
 # Our post-step hooks take (step, total_steps); every timed step is step 0 of this many, so
@@ -99,7 +99,7 @@ def our_method(name: str, enc: ViTConfig, batch: int, mask_ratio: float, decoder
 
     return Competitor(f"{name} (compiled)" if compile else name, method,
                       loss_of(torch.compile(method) if compile else method),
-                      after_step=lambda: method.after_step(0, SCHEDULE_STEPS),
+                      after_step=lambda: method.after_step(0, Horizon(SCHEDULE_STEPS)),
                       masked_fraction=None if mask is None else mask.float().mean().item(),
                       eager_loss_fn=loss_of(method))
 

@@ -9,9 +9,9 @@ Three things meet in a `Trainer`:
 
 Pre-training builds both with `engine.views.pretraining` from uint8 images (or a streamed source
 of the same batches, engine.stream) and a `TrainConfig`: the views and masks (`MaskedViews`) and
-the plan (`adamw_cosine_plan`: timm's AdamW, no weight decay on norms and biases - the [CLS]/[M]
+the plan (`adamw_plan`: timm's AdamW, no weight decay on norms and biases - the [CLS]/[M]
 tokens are decayed, as in MAE's official pre-training, not exempt as in BEiT's - and timm's
-cosine schedule with linear warm-up stepped per iteration). The loop owns gradient clipping (the
+cosine schedule with linear warm-up, or warm-up / stable / decay, stepped per iteration). The loop owns gradient clipping (the
 gradients' norm is logged, clipped or not), bf16 autocast on CUDA and fp32 on CPU (fp16 with loss
 scaling on request), optional `torch.compile`, DDP, the buffers averaged over processes
 (`synced_buffers`), a tqdm bar with ETA, `metrics.jsonl` and TensorBoard events in `tb/`, atomic
@@ -37,7 +37,6 @@ from typing import Any, Callable, Protocol
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,11 +45,16 @@ from tqdm import tqdm
 from core.config import ConfigError, late_field
 from core.files import read_json, write_json
 from engine import distributed
-from engine.checkpoint import checkpoint_paths, load_latest, save_checkpoint
+from engine.checkpoint import CheckpointMismatch, checkpoint_paths, load_latest, save_checkpoint
+from engine.schedules import make_lr_scheduler, wsd_horizon
+from methods.base import Horizon
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLIP_MODES = ("global", "per_param")
+SCHEDULES = ("cosine", "wsd")
+BRANCH_POINTS = "branch-points"     # a trunk's kept checkpoints (TrainPlan.keep_at), in its folder
+KEEP_ALL = 10**9                    # (save_checkpoint prunes none of them)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,15 @@ class TrainConfig:
     # "global": clip the norm of all gradients together (torch clip_grad_norm_: MAE, BEiT,
     # SimMIM); "per_param": each parameter's gradient to its own norm (DINO/iBOT clip_gradients)
     clip_mode: str = late_field("global")
+    # "cosine": linear warm-up over `warmup_frac` of the run, then a cosine to the floor (every
+    # run before curves). "wsd": warm-up over `warmup_steps` (a fixed number, whatever the run's
+    # length), the peak lr held, then a linear decay to the floor over the last `decay_frac` of
+    # the run: runs of any length share their warm-up and stable phase step for step, so one
+    # constant-lr trunk serves every budget of a curve (runs.curve). methods.base.Horizon says
+    # what each per-step schedule does in each phase.
+    schedule: str = late_field("cosine")
+    decay_frac: float = late_field(0.2)
+    warmup_steps: int = late_field(0)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.blr <= 0:
@@ -95,6 +108,11 @@ class TrainConfig:
             raise ConfigError("a weight-decay schedule needs weight_decay > 0 at its start (iBOT: 0.04 -> 0.4)")
         if self.clip_mode not in CLIP_MODES:
             raise ConfigError(f"clip_mode {self.clip_mode!r} unknown; known: {', '.join(CLIP_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} unknown; known: {', '.join(SCHEDULES)}")
+        if not 0 < self.decay_frac < 1 or self.warmup_steps < 0:
+            raise ConfigError(f"decay_frac ({self.decay_frac}) must be in (0, 1) and warmup_steps "
+                              f"({self.warmup_steps}) >= 0")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -117,7 +135,7 @@ class Trainable(Protocol):
 
     Optional members (their defaults when absent): `synced_buffers = ()`, names of buffers the
     trainer averages over processes after each `after_step` under torchrun (iBOT's centres);
-    `before_optimizer_step(step, total_steps)`, called after backward and before clipping, to
+    `before_optimizer_step(step, horizon)`, called after backward and before clipping, to
     edit gradients (iBOT drops its head's last layer's gradients while that layer is frozen).
     """
     name: str                       # the progress bar's label
@@ -126,7 +144,7 @@ class Trainable(Protocol):
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss and logs of 0-d tensors (no host syncs in the step; the trainer logs them)."""
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, horizon: Horizon) -> None:
         """Called after each optimizer step (EMA teachers, schedules held in buffers)."""
 
 
@@ -168,6 +186,14 @@ class TrainPlan:
     # while the other ranks wait): no DDP, no collectives
     distributed: bool = True
     desc: str = "train"             # the progress bar's label
+    warmup_steps: int = 0           # wsd: the lr warm-up's fixed steps (methods.base.Horizon)
+    decay_start: int | None = None  # wsd: the decay's first step; None: cosine schedules span the run
+    keep_at: tuple[int, ...] = ()   # steps whose checkpoint is kept for good (a trunk's branch points)
+
+    @property
+    def horizon(self) -> Horizon:
+        """The run's length as `after_step` and the other per-step schedules see it."""
+        return Horizon(self.total_steps, self.warmup_steps, self.decay_start)
 
 
 def total_steps(epochs: float, num_images: int, batch_size: int) -> int:
@@ -197,38 +223,35 @@ def device_autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def adamw_cosine_plan(cfg: TrainConfig, steps: int, layer_decay: float | None = None,
-                      desc: str = "train") -> TrainPlan:
+def adamw_plan(cfg: TrainConfig, steps: int, layer_decay: float | None = None, desc: str = "train",
+               trunk: bool = False, keep_at: tuple[int, ...] = ()) -> TrainPlan:
     """timm's AdamW (layer-wise lr decay when `layer_decay` is given: timm reads the model's
-    `group_matcher`) and linear warm-up + cosine, stepped per iteration."""
+    `group_matcher`) and the config's schedule stepped per iteration (engine.schedules: linear
+    warm-up + cosine, or wsd). `trunk`: a wsd trunk, no decay however long it runs, its
+    checkpoints at `keep_at` kept for the branches taken from them (runs.curve)."""
     lr = cfg.blr * cfg.batch_size / 256
     decay = {} if layer_decay is None else {"layer_decay": layer_decay}
+    horizon = wsd_horizon(steps, cfg.warmup_steps, cfg.decay_frac, trunk) \
+        if getattr(cfg, "schedule", "cosine") == "wsd" else Horizon(steps)
 
     def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
         return create_optimizer_v2(module, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
                                    betas=(0.9, cfg.beta2), foreach=True, **decay)
 
-    def make_scheduler(optimizer: torch.optim.Optimizer, steps: int) -> CosineLRScheduler:
-        warmup = round(cfg.warmup_frac * steps)
-        return CosineLRScheduler(optimizer, t_initial=max(1, steps - warmup), lr_min=lr * cfg.min_lr_frac,
-                                 warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr,
-                                 warmup_prefix=True, t_in_epochs=False)
+    def make_scheduler(optimizer: torch.optim.Optimizer, steps: int):
+        return make_lr_scheduler(optimizer, horizon, lr, lr * cfg.min_lr_frac, cfg.warmup_frac)
 
     weight_decay_at = None
     if cfg.weight_decay_end is not None:
         def weight_decay_at(step: int) -> float:
-            return cosine_between(cfg.weight_decay, cfg.weight_decay_end, step, steps)
+            return horizon.ramp(step, cfg.weight_decay, cfg.weight_decay_end)
 
     return TrainPlan(total_steps=steps, batch_size=cfg.batch_size, make_optimizer=make_optimizer,
                      make_scheduler=make_scheduler, checkpoint_every=cfg.checkpoint_every,
                      log_every=cfg.log_every, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
-                     weight_decay_at=weight_decay_at,
-                     precision=cfg.precision, compile=cfg.compile, max_bad_steps=cfg.max_bad_steps, desc=desc)
-
-
-def cosine_between(start: float, end: float, step: int, steps: int) -> float:
-    """`start` at step 0 to `end` at the last step on a half cosine (DINO's cosine_scheduler)."""
-    return end + (start - end) * (1 + math.cos(math.pi * step / max(steps, 1))) / 2
+                     weight_decay_at=weight_decay_at, precision=cfg.precision, compile=cfg.compile,
+                     max_bad_steps=cfg.max_bad_steps, desc=desc, warmup_steps=horizon.warmup_steps,
+                     decay_start=horizon.decay_start, keep_at=tuple(keep_at))
 
 
 def clip_per_parameter(parameters, max_norm: float) -> Tensor:
@@ -258,7 +281,8 @@ class Trainer:
     """
 
     def __init__(self, module: Trainable, data: BatchSource, plan: TrainPlan, run_dir: Path, seed: int,
-                 config_hash: str, device: str | torch.device = "cpu", progress: bool = True):
+                 config_hash: str, device: str | torch.device = "cpu", progress: bool = True,
+                 start_from: tuple[Path, str] | None = None):
         if not isinstance(plan, TrainPlan):
             raise TypeError(f"a Trainer takes a BatchSource and a TrainPlan, not a {type(plan).__name__}; "
                             f"pre-training makes both with engine.views.pretraining")
@@ -266,6 +290,9 @@ class Trainer:
         self.module, self.data, self.plan, self.seed = module, data, plan, seed
         self.run_dir, self.config_hash = Path(run_dir), config_hash
         self.progress = progress
+        # (checkpoint, its config hash): where a run with no checkpoint of its own starts (a
+        # decay branch: its trunk's checkpoint at the branch point)
+        self.start_from = start_from
         self.total_steps = plan.total_steps
         self.world, self.rank = (distributed.world_size(), distributed.rank()) if plan.distributed else (1, 0)
         if plan.batch_size % self.world:
@@ -309,6 +336,12 @@ class Trainer:
 
     def resume(self) -> int:
         state, path = load_latest(self.run_dir / "checkpoints", self.config_hash)
+        if state is None and self.start_from is not None:
+            path, trunk_hash = self.start_from
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("config_hash") != trunk_hash:
+                raise CheckpointMismatch(f"{path} was written by another config ({state.get('config_hash')} != "
+                                         f"{trunk_hash}); move it away or use a fresh --outputs folder")
         if state is None:
             if self.rank == 0:
                 self._truncate_metrics(0)
@@ -429,7 +462,7 @@ class Trainer:
         else:
             self.watch.see(step, loss)      # on the device; read at the next flush point
         self._backward_and_step(step, loss, logs)
-        self.module.after_step(step, self.total_steps)
+        self.module.after_step(step, self.plan.horizon)
         if self.world > 1:
             distributed.average_buffers(self.module, self.synced_buffers)
         if log is not None:
@@ -449,7 +482,7 @@ class Trainer:
         if self.world > 1:      # every rank takes the same branches (one alone would hang the others):
             (stop,) = distributed.on_any_rank_host(stop)     # each step, on the host (no device sync)
         flush = (done % self.plan.log_every == 0 or done % self.plan.checkpoint_every == 0
-                 or done == self.total_steps)
+                 or done == self.total_steps or done in self.plan.keep_at)
         if not (flush or stop):
             return
         waited = time.perf_counter()
@@ -463,14 +496,18 @@ class Trainer:
             raise NonFiniteLoss(self._nan_message(f"loss is {bad[1]} at step {bad[0]}"))
         if elsewhere:
             raise NonFiniteLoss(self._nan_message(f"loss is non-finite on another rank before step {done}"))
-        checkpoint_now = done % self.plan.checkpoint_every == 0 or done == self.total_steps or stop
+        kept = done in self.plan.keep_at
+        checkpoint_now = done % self.plan.checkpoint_every == 0 or done == self.total_steps or stop or kept
         if log is not None and (checkpoint_now or done % self.plan.log_every == 0):
             if self.scaler is not None:   # one host sync per flush, not per step
                 log.note_last("loss_scale", self.scaler.get_scale())
             self.last_loss = log.flush()
             bar.set_postfix(loss=f"{self.last_loss:.4f}")
         if checkpoint_now and self.rank == 0:
-            save_checkpoint(self.run_dir / "checkpoints", done, self.state_dict(done))
+            state = self.state_dict(done)
+            save_checkpoint(self.run_dir / "checkpoints", done, state)
+            if kept:            # a branch point: kept for good (every one, not the last two)
+                save_checkpoint(self.run_dir / BRANCH_POINTS, done, state, keep=KEEP_ALL)
         if stop and done < self.total_steps:
             self._barrier()   # rank 0's checkpoint is on disk before any rank exits
             signum = self._stop_signal or signal.SIGTERM   # (a rank the signal did not reach)
@@ -485,7 +522,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)      # clip the true gradients, not the scaled ones
         edit_gradients = getattr(self.module, "before_optimizer_step", None)
         if edit_gradients is not None:
-            edit_gradients(step, self.total_steps)
+            edit_gradients(step, self.plan.horizon)
         if self.plan.clip_grad > 0 and self.plan.clip_mode == "per_param":
             logs["grad_norm"] = clip_per_parameter(self.module.parameters(), self.plan.clip_grad)
         elif self.plan.clip_grad > 0:

@@ -6,7 +6,7 @@
     view_augmentations  each view's photometric augmentation, by the name a method's config gives
     pretraining         what `Trainer` takes to pre-train a method by a TrainConfig: the source
                         (MaskedViews of uint8 images, or a streaming source of the same batches)
-                        and the plan (`adamw_cosine_plan`)
+                        and the plan (`adamw_plan`)
 
 Every draw of step s comes from generators seeded by (seed, s) (`step_seed`), never from the
 steps drawn before: what makes a resumed run bit-identical (engine.trainer).
@@ -21,7 +21,7 @@ from core.device import to_device
 from engine import distributed
 from engine.augment import beit_view, dino_views, photometric
 from engine.data import random_resized_crop_flip, standardize
-from engine.trainer import BatchSource, TrainConfig, TrainPlan, adamw_cosine_plan, step_seed
+from engine.trainer import BatchSource, TrainConfig, TrainPlan, adamw_plan, step_seed
 from methods.base import AUGMENTATIONS, Batch
 
 
@@ -105,13 +105,17 @@ def view_augmentations(name: str, num_views: int, num_global: int) -> list:
 
 
 def pretraining(method, data: Tensor | BatchSource, cfg: TrainConfig, seed: int,
-                device: str | torch.device = "cpu") -> tuple[BatchSource, TrainPlan]:
+                device: str | torch.device = "cpu", trunk_steps: int | None = None,
+                keep_at: tuple[int, ...] = ()) -> tuple[BatchSource, TrainPlan]:
     """(source, plan) to pre-train `method` by `cfg`: `MaskedViews` of `data` when it is uint8
     images (N, 3, H, W), else `data` itself, a source of the same batches
-    (engine.stream.StreamingViews); and timm's AdamW + cosine over `cfg.epochs` of it (no steps
-    for a method with nothing to train: the `none` baseline)."""
+    (engine.stream.StreamingViews); and timm's AdamW + the config's schedule over `cfg.epochs` of
+    it (no steps for a method with nothing to train: the `none` baseline). `trunk_steps`: a wsd
+    trunk of that many steps instead, its checkpoints at `keep_at` kept (runs.curve)."""
     cfg.validate()
     if isinstance(data, Tensor):
         data = MaskedViews(method, data, cfg.batch_size, cfg.crop_scale_min, seed, torch.device(device))
+    if trunk_steps is not None:
+        return data, adamw_plan(cfg, trunk_steps, desc=f"trunk {method.name}", trunk=True, keep_at=keep_at)
     steps = round(cfg.epochs * data.steps_per_epoch) if method.trains else 0
-    return data, adamw_cosine_plan(cfg, steps, desc=f"pre-train {method.name}")
+    return data, adamw_plan(cfg, steps, desc=f"pre-train {method.name}")

@@ -47,11 +47,11 @@ from engine.data import DataError, ImageSet, Splits, holdout_positions, normaliz
 from engine.splits import StreamedSet
 from engine.stream import (CROP_STREAM, PIL_STREAM, ImageReader, StepImages, StepPart, StepSource, crop_flip,
                            image_generator, item_seed, standardize_pixels)
-from engine.trainer import Trainer, TrainConfig, adamw_cosine_plan, step_seed, total_steps
+from engine.trainer import Trainer, TrainConfig, adamw_plan, step_seed, total_steps
 from engine.views import EpochOrder
 from eval.features import POOLINGS, image_batches
 from eval.registry import EvalContext, EvalResult, register_evaluation
-from methods.base import Batch
+from methods.base import Batch, Horizon
 from methods.vit import ViT, pool
 
 
@@ -147,7 +147,7 @@ class Classifier(nn.Module):
             loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.label_smoothing)
         return loss, {"loss": loss.detach()}
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, horizon: Horizon) -> None:
         pass
 
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -281,7 +281,7 @@ def finetune_trainer(model: Classifier, data: ImageSet | StreamedSet, cfg: Finet
     else:
         batches = LabelledBatches(data, cfg, img_size, num_classes, seed, device)
     steps = total_steps(cfg.epochs, len(data), cfg.batch_size)
-    plan = adamw_cosine_plan(cfg.train_config(), steps, layer_decay=cfg.layer_decay, desc="fine-tune")
+    plan = adamw_plan(cfg.train_config(), steps, layer_decay=cfg.layer_decay, desc="fine-tune")
     plan = replace(plan, distributed=False)     # rank 0 alone runs evaluations
     return Trainer(model, batches, plan, work_dir, seed, config_hash, device, progress)
 

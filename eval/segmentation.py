@@ -41,6 +41,7 @@ from engine.data import IMAGENET_MEAN, IMAGENET_STD, DataError, Splits, data_roo
 from engine.trainer import Trainer, TrainPlan, step_seed
 from eval.mmcv_ops import guard_mmcv_ops, mmcv_in_use
 from eval.registry import EvalContext, EvalResult, register_evaluation
+from methods.base import Horizon
 from methods.vit import ViT
 
 TORCH_STREAM = 8      # the per-iteration torch seed (dropout, drop path) of segmentation's step seeds
@@ -280,7 +281,7 @@ class Segmentor(nn.Module):
         total, log_vars = self.model.parse_losses(self.model.loss(data["inputs"], data["data_samples"]))
         return total, {key: value.detach() for key, value in log_vars.items()}   # loss, decode.loss_ce, ...
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, horizon: Horizon) -> None:
         pass
 
     def state_dict(self, *args, **kwargs) -> dict:

@@ -1,6 +1,7 @@
 """What every method shares: the batch it receives and the small interface the trainer calls."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -63,6 +64,48 @@ class Prerequisite:
     train: dict = field(default_factory=dict)   # TrainConfig overrides of the profile's recipe
     seed: int = 0
     evals: tuple[str, ...] = ()                 # evaluations of its product, recorded with it
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """A run's length as its per-step schedules see it (the trainer hands it to `after_step`).
+
+    cosine (every run before curves): each schedule spans the whole run of `total_steps`.
+    wsd (warm-up / stable / decay, `decay_start` set): a schedule is a function of the step
+    alone until `decay_start`, so runs of different lengths share that part exactly, and moves
+    only over the decay. Per schedule (lr: engine.schedules):
+
+    | schedule                          | cosine                       | wsd: warm-up + stable      | wsd: decay            |
+    | --------------------------------- | ---------------------------- | -------------------------- | --------------------- |
+    | `ramp` (weight decay 0.04 -> 0.4, | start -> end, half cosine    | held at start              | start -> end, half    |
+    |  iBOT teacher momentum -> 1)      | over the run                 |                            | cosine over the decay |
+    | `warmed` (iBOT temperature)       | linear over `frac` of the run| linear over the lr warm-up | done                  |
+    | `early` (iBOT last-layer freeze)  | the first `frac` of the run  | the lr warm-up             | no                    |
+    """
+    total_steps: int
+    warmup_steps: int = 0                 # wsd: the lr warm-up's fixed number of steps
+    decay_start: int | None = None        # wsd: the first step of the decay; None: cosine
+
+    def ramp(self, step: int, start: float, end: float) -> float:
+        """`start` -> `end` on a half cosine (DINO's cosine_scheduler): over the run, or (wsd) over the decay."""
+        if self.decay_start is None:
+            return end + (start - end) * (1 + math.cos(math.pi * step / max(self.total_steps, 1))) / 2
+        if step < self.decay_start:
+            return start
+        decay_steps = max(self.total_steps - self.decay_start, 1)
+        return end + (start - end) * (1 + math.cos(math.pi * (step - self.decay_start) / decay_steps)) / 2
+
+    def warmed(self, step: int, frac: float) -> float:
+        """How far (0..1) a linear warm-up over `frac` of the run (wsd: the lr warm-up) is at `step`."""
+        steps = frac * self.total_steps if self.decay_start is None else (self.warmup_steps if frac > 0 else 0)
+        return min(1.0, step / steps) if steps > 0 else 1.0
+
+    def early(self, step: int, frac: float) -> bool:
+        """Within the first `frac` of the run (at least one step when frac > 0; wsd: the lr warm-up)."""
+        if frac <= 0:
+            return False
+        steps = math.ceil(frac * self.total_steps) if self.decay_start is None else self.warmup_steps
+        return step < max(1, steps)
 
 
 PRODUCTS = ("encoder", "tokenizer")     # what a run can make (`Method.product`); evaluations take one
@@ -154,8 +197,9 @@ class Method(nn.Module):
         None for methods that do not predict pixels."""
         return None
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Called by the trainer after each optimiser step (EMA teachers)."""
+    def after_step(self, step: int, horizon: Horizon) -> None:
+        """Called by the trainer after each optimiser step (EMA teachers): `horizon` gives the
+        run's length as its schedules see it."""
 
     def export_encoder(self) -> ViT | None:
         """The encoder that evaluations use (None when the product is not an encoder)."""
@@ -164,6 +208,12 @@ class Method(nn.Module):
     def variant_encoder(self, name: str) -> ViT:
         """One of `encoder_variants`, for evaluations named "<evaluation>@<name>"."""
         raise KeyError(f"{self.name} has no encoder {name!r}; it has: {', '.join(self.encoder_variants) or 'none'}")
+
+    @classmethod
+    def length_dependent(cls, cfg) -> str | None:
+        """Why a per-step schedule of this config depends on the run's total length (None: none
+        does, beyond what `Horizon` handles): such a config cannot run under schedule="wsd"."""
+        return None
 
     @classmethod
     def prerequisites(cls, cfg) -> dict[str, Prerequisite]:

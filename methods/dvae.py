@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from core.config import ConfigError, build_config
-from methods.base import Batch, Method
+from methods.base import Batch, Horizon, Method
 from methods.registry import register_method
 from methods.vit import ViTConfig
 
@@ -178,10 +178,10 @@ class DVAE(Method):
             metrics.update(position_entropy=position_entropy.detach(), batch_entropy=batch_entropy.detach())
         return loss, {"loss": loss.detach(), **metrics}
 
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, horizon: Horizon) -> None:
         """Anneal the Gumbel temperature exponentially from start to end over the run."""
         tok = self.cfg.tokenizer
-        progress = min(1.0, (step + 1) / max(1, total_steps))
+        progress = min(1.0, (step + 1) / max(1, horizon.total_steps))
         ratio = tok.temperature_end / tok.temperature_start
         self.temperature.fill_(tok.temperature_start * ratio ** progress)
 

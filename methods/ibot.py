@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from core.config import ConfigError, late_field
-from methods.base import Batch, MIMMethod, at_masked, check_augment
+from methods.base import Batch, Horizon, MIMMethod, at_masked, check_augment
 from methods.masking import block_mask_per_image
 from methods.recipes import Recipe
 from methods.registry import register_method
@@ -257,7 +257,7 @@ class IBOT(MIMMethod):
         self.register_buffer("center_cls", torch.zeros(cfg.out_dim))
         self.register_buffer("center_patch", torch.zeros(cfg.out_dim))
         # ([CLS], patch) teacher temperatures for the next step, set by `after_step`
-        self.register_buffer("teacher_temps", torch.tensor(self.teacher_temperatures(0, 1)))
+        self.register_buffer("teacher_temps", torch.tensor(self.teacher_temperatures(0, Horizon(1))))
         self._batch_centres: tuple[Tensor, Tensor] | None = None
 
     def train(self, mode: bool = True) -> "IBOT":
@@ -335,12 +335,18 @@ class IBOT(MIMMethod):
         return heads["cls"], heads["patch"] if "patch" in heads else heads["cls"]
 
     # ---- hooks ---------------------------------------------------------------------------
+    @classmethod
+    def length_dependent(cls, cfg: IBOTConfig) -> str | None:
+        if cfg.momentum_rule == "scaled":
+            return "momentum_rule='scaled' sets the teacher's base momentum from the run's total length"
+        return None
+
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, horizon: Horizon) -> None:
         """EMA of the teacher towards the student, EMA of the centres towards the teacher's
         mean outputs of this step, and the teacher temperatures of the next step."""
-        momentum = cosine_momentum(step, total_steps,
-                                   base_momentum(self.cfg.momentum_rule, self.cfg.teacher_momentum, total_steps))
+        base = base_momentum(self.cfg.momentum_rule, self.cfg.teacher_momentum, horizon.total_steps)
+        momentum = horizon.ramp(step, base, 1.0)       # (cosine: cosine_momentum, bit for bit)
         teacher = [*self.teacher.encoder.parameters(), *self.teacher.heads.parameters()]
         student = [*self.encoder.parameters(), *self.heads.parameters()]
         torch._foreach_mul_(teacher, momentum)
@@ -351,23 +357,21 @@ class IBOT(MIMMethod):
             for centre, batch_centre in zip((self.center_cls, self.center_patch), self._batch_centres):
                 centre.mul_(self.cfg.center_momentum).add_(batch_centre, alpha=1.0 - self.cfg.center_momentum)
             self._batch_centres = None
-        self.teacher_temps.copy_(torch.tensor(self.teacher_temperatures(step + 1, total_steps)))
+        self.teacher_temps.copy_(torch.tensor(self.teacher_temperatures(step + 1, horizon)))
 
-    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+    def before_optimizer_step(self, step: int, horizon: Horizon) -> None:
         """DINO's cancel_gradients_last_layer: while frozen, the heads' last layers get no
         gradient (and so no weight decay: the optimizer skips a parameter without one)."""
-        frac = self.cfg.freeze_last_layer_frac
-        if frac > 0 and step < max(1, math.ceil(frac * total_steps)):
+        if horizon.early(step, self.cfg.freeze_last_layer_frac):
             for head in self.heads.values():
                 for param in head.last_layer.parameters():
                     param.grad = None
 
-    def teacher_temperatures(self, step: int, total_steps: int) -> tuple[float, float]:
+    def teacher_temperatures(self, step: int, horizon: Horizon) -> tuple[float, float]:
         """([CLS], patch) temperatures: linear from the warm-up value over the first
-        `teacher_temp_warmup_frac` of training, then constant."""
+        `teacher_temp_warmup_frac` of training (wsd: over the lr warm-up), then constant."""
         cfg = self.cfg
-        warmup_steps = cfg.teacher_temp_warmup_frac * total_steps
-        progress = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        progress = horizon.warmed(step, cfg.teacher_temp_warmup_frac)
         start = cfg.warmup_teacher_temp
         return (start + (cfg.teacher_temp - start) * progress,
                 start + (cfg.teacher_patch_temp - start) * progress)

@@ -43,7 +43,7 @@ from filelock import FileLock
 
 from core.files import read_json, write_json
 from engine.data import holdout_size, list_images
-from engine.trainer import adamw_cosine_plan, count_flops, total_steps, train_flops
+from engine.trainer import adamw_plan, count_flops, total_steps, train_flops
 from engine.views import MaskedViews
 from eval.registry import split_name
 from methods import registry
@@ -310,7 +310,7 @@ def measure_flops_per_second(profile: RunProfile, device: str = "cpu", batch_siz
     size = profile.encoder["img_size"]
     images = torch.randint(0, 256, (2 * batch_size, 3, size, size), dtype=torch.uint8)
     views = MaskedViews(method, images, batch_size, train.crop_scale_min, seed=0, device=torch.device(device))
-    optimizer = adamw_cosine_plan(train, steps + warmup).make_optimizer(method)
+    optimizer = adamw_plan(train, steps + warmup).make_optimizer(method)
     flops_per_step = train_flops(method, views.batch_for_step(0), torch.device(device))
 
     def step(s: int) -> None:

@@ -202,6 +202,9 @@ def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: s
     train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **(paper.train if paper else {}),
                                        **spec.train},
                          where=f"train config of {spec.method!r} ({spec.setting})")
+    if train.schedule == "wsd" and (why := method_cls.length_dependent(cfg)):
+        raise ConfigError(f"{spec.method} ({spec.setting}): {why}, so it cannot train under schedule='wsd' "
+                          f"(budget curves); set momentum_rule='fixed' or use --recipe shared")
     requires = {role: resolve_prerequisite(need, profile, data)
                 for role, need in method_cls.prerequisites(cfg).items()}
     # the untrained baseline does not depend on the training budget: share it across profiles

@@ -8,7 +8,7 @@ import torch
 from conftest import micro_overrides
 from core.config import ConfigError
 from methods import build_method
-from methods.base import Batch
+from methods.base import Batch, Horizon
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.vit import ViT, ViTConfig
 from runs.execute import RunOptions, execute
@@ -44,7 +44,7 @@ def test_temperature_anneals_from_start_to_end_and_travels_in_the_checkpoint():
     dvae = micro_dvae()
     temperatures = []
     for step in range(10):
-        dvae.after_step(step, 10)
+        dvae.after_step(step, Horizon(10))
         temperatures.append(dvae.temperature.item())
     assert all(a > b for a, b in zip(temperatures, temperatures[1:]))
     assert temperatures[-1] == pytest.approx(1 / 16)

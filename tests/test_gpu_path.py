@@ -20,6 +20,7 @@ import torch._dynamo as dynamo
 
 from conftest import micro_overrides
 from test_methods import TRAINING_METHODS, fixed_batch
+from methods.base import Horizon
 from methods import build_method
 
 # bf16 keeps 8 bits of mantissa: a micro ViT's loss moves by well under 2% (measured: <= 1.7%
@@ -99,7 +100,7 @@ def test_a_compiled_step_gives_eager_loss_on_fresh_batches_and_never_recompiles(
             torch.manual_seed(s)
             loss, _ = step_fn(batch)
             loss.backward()
-            module.after_step(s, 10)               # EMA teachers, temperature schedules
+            module.after_step(s, Horizon(10))              # EMA teachers, temperature schedules
             losses.append(loss.item())
         assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5), s
 

@@ -14,7 +14,7 @@ from engine.data import random_resized_crop_flip, synthetic_splits
 from engine.trainer import Trainer, TrainConfig
 from engine.views import pretraining
 from methods import build_method
-from methods.base import Batch
+from methods.base import Batch, Horizon
 from methods.ibot import centred_softmax, cosine_momentum, cross_view_cross_entropy, masked_image_mean
 from methods.masking import block_mask_per_image
 
@@ -60,7 +60,7 @@ def test_ema_update_moves_the_teacher_toward_the_student_by_the_cosine_momentum(
     student = [p.clone() for p in [*method.encoder.parameters(), *method.heads.parameters()]]
     assert any(not torch.equal(t, s) for t, s in zip(teacher_before, student))
 
-    method.after_step(3, 10)
+    method.after_step(3, Horizon(10))
     momentum = 1 - (1 - 0.996) * (math.cos(math.pi * 3 / 10) + 1) / 2
     for after, before, s in zip(method.teacher.parameters(), teacher_before, student):
         torch.testing.assert_close(after, momentum * before + (1 - momentum) * s, rtol=0, atol=1e-7)
@@ -111,7 +111,7 @@ def test_centring_subtracts_an_ema_of_the_teachers_mean_output_before_sharpening
         teacher_cls, teacher_patch = method.forward_teacher(torch.cat(batch.views))
     old_cls, old_patch = method.center_cls.clone(), method.center_patch.clone()
     method(batch)
-    method.after_step(0, 10)
+    method.after_step(0, Horizon(10))
     torch.testing.assert_close(method.center_cls, 0.9 * old_cls + 0.1 * teacher_cls.mean(0))
     torch.testing.assert_close(method.center_patch, 0.9 * old_patch + 0.1 * teacher_patch.mean((0, 1)))
 
@@ -133,9 +133,9 @@ def test_teacher_temperature_warms_up_linearly_then_holds():
     method = ibot(warmup_teacher_temp=0.04, teacher_temp=0.07, teacher_patch_temp=0.06,
                   teacher_temp_warmup_frac=0.5)
     assert method.teacher_temps.tolist() == pytest.approx([0.04, 0.04])
-    method.after_step(4, 20)                    # next step is 5 of a 10-step warm-up
+    method.after_step(4, Horizon(20))                    # next step is 5 of a 10-step warm-up
     assert method.teacher_temps.tolist() == pytest.approx([0.055, 0.05])
-    method.after_step(15, 20)
+    method.after_step(15, Horizon(20))
     assert method.teacher_temps.tolist() == pytest.approx([0.07, 0.06])
 
 
@@ -186,7 +186,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss_and_the_teacher_entropy_sta
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        method.after_step(step, 12)
+        method.after_step(step, Horizon(12))
         rows.append({k: v.item() for k, v in logs.items()})
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], [r["loss"] for r in rows]

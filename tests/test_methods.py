@@ -9,7 +9,7 @@ import torch
 from conftest import micro_overrides
 from core.config import ConfigError, UnknownNameError
 from methods import build_method, registry
-from methods.base import Batch, MIMMethod
+from methods.base import Batch, Horizon, MIMMethod
 from methods.registry import register_method
 
 # MIM methods only: BEiT's dVAE tokenizer (`dvae`) is registered to be trained like one but
@@ -73,7 +73,7 @@ def test_loss_is_finite_falls_on_a_fixed_batch_and_reaches_the_encoder(name):
             grads = [p.grad for p in method.encoder.blocks.parameters() if p.grad is not None]
             assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the encoder"
         optimizer.step()
-        method.after_step(step, 12)
+        method.after_step(step, Horizon(12))
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods.base import Horizon
 from core.config import ConfigError
 from engine.data import synthetic_splits
-from engine.trainer import TrainConfig, Trainer, cosine_between
+from engine.trainer import TrainConfig, Trainer
 from engine.views import pretraining
 from methods import build_method, registry
 from methods.ibot import INIT_SHARE_AT_END, base_momentum, teacher_init_share
@@ -135,7 +136,7 @@ def test_ibot_after_step_moves_the_teacher_by_the_scaled_momentum():
         for p in model.encoder.parameters():
             p.add_(1.0)
     before = [p.clone() for p in model.teacher.encoder.parameters()]
-    model.after_step(0, 20)
+    model.after_step(0, Horizon(20))
     m = base_momentum("scaled", 0.996, 20)
     for old, new, s in zip(before, model.teacher.encoder.parameters(), model.encoder.parameters()):
         torch.testing.assert_close(new, m * old + (1 - m) * s)
@@ -159,8 +160,8 @@ def test_weight_decay_follows_its_cosine_and_norms_and_biases_stay_undecayed(tmp
     trainer = train_micro("mae", tmp_path, weight_decay=0.04, weight_decay_end=0.4)
     last = trainer.total_steps - 1
     decays = [g["weight_decay"] for g in trainer.optimizer.param_groups]
-    assert 0.0 in decays and max(decays) == pytest.approx(cosine_between(0.04, 0.4, last, trainer.total_steps))
-    assert cosine_between(0.04, 0.4, 0, 10) == pytest.approx(0.04) and cosine_between(0.04, 0.4, 10, 10) == pytest.approx(0.4)
+    assert 0.0 in decays and max(decays) == pytest.approx(Horizon(trainer.total_steps).ramp(last, 0.04, 0.4))
+    assert Horizon(10).ramp(0, 0.04, 0.4) == pytest.approx(0.04) and Horizon(10).ramp(10, 0.04, 0.4) == pytest.approx(0.4)
     with pytest.raises(ConfigError, match="weight_decay_end"):
         TrainConfig(weight_decay_end=-0.1).validate()
 
