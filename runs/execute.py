@@ -39,12 +39,13 @@ from engine.checkpoint import load_latest
 from engine.data import Splits, synthetic_splits
 from engine.splits import choose_source, load_splits, streamed_splits
 from engine.stream import StreamingViews
-from engine.trainer import Preempted, Trainer
+from engine.trainer import Preempted, Trainer, total_steps
 from engine.views import pretraining
 from eval.registry import EvalContext, get_evaluation, split_name, variant_metrics
 from methods import registry
 from methods.dvae import TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from methods.vit import load_encoder, save_encoder
+from runs.curve import TrunkBusy, grow_trunk, is_branch
 from runs.figures import first_of_each_class, write_figures
 from runs.identity import RunProfile, Run, RunConfig, RunSpec, identity_record
 from runs.records import EvalRecord, RunRecord, write_record
@@ -283,7 +284,31 @@ def train_and_evaluate(run: Run, profile: RunProfile, run_dir: Path, options: Ru
 def pretrain(run: Run, profile: RunProfile, run_dir: Path, options: RunOptions, source: tuple[str, str],
              streamed) -> tuple[Any, dict]:
     """Train the run's method (its prerequisites first) on its data, read as `source` says
-    ((kind, reason): engine.splits.choose_source); the method and its training stats."""
+    ((kind, reason): engine.splits.choose_source); the method and its training stats. A wsd run
+    is a decay branch: its trunk grows to the branch's decay start first (runs.curve), and the
+    run trains only its decay from the trunk's checkpoint there."""
+    if not is_branch(run.config):
+        return fit(run, profile, run_dir, options, source, streamed, run.config.hash)
+
+    def train_trunk(folder: Path, trunk_hash: str, trunk_steps: int, keep_at: tuple[int, ...]) -> None:
+        fit(run, profile, folder, options, source, streamed, trunk_hash, trunk_steps=trunk_steps, keep_at=keep_at)
+
+    train = run.config.train_config()
+    images = streamed.train.reader if streamed is not None else \
+        load_data(json.dumps(run.config.data, sort_keys=True), options.on_bad_image, options.progress).train.images
+    steps = total_steps(train.epochs, len(images), train.batch_size)
+    try:
+        start_from, branch = grow_trunk(run.config, steps, run_dir.parent.parent, train_trunk)
+    except TrunkBusy as err:
+        raise RunSkipped(f"{run.name}: {err}; skipped here") from None
+    method, stats = fit(run, profile, run_dir, options, source, streamed, run.config.hash, start_from=start_from)
+    return method, {**stats, "branch": branch}
+
+
+def fit(run: Run, profile: RunProfile, run_dir: Path, options: RunOptions, source: tuple[str, str], streamed,
+        config_hash: str, start_from: tuple[Path, str] | None = None, **plan_args) -> tuple[Any, dict]:
+    """Train the run's method in `run_dir` (checkpoints stamped `config_hash`); `plan_args`: a
+    trunk's (engine.views.pretraining), `start_from`: a branch's trunk checkpoint."""
     config, (kind, reason) = run.config, source
     torch.manual_seed(config.seed)            # the encoder's initial weights
     method = config.build_method()
@@ -295,8 +320,9 @@ def pretrain(run: Run, profile: RunProfile, run_dir: Path, options: RunOptions, 
                                 config.seed, torch.device(options.device), options.workers, options.on_bad_image)
     else:
         images = load_data(json.dumps(config.data, sort_keys=True), options.on_bad_image, options.progress).train.images
-    trainer = Trainer(method, *pretraining(method, images, train_config, config.seed, options.device), run_dir,
-                      seed=config.seed, config_hash=config.hash, device=options.device, progress=options.progress)
+    trainer = Trainer(method, *pretraining(method, images, train_config, config.seed, options.device, **plan_args),
+                      run_dir, seed=config.seed, config_hash=config_hash, device=options.device,
+                      progress=options.progress, start_from=start_from)
     train_stats = trainer.fit()
     train_stats["data_source"] = {**(images.describe() if kind == "stream" else {"kind": "memory"}),
                                   "reason": reason}

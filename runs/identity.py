@@ -57,6 +57,7 @@ class RunSpec:
     overrides: dict = field(default_factory=dict)   # method config overrides
     evals: tuple[str, ...] = ("knn",)               # registered evaluations (eval.registry)
     train: dict = field(default_factory=dict)       # TrainConfig overrides, e.g. {"epochs": 2.5}
+    budget: float | None = None                     # a curve's cell: its MAE-epochs of FLOPs (not hashed)
 
 
 @dataclass(frozen=True)

@@ -75,10 +75,7 @@ def write_index(plan: Plan, budget: dict | None = None, suite_dir: Path | None =
     suite_dir = suite_dir or plan.suite_dir
     suite_dir.mkdir(parents=True, exist_ok=True)
     runs = plan.grid
-    entries = [{"method": run.spec.method, "setting": run.spec.setting, "recipe": run.config.recipe,
-                "seed": run.seed, "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
-                "run_dir": str(RUNS_FROM_INDEX / run.name)}
-               for run in runs]
+    entries = [entry(run) for run in runs]
     kept, dropped = earlier_finished_runs(suite_dir, runs)
     if kept:
         print(f"runs.json also lists {len(kept)} finished run(s) of other seeds or the other recipe from earlier "
@@ -93,6 +90,16 @@ def write_index(plan: Plan, budget: dict | None = None, suite_dir: Path | None =
     if budget is not None:
         index["budget"] = budget
     write_json(suite_dir / INDEX_FILE, index)
+
+
+def entry(run) -> dict:
+    """A run's index entry; a curve's cell also names its budget (MAE-epochs of FLOPs)."""
+    out = {"method": run.spec.method, "setting": run.spec.setting, "recipe": run.config.recipe,
+           "seed": run.seed, "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
+           "run_dir": str(RUNS_FROM_INDEX / run.name)}
+    if getattr(run.spec, "budget", None) is not None:
+        out["mae_epochs"] = run.spec.budget
+    return out
 
 
 def unseeded(config: dict) -> str:

@@ -39,6 +39,7 @@ import torch
 from core.config import ConfigError
 from engine import distributed
 from runs.archive import running
+from runs.curve import Trunk, is_branch
 from runs.execute import RunOptions, execute, run_prerequisites
 from runs.identity import RunProfile, Run
 from runs.plan import Plan
@@ -162,6 +163,7 @@ def plan_jobs(plan: Plan, options: RunOptions) -> list[PlannedJob]:
     it; every job runs with `options` (the CLI's device, --data-source, --data-workers, ...)."""
     jobs: list[PlannedJob] = []
     prerequisite_job: dict[str, int] = {}      # the required runs' names -> index of their job
+    trunk_job: dict[str, int] = {}             # a curve's trunk -> its last branch's job: they run in turn
     for run in plan.runs:
         if plan.state(run).done:     # (a damaged record is submitted: its job fails naming the file)
             continue
@@ -178,6 +180,10 @@ def plan_jobs(plan: Plan, options: RunOptions) -> list[PlannedJob]:
                     f"{', '.join(d.name for d in unfinished)}", unfinished[0],
                     RunJob(run, plan.profile, plan.outputs, options, prerequisites_only=True), None))
             after = prerequisite_job[key]
+        if is_branch(run.config):     # (its prerequisites' job, if any, came before the trunk's first)
+            trunk = Trunk(run.config).name
+            after = trunk_job.get(trunk, after)
+            trunk_job[trunk] = len(jobs)
         run_dir = run.config.folder(plan.outputs)
         jobs.append(PlannedJob(f"{run.spec.method} {run.spec.setting} seed {run.seed} -> {run_dir.name}", run_dir,
                                RunJob(run, plan.profile, plan.outputs, options), after))

@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError
+from engine.trainer import total_steps
 from eval.registry import get_evaluation
 from runs.cost import (Calibration, calibrate, cell_flops_per_image, format_flops, largest_within, num_images, plan_seconds,
                        pretrain_flops, train_steps)
+from runs.curve import decay_start, is_branch
 from runs.identity import RunProfile, Run, data_descriptor
 from runs.index import index_budget
 from runs.plan import Plan, make_plan
 from suites import compare_methods
-from suites.plan import keep_only, resolve_runs, seed_count
+from suites.plan import keep_only, only_words, resolve_runs, seed_count
 
 BUDGET_SUITE = "compare_methods"        # the suite --budget applies to
 
@@ -188,6 +190,75 @@ def plan_budget(budget: ComputeBudget, profile_name: str, profile: RunProfile, r
     if only:
         plan = dataclasses.replace(plan, runs=tuple(keep_only(list(plan.grid), only, BUDGET_SUITE)))
     return plan, allocation
+
+
+# ---- --curve: the block at several budgets, one trunk per method and seed (runs.curve) ----------
+def parse_curve(text: str) -> tuple[float, ...]:
+    """'0.5,1,2.5,5ep' (or each with its 'ep'): MAE-epochs of FLOPs, rounded to 0.01, ascending."""
+    words = [word.strip().lower().removesuffix("ep") for word in text.split(",") if word.strip()]
+    try:
+        budgets = sorted({round(float(word), 2) for word in words})
+    except ValueError:
+        raise ConfigError(f"--curve {text!r} is not a list of MAE-epochs of FLOPs; pass e.g. 0.5,1,2.5,5ep") from None
+    if not budgets or budgets[0] <= 0 or not all(math.isfinite(b) for b in budgets):
+        raise ConfigError(f"--curve {text!r} needs positive MAE-epochs (at least 0.01), e.g. 0.5,1,2.5,5ep")
+    return tuple(budgets)
+
+
+def curve_warmup_steps(profile: RunProfile, descriptor: dict) -> int:
+    """A curve's warm-up: the profile's warm-up fraction of its own schedule, in steps (cpu: 5% of 5
+    epochs, 49 steps), fixed whatever the budget, so every budget shares it."""
+    train = profile.train
+    return round(train.warmup_frac * total_steps(train.epochs, num_images(descriptor, "train"), train.batch_size))
+
+
+def curve_runs(profile: RunProfile, recipe: str, budgets: tuple[float, ...], evals: tuple[str, ...], seeds: int,
+               descriptor: dict, refused: dict | None = None) -> list[Run]:
+    """Every cell of the curve at every seed; a method whose config cannot train under wsd (iBOT's
+    paper recipe: its momentum depends on the run's length) is left out, its reason in `refused`."""
+    grid = compare_methods.curve_grid(profile, method_flops(profile, recipe), budgets,
+                                      curve_warmup_steps(profile, descriptor), evals)
+    runs = []
+    for spec in grid:
+        try:
+            runs += resolve_runs([spec], profile, seeds, descriptor, recipe)
+        except ConfigError as err:
+            if refused is None:
+                raise
+            refused.setdefault(spec.method, str(err))
+    return runs
+
+
+def check_decays(runs: list[Run]) -> None:
+    """ConfigError (one line) when a budget's decay would start inside the warm-up."""
+    for run in runs:
+        if run.seed == 0 and is_branch(run.config):
+            try:
+                decay_start(run.config, train_steps(run.config))
+            except ConfigError as err:
+                raise ConfigError(f"--curve: {run.spec.method} at {run.spec.budget:g}ep: {err}") from None
+
+
+def curve_dir(outputs: Path, profile_name: str) -> Path:
+    return Path(outputs) / "suites" / BUDGET_SUITE / f"{profile_name}-curve"
+
+
+def plan_curve(budgets: tuple[float, ...], profile_name: str, profile: RunProfile, recipe: str, outputs: Path,
+               seeds: int | None, only: str | None, data: str | None, check_data: bool,
+               evals: str | None) -> Plan:
+    """The plan of the whole curve (its own table: <profile>-curve)."""
+    descriptor = data_descriptor(profile, data, check=check_data)
+    refused: dict[str, str] = {}
+    grid = curve_runs(profile, recipe, budgets, parse_evals(evals), seed_count(profile, seeds), descriptor, refused)
+    asked = set(only_words(only, sorted({run.spec.method for run in grid} | set(refused)))) if only else set(refused)
+    for method, why in refused.items():
+        if any(word.split(":")[0].strip() == method for word in asked):
+            others = ",".join(sorted({run.spec.method for run in grid}))
+            raise ConfigError(f"--curve: {why}; leave it out (--only {others}) or pass --recipe shared")
+    runs = keep_only(grid, only, BUDGET_SUITE) if only else grid
+    check_decays(runs)
+    return make_plan(BUDGET_SUITE, profile_name, profile, recipe, outputs, grid, runs,
+                     suite_dir=curve_dir(outputs, profile_name))
 
 
 def budget_warnings(allocation: Allocation, runs) -> list[str]:

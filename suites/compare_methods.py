@@ -106,3 +106,18 @@ def budget_grid(profile, flops: dict[str, float], mae_epochs: float,
         RunSpec(name, f"budget {label}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name],
                 evals=evaluations(name, evals), train={"epochs": epochs})
         for name, epochs in budget_epochs(flops, mae_epochs).items()]
+
+
+def curve_grid(profile, flops: dict[str, float], budgets: tuple[float, ...], warmup_steps: int,
+               evals: tuple[str, ...] = BUDGET_EVALS) -> list[RunSpec]:
+    """`none` and every method at each budget of a curve (MAE-epochs of FLOPs, ascending), under
+    warm-up / stable / decay: one trunk per method and seed, a decay branch per budget (runs.curve).
+    Cells are listed method by method, budgets ascending, so each trunk grows once."""
+    train = {"schedule": "wsd", "warmup_steps": warmup_steps}
+    cells = [RunSpec("none", "random init", evals=evals)]
+    for name in paper_defaults(profile):
+        for budget in budgets:
+            epochs = budget_epochs(flops, budget)[name]
+            cells.append(RunSpec(name, f"curve {budget:g}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name],
+                                 evals=evaluations(name, evals), train={**train, "epochs": epochs}, budget=budget))
+    return cells

@@ -8,6 +8,7 @@ resuming unfinished ones; then print and save the table (mean ± 95% CI over see
     python -m suites.run ablation_masking --table-only      # the table of what has finished
     python -m suites.run compare_methods --budget 2.5h --dry-run   # what fits 2.5 h here, per cell
     python -m suites.run compare_methods --budget 1.3ep --recipe shared   # FLOPs of 1.3 MAE-epochs each
+    python -m suites.run compare_methods --curve 0.5,1,2.5,5ep --recipe shared   # a curve: one trunk each
     python -m suites.run ablation_masking --profile imagenet --data /data/imagenet \
         --slurm --slurm-partition gpu --slurm-gpus 8 --slurm-timeout 2880   # one Slurm job per run
 
@@ -46,7 +47,8 @@ from runs.index import INDEX_FILE, write_index
 from runs.plan import Plan, run_plan
 from runs.plugins import load_plugins
 from suites import compare_methods
-from suites.budget import BUDGET_SUITE, Allocation, ComputeBudget, budget_arguments, plan_budget
+from suites.budget import (BUDGET_SUITE, Allocation, ComputeBudget, budget_arguments, parse_curve, plan_budget,
+                           plan_curve)
 from suites.plan import check_recipe, suite_plan
 from suites.profiles import PROFILES, get_profile, override
 from suites.registry import SUITES
@@ -74,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"{BUDGET_SUITE} only: its compute-matched block alone, every method at the "
                              f"pre-training FLOPs of MAE at E epochs; B is E as '1.3ep', or hours ('2.5' or "
                              f"'2.5h') the whole suite must fit on this machine (E solved from its measured FLOP/s)")
+    parser.add_argument("--curve", default=None, metavar="B1,...,Bk",
+                        help=f"{BUDGET_SUITE} only: its compute-matched block at several budgets of MAE-epochs of "
+                             f"FLOPs (e.g. 0.5,1,2.5,5ep) under warm-up / stable / decay: one constant-lr trunk per "
+                             f"method and seed, a decay branch per budget (runs.curve); its own table, <profile>-curve")
     parser.add_argument("--evals", default=None,
                         help=f"with --budget: comma-separated evaluations (default "
                              f"{','.join(compare_methods.BUDGET_EVALS)}; e.g. knn,linear,finetune,segmentation)")
@@ -167,12 +173,13 @@ def main(argv=None) -> int:
         return 0
     if not args.suite:
         raise UnknownNameError(f"no suite given; known: {', '.join(SUITES)} (or --list)")
-    budget = budget_arguments(args.suite, args.budget, args.evals, args.recalibrate)
+    curve = curve_arguments(args)
+    budget = budget_arguments(args.suite, args.budget, None if curve else args.evals, args.recalibrate)
     cluster = slurm_options(args)
     if budget is not None and budget.hours is not None and cluster:
         raise ConfigError("--budget in hours is solved at this machine's FLOP/s; with --slurm pass MAE-epochs "
                           "(e.g. --budget 1.3ep)")
-    plan, allocation = plan_command(args, budget)
+    plan, allocation = plan_command(args, budget, curve)
     if not args.dry_run:
         check_outputs(plan.outputs)
         if not args.table_only:
@@ -193,12 +200,26 @@ def main(argv=None) -> int:
     return run_here(args, plan, budget_entry)
 
 
-def plan_command(args: argparse.Namespace, budget: ComputeBudget | None) -> tuple[Plan, Allocation | None]:
+def curve_arguments(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """--curve parsed (None without it); where it applies checked."""
+    if args.curve is None:
+        return None
+    if args.suite != BUDGET_SUITE or args.budget is not None:
+        raise ConfigError(f"--curve applies to {BUDGET_SUITE} alone, without --budget: "
+                          f"python -m suites.run {BUDGET_SUITE} --curve {args.curve}")
+    return parse_curve(args.curve)
+
+
+def plan_command(args: argparse.Namespace, budget: ComputeBudget | None,
+                 curve: tuple[float, ...] | None = None) -> tuple[Plan, Allocation | None]:
     """The command's plan: the suite's whole grid (the index and table list it, whatever --only
     picked to run: processes running different cells side by side write the same index), or,
     with --budget, the compute-matched block at its E."""
     profile = override(get_profile(args.profile), args.set)
     outputs = Path(args.outputs)
+    if curve is not None:
+        return plan_curve(curve, args.profile, profile, args.recipe, outputs, args.seeds, args.only, args.data,
+                          not args.dry_run, args.evals), None
     if budget is None:
         return suite_plan(args.suite, args.profile, profile, args.recipe, outputs, args.seeds, args.only, args.data,
                           not args.dry_run, tuple(args.set)), None
@@ -261,7 +282,8 @@ def write_table(suite_dir: Path, before: str = "") -> None:
 def table_command(args: argparse.Namespace) -> str:
     """The command that writes the table once the jobs are done: this one without --slurm."""
     words = ["python -m suites.run", args.suite, "--profile", args.profile]
-    for flag, value in (("--recipe", args.recipe), ("--budget", args.budget), ("--evals", args.evals),
+    for flag, value in (("--recipe", args.recipe), ("--budget", args.budget), ("--curve", args.curve),
+                        ("--evals", args.evals),
                         ("--seeds", args.seeds), ("--only", args.only), ("--outputs", args.outputs),
                         ("--data", args.data)):
         if value is not None and not (flag == "--outputs" and value == "outputs") \

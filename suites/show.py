@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from runs.cost import estimate_seconds, format_hours
+from runs.cost import estimate_seconds, format_hours, train_steps
+from runs.curve import pretrain_costs
 from runs.identity import resolve
 from runs.plan import Plan
 from suites.budget import Allocation, print_budget_plan
@@ -21,13 +22,18 @@ def print_plan(plan: Plan, allocation: Allocation | None = None) -> None:
         print_budget_plan(plan, allocation)
         return
     total = left = 0.0
+    # a curve's branches cost their decay, their trunks once (runs.curve)
+    branches, trunks = pretrain_costs(plan, train_steps, lambda config: estimate_seconds(config, plan.profile))
     for run in plan.runs:
-        seconds = estimate_seconds(run.config, plan.profile)
+        seconds = branches.get(run.name, estimate_seconds(run.config, plan.profile))
         state = plan.state(run).label
         total += seconds
         left += seconds if state in ("to run", "failed", "unreadable") else 0.0   # pre-training still to do
         print(f"  {run.spec.method:6s} {run.spec.setting:22s} seed {run.seed}  ~{seconds / 60:7.1f} min  "
               f"{run.name}  [{state}]")
+    for name, seconds in trunks.items():
+        total, left = total + seconds, left + seconds
+        print(f"  trunk  {name}  ~{seconds / 60:7.1f} min still to grow (constant lr, shared by its branches)")
     print(f"estimated pre-training: {left / 3600:.2f} h left of {total / 3600:.2f} h for these runs "
           f"at {plan.profile.flops_per_second / 1e9:.0f} GFLOP/s (plus a minute or two of evaluation per run; "
           f"fine-tuning and segmentation take longer)")
