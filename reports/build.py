@@ -8,8 +8,11 @@ per seed with its CI and whether that excludes zero (paired_differences.csv), th
 difference each cell's seeds can detect (detectable_differences.csv), the methods ranked under
 each recipe side by side when a suite has both (ranking_by_recipe.csv), failed/missing runs
 shown as such, plots (metric vs mask ratio, metric vs pre-training FLOPs, loss curves), the
-run folders' figures, and the papers' numbers in separate, labelled columns. Reads only run
-records, through `runs.records`: never imports methods, engine, eval or torch.
+run folders' figures, and the papers' numbers in separate, labelled columns. A budget curve's
+page (`suites.run compare_methods --curve`, folder <profile>-curve) opens with its verdict, the
+metric against pre-training FLOPs per method, the break-even budgets and the ranking at each
+budget (curve.png / curve.csv / curve.md: reports.curve). Reads only run records, through
+`runs.records`: never imports methods, engine, eval or torch.
 
 A result.json that does not parse or validate (cut short, hand-edited, from a newer mimbench) is
 named in a warning and its run listed as `unreadable`; the suite's other runs are reported, and
@@ -19,7 +22,6 @@ code 1 when no suite could be built for such damage, 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import json
 import sys
@@ -34,6 +36,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from reports import papers  # noqa: E402
+from reports.curve import curve_of, curve_section  # noqa: E402
+from reports.plots import img_tag, method_palette, t_interval  # noqa: E402
 from reports.ranking import flip_lines, ranking_by_recipe  # noqa: E402
 from reports.tables import (BASELINE, CELL, NO_RECIPE, RUNS_FROM_INDEX, ci95, format_ci, load_index,  # noqa: E402
                             detectable_differences, finished_baseline, metric_columns, paired_diffs, read_index,
@@ -127,13 +131,6 @@ def with_paper_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def t_interval(values) -> tuple[float, float]:
-    """The tables' 95% t-interval of the mean, as seaborn's error band (none for one seed)."""
-    mean, half = ci95(values)
-    half = 0.0 if np.isnan(half) else half
-    return mean - half, mean + half
-
-
 def setting_labels(runs: pd.DataFrame, settings: pd.Series | None = None) -> list[str]:
     """Each run's setting (or `settings`) as the plots name it: with its recipe when the suite
     pre-trains at several ("5 epochs, paper recipe"), so that cells differing by recipe alone
@@ -143,12 +140,6 @@ def setting_labels(runs: pd.DataFrame, settings: pd.Series | None = None) -> lis
     several = recipes[recipes != NO_RECIPE].nunique() > 1
     return [f"{setting}, {recipe} recipe" if several and recipe != NO_RECIPE else setting
             for setting, recipe in zip(settings, recipes)]
-
-
-def method_palette(runs: pd.DataFrame) -> dict:
-    """One colour per method of the suite, the same in every plot of its page."""
-    names = sorted(runs["method"].dropna().unique())
-    return dict(zip(names, sns.color_palette(n_colors=len(names))))
 
 
 def draw_baseline(ax, runs: pd.DataFrame, metric: str) -> float:
@@ -277,11 +268,6 @@ def plot_monitors(curves: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
-
-
 def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path) -> Path:
     """The suite's report pages from its index and its runs' table (`load_index`)."""
     params = pd.DataFrame([e.get("params", {}) for e in index["runs"]])
@@ -297,13 +283,15 @@ def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path
              "vs_flops.png": plot_vs_flops(runs, metrics, out_dir / "vs_flops.png"),
              "loss_curves.png": plot_losses(curves, out_dir / "loss_curves.png"),
              "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
+    curve = curve_of(index, runs)       # a --curve suite's page opens with its verdict and figure
     parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
+             *(curve_section(curve, out_dir) if curve is not None else []),
              *html_sections(sections), *html_status(runs)]
     parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
     parts += html_figures(runs, run_root)
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>mimbench report</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
-            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}"
+            "font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}p.verdict{font-size:17px}"
             "</style></head><body>" + "\n".join(parts) + "</body></html>")
     (out_dir / "index.html").write_text(page)
     return out_dir / "index.html"
