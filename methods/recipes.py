@@ -10,6 +10,10 @@ with the profile's batch), betas, weight decay and its schedule, clipping, warm-
 floor as fractions of training, crop scale, augmentation, backbone options (layer scale), mask
 unit. The profile keeps epochs, batch size, image and model size, checkpoint cadence.
 
+A method that declares no paper recipe (one registered from outside, `runs.plugins`, may leave
+it out) trains under the shared recipe under both, and its runs and table rows say `shared`;
+`--recipe paper` says so in one warning line (`suites.plan`).
+
 `--recipe shared` applies no recipe: every method trains with the profile's one recipe (MAE's,
 calibrated at the cpu scale; DESIGN.md), as every run before recipes existed did, so those runs
 keep their folder names. It is the controlled ablation of "does the recipe decide the ranking?".

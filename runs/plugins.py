@@ -70,20 +70,20 @@ loaded: dict[str, Plugin] = {}      # module name -> the plugin, in the order im
 def load_plugins(given: list[str] | tuple[str, ...] = ()) -> list[Plugin]:
     """Import the installed entry points, then $MIMBENCH_PLUGINS, then `given` (--plugins);
     each once per process. The plugins of all three, in that order."""
-    wanted = [(entry.value.split(":")[0].strip(), f"entry point {entry.name!r} ({distribution_of(entry)})")
-              for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)]
-    wanted += [(word, ENV) for word in os.environ.get(ENV, "").split(os.pathsep) if word.strip()]
-    wanted += [(word, "--plugins") for word in given]
-    return [load_plugin(name.strip(), where) for name, where in wanted]
+    plugins = []
+    for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = entry.dist
+        where = f"entry point {entry.name!r} of {dist.name if dist else 'an unnamed distribution'}"
+        plugins.append(load_plugin(entry.module, where, dist.version if dist else None))
+    plugins += [load_plugin(word.strip(), ENV) for word in os.environ.get(ENV, "").split(os.pathsep) if word.strip()]
+    return plugins + [load_plugin(word.strip(), "--plugins") for word in given]
 
 
-def distribution_of(entry: importlib.metadata.EntryPoint) -> str:
-    dist = getattr(entry, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else "no distribution"
-
-
-def load_plugin(name: str, where: str) -> Plugin:
-    """Import one plugin (`name`: a module or a .py file; `where`: how it was given, for messages)."""
+def load_plugin(name: str, where: str, version: str | None = None) -> Plugin:
+    """Import one plugin (`name`: a module or a .py file; `where`: how it was given, for messages;
+    `version`: its distribution's, when known)."""
+    if not name:
+        raise PluginError(f"plugin {name!r} ({where}) names nothing; pass a module or a path to a .py file")
     is_file = name.endswith(".py") or os.sep in name or "/" in name
     module_name = file_module_name(name, where) if is_file else name
     if module_name in loaded:
@@ -92,7 +92,7 @@ def load_plugin(name: str, where: str) -> Plugin:
     module = import_file(name, module_name, where) if is_file else import_module(name, where)
     file = getattr(module, "__file__", None)
     plugin = Plugin(module=module_name, given=name, via=where,
-                    file=str(Path(file).resolve()) if file else None, version=version_of(module_name),
+                    file=str(Path(file).resolve()) if file else None, version=version or version_of(module_name),
                     sha256=file_sha256(file),
                     methods=registered_by(module_name, before_methods, methods, lambda value: value[0]),
                     evaluations=registered_by(module_name, before_evaluations, evaluations, lambda value: value.run))
@@ -142,11 +142,22 @@ def import_module(name: str, where: str):
 
 
 def failure(err: BaseException) -> str:
-    """The error as one line, with the plugin's line that raised it."""
+    """The error as one line, with the line of the plugin's own code that raised it (else the
+    last line that did: mimbench's, when the plugin called it wrongly)."""
     message = " ".join(str(err).split()) or "(no message)"
-    frames = [frame for frame in traceback.extract_tb(err.__traceback__) if "importlib" not in frame.filename]
-    at = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    frames = [frame for frame in traceback.extract_tb(err.__traceback__)
+              if "importlib" not in frame.filename and Path(frame.filename).resolve() != Path(__file__).resolve()]
+    theirs = [frame for frame in frames if not in_project(frame.filename)]
+    frame = (theirs or frames or [None])[-1]
+    at = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame is not None else ""
     return f"{type(err).__name__}: {message}{at}"
+
+
+def in_project(filename: str) -> bool:
+    """Whether a source file is one of mimbench's packages (the folders beside runs/)."""
+    path, root = Path(filename).resolve(), Path(__file__).resolve().parents[1]
+    return path.is_relative_to(root) and len(path.relative_to(root).parts) > 1 \
+        and (root / path.relative_to(root).parts[0] / "__init__.py").is_file()
 
 
 def registered_by(module_name: str, before: set[str], registry: dict, defined_by) -> tuple[str, ...]:

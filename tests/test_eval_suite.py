@@ -252,17 +252,23 @@ def test_a_damaged_run_record_is_a_one_line_error_naming_the_file(tmp_path):
     assert again.done and "knn_top1_cls" in again.metrics      # from the evaluation's own record
 
 
-def test_readme_add_an_evaluation_snippet_registers_one_the_runner_runs(tmp_path):
+def test_readme_add_an_evaluation_file_registers_one_the_runner_runs(tmp_path, monkeypatch):
+    """The README's file as it stands, from a folder outside the package, into a registry of its
+    own (so that it is also registered where a plugin registered it for the whole process);
+    tests/test_plugins.py runs it through the command line."""
+    import runpy
+    import sys
+
     from test_methods import readme_snippet
 
-    try:
-        exec(readme_snippet("Adding an evaluation"), {})
-        assert registry["centroid"].config_cls().pooling == "cls"
-        record = run_once(RunSpec("none", evals=("knn", "centroid")), tmp_path)
-        # a nearest-centroid classifier on the synthetic classes beats chance (10 classes)
-        assert record.metrics["centroid_top1_cls"] > 10 and record.evals["centroid"].details == {"classes": 10}
-    finally:
-        registry.pop("centroid", None)
+    module = sys.modules["eval.registry"]
+    monkeypatch.setattr(module, "registry", {k: v for k, v in registry.items() if k != "centroid"})
+    (tmp_path / "centroid.py").write_text(readme_snippet("Adding an evaluation"))
+    runpy.run_path(str(tmp_path / "centroid.py"))
+    assert module.registry["centroid"].config_cls().pooling == "cls"
+    record = run_once(RunSpec("none", evals=("knn", "centroid")), tmp_path / "outputs")
+    # a nearest-centroid classifier on the synthetic classes beats chance (10 classes)
+    assert record.metrics["centroid_top1_cls"] > 10 and record.evals["centroid"].details == {"classes": 10}
 
 
 def test_an_evaluation_returning_a_non_number_fails_and_caches_nothing(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from engine.data import synthetic_splits
 from engine.trainer import TrainConfig, Trainer
 from engine.views import pretraining
 from methods import build_method, registry
+from methods.registry import from_project, pretraining_methods as pretraining
 from methods.ibot import INIT_SHARE_AT_END, base_momentum, teacher_init_share
 from methods.masking import MaskConfig, make_masks
 from runs.execute import RunOptions, execute
@@ -30,8 +31,9 @@ QUIET = RunOptions(progress=False)
 
 
 def pretraining_methods():
-    """Registered methods whose runs pre-train an encoder (the ones a recipe is for)."""
-    return [name for name, (cls, _) in registry.items() if cls.trains and cls.product == "encoder"]
+    """The project's methods whose runs pre-train an encoder: each declares its paper's recipe.
+    (A method from outside may declare none: it then trains under the shared recipe under both.)"""
+    return [name for name in pretraining() if from_project(name)]
 
 
 # ---- every method, every profile ---------------------------------------------------------------
@@ -44,9 +46,11 @@ def test_every_registered_method_resolves_under_both_recipes_at_every_profile(me
     shared = resolve(spec, budget, 0, data, recipe="shared")
     paper = resolve(spec, budget, 0, data, recipe="paper")
     assert "recipe" not in shared.to_dict()
+    cls = registry[method][0]
+    recipe = cls.paper_recipe if cls.trains else None
     if method in pretraining_methods():
-        recipe = registry[method][0].paper_recipe
         assert recipe is not None and recipe.source, f"{method} declares no paper recipe with its source"
+    if recipe is not None:
         assert paper.to_dict()["recipe"] == "paper" and paper.name != shared.name
         assert set(recipe.train) <= {f.name for f in dataclasses.fields(TrainConfig)}
         train = paper.train_config()
@@ -56,7 +60,7 @@ def test_every_registered_method_resolves_under_both_recipes_at_every_profile(me
         assert (train.epochs, train.batch_size) == (budget.train.epochs, budget.train.batch_size)
         assert paper.build_method_config().encoder.img_size == budget.encoder["img_size"]
         paper.build_method()
-    else:   # the baseline and the tokenizer train (or not) the same under both: one run
+    else:   # the baseline, the tokenizer and a method from outside without a recipe: one run
         assert paper.name == shared.name
 
 
