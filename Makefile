@@ -23,22 +23,28 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
-# `make report`: compare_methods' compute-matched block on the shipped CIFAR-10 in BUDGET (2.5 h
-# of this machine's measured FLOP/s: every method at the same MAE-epochs of FLOPs, the cpu
-# profile's 3 seeds, k-NN + linear), its plan and estimate printed first, then the report.
-# SUITE=NAME runs that suite's whole grid instead (`make report SUITE=ablation_masking`;
-# SUITE=compare_methods: the full compare_methods grid). Finished runs are skipped; the same
-# command again resumes with the same runs. BUDGET=1.3ep / RECIPE=shared / EVALS=knn,linear,finetune
-# / SEEDS=1 / ONLY=mae,none adjust it. The records in results/ (runs.archive) are restored into
-# outputs/ first, so finished runs measured on another machine are not run again.
-BUDGET ?= 2.5h
+# `make report`: the measurements committed in results/, then the report. The records are restored
+# into outputs/ first (runs.archive), so on a fresh clone every cell below is [done] and nothing
+# trains; a cell without a record trains here. By default two commands of compare_methods:
+#   its budget curve, CURVE (MAE-epochs of FLOPs; warm-up/stable/decay, one trunk per seed),
+#     shared recipe, mae and none, 2 seeds, k-NN (CURVE_ARGS);
+#   its compute-matched block at BUDGET (1.3 MAE-epochs), 3 seeds, k-NN + linear; RECIPE=shared
+#     for the other recipe (the table lists both recipes' finished runs either way).
+# SUITE=NAME runs that suite's whole grid instead (`make report SUITE=ablation_masking`).
+# BUDGET=2.5h solves E for 2.5 h of this machine instead; EVALS / SEEDS / ONLY adjust the block.
+BUDGET ?= 1.3ep
+CURVE ?= 0.5,1,2.5,5ep
+CURVE_ARGS = compare_methods --curve $(CURVE) --recipe shared --only mae,none --seeds 2 --evals knn \
+	--profile $(PROFILE)
 REPORT_ARGS = $(if $(filter file,$(origin SUITE)),compare_methods --budget $(BUDGET) \
 	$(if $(EVALS),--evals $(EVALS)),$(SUITE)) --profile $(PROFILE) $(if $(RECIPE),--recipe $(RECIPE)) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY))
 report: $(STAMP)
 	$(PY) -m runs.archive restore
+	$(if $(filter file,$(origin SUITE)),$(PY) -m suites.run $(CURVE_ARGS) --dry-run)
 	$(PY) -m suites.run $(REPORT_ARGS) --dry-run
-	$(PY) -m suites.run $(REPORT_ARGS); rc=$$?; \
+	rc=0; $(if $(filter file,$(origin SUITE)),$(PY) -m suites.run $(CURVE_ARGS) || rc=$$?;) \
+	$(PY) -m suites.run $(REPORT_ARGS) || rc=$$?; \
 	$(PY) -m reports.build; exit $$rc
 
 # the records of every finished run in outputs/ (config, result, metrics; no weights) and the suite

@@ -104,11 +104,17 @@ def fingerprint(folder: Path) -> dict:
 def save(outputs: Path, archive: Path) -> dict[str, int]:
     """Every finished run's record files and every suite index of `outputs` into `archive`, and
     what each dataset folder they name held (`datasets.json`, for `restore` elsewhere)."""
-    counts = {"runs": 0, "changed": 0, "indexes": 0}
+    counts = {"runs": 0, "changed": 0, "indexes": 0, "kept": 0}
     paths = set()
     for run_dir in sorted((outputs / "runs").glob("*")):
         if not finished(run_dir):
             continue        # failed or unfinished: nothing a report or a re-run could reuse
+        lost = evaluations_lost(run_dir, archive / "runs" / run_dir.name)
+        if lost:
+            print(f"{run_dir.name}: kept as archived: its record here lacks {', '.join(lost)}, which "
+                  f"results/ holds (restore it, or evaluate them here, then save)")
+            counts["kept"] += 1
+            continue
         counts["runs"] += 1
         changed = [copy(run_dir / name, archive / "runs" / run_dir.name / name)
                    for name in RUN_FILES if (run_dir / name).exists()]
@@ -121,6 +127,17 @@ def save(outputs: Path, archive: Path) -> dict[str, int]:
     if new:
         write_json(archive / DATASETS, {**known, **new})
     return counts
+
+
+def evaluations_lost(run_dir: Path, archived_dir: Path) -> list[str]:
+    """The evaluations an archived record holds that the run's record here does not: saving it
+    would drop them (a run made again here before its record was restored, asked for fewer)."""
+    try:
+        archived = read_record(archived_dir)
+    except RecordError:
+        return []
+    here = read_record(run_dir)
+    return sorted(set(archived.evals) - set(here.evals)) if archived is not None and archived.done else []
 
 
 def read_datasets(archive: Path) -> dict[str, dict]:

@@ -143,3 +143,22 @@ def test_runs_measured_on_a_dataset_folder_elsewhere_are_relocated_to_the_same_f
     assert archive.main(["restore", "--outputs", str(other), "--archive", str(results)]) == 0
     assert "holds other files" in capsys.readouterr().out
     assert set(stamps(other)) == set(stamps(first))
+
+
+def test_saving_never_drops_an_evaluation_the_archive_holds(tmp_path, capsys):
+    """A run made again here before its record was restored, asked for fewer evaluations: the
+    archived record, which holds more, stays as it is."""
+    from runs.records import EvalRecord, RunRecord, read_record, write_record
+    outputs, results = tmp_path / "outputs", tmp_path / "results"
+    here, archived = outputs / "runs" / "none-000000000000", results / "runs" / "none-000000000000"
+    knn = EvalRecord(config={}, metrics={"knn_top1_cls": 34.16})
+    linear = EvalRecord(config={}, metrics={"linear_top1_cls": 44.27})
+    for folder, evals in ((here, {"knn": knn}), (archived, {"knn": knn, "linear": linear})):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        write_record(folder, RunRecord(status="done", method="none", seed=0, config_hash="0" * 12, evals=evals,
+                                       train={"steps": 0}))
+    counts = archive.save(outputs, results)
+    assert counts["kept"] == 1 and counts["runs"] == 0
+    assert set(read_record(archived).evals) == {"knn", "linear"}
+    assert "lacks linear" in capsys.readouterr().out
