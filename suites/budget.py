@@ -268,7 +268,7 @@ def budget_warnings(allocation: Allocation, runs) -> list[str]:
     if allocation.mae_epochs < compare_methods.SEPARATING_MAE_EPOCHS:
         warnings.append(f"WARNING: {allocation.mae_epochs:g} MAE-epochs is below the "
                         f"{compare_methods.SEPARATING_MAE_EPOCHS:g} at which nano MAE was measured to "
-                        f"separate from random init in k-NN (DESIGN.md); differences will likely sit within the seed spread "
+                        f"separate from random init in k-NN (docs/calibration.md); differences will likely sit within the seed spread "
                         f"(raise --budget)")
     for run in runs:
         if run.seed == 0 and run.config.train is not None and train_steps(run.config) < 1:
