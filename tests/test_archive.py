@@ -41,7 +41,7 @@ def test_a_fresh_outputs_folder_restored_from_the_archive_runs_nothing_and_repor
     table = "suites/ablation_targets/smoke/table.md"
     assert (fresh / table).read_text() == (first / table).read_text()
     # saving again changes nothing; restoring again leaves the finished records alone
-    assert archive.save(first, results) == {"runs": 2, "changed": 0, "indexes": 0}
+    assert archive.save(first, results) == {"runs": 2, "changed": 0, "indexes": 0, "kept": 0}
     again = archive.restore(results, fresh)
     assert (again.runs, again.indexes) == (0, 0) and stamps(fresh) == restored
 

@@ -15,7 +15,8 @@ from engine.data import synthetic_splits
 from engine.trainer import TrainConfig, Trainer
 from engine.views import pretraining
 from methods import build_method, registry
-from methods.registry import from_project, pretraining_methods as pretraining
+from methods.registry import from_project
+from methods.registry import pretraining_methods as registered_pretraining
 from methods.ibot import INIT_SHARE_AT_END, base_momentum, teacher_init_share
 from methods.masking import MaskConfig, make_masks
 from runs.execute import RunOptions, execute
@@ -33,7 +34,7 @@ QUIET = RunOptions(progress=False)
 def pretraining_methods():
     """The project's methods whose runs pre-train an encoder: each declares its paper's recipe.
     (A method from outside may declare none: it then trains under the shared recipe under both.)"""
-    return [name for name in pretraining() if from_project(name)]
+    return [name for name in registered_pretraining() if from_project(name)]
 
 
 # ---- every method, every profile ---------------------------------------------------------------
