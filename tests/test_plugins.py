@@ -98,6 +98,7 @@ def test_the_readme_method_runs_its_declared_cells_with_only_in_ablation_masking
         == {"mymethod"}
 
 
+@pytest.mark.slow
 def test_the_readme_method_takes_part_in_every_suite_that_compares_methods(tmp_path):
     """--dry-run: compare_methods twice, ablation_targets once at its defaults, ablation_masking
     at its declared cells, and ablation_mae_decoder (MAE's decoder) not at all, with the fix."""
@@ -162,6 +163,7 @@ def test_only_naming_a_method_nobody_registered_says_to_load_it(capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_bad_suite_cells_declaration_is_one_line_naming_the_method_and_the_suite(tmp_path):
     folder = user_folder(tmp_path)
     source = (folder / "my_method.py").read_text()
@@ -173,6 +175,7 @@ def test_a_bad_suite_cells_declaration_is_one_line_naming_the_method_and_the_sui
 
 
 # ---- other ways in: MIMBENCH_PLUGINS, entry points ---------------------------------------------
+@pytest.mark.slow
 def test_an_installed_entry_point_and_mimbench_plugins_load_before_the_suite_is_planned(tmp_path):
     """An installed package's `mimbench.plugins` entry point (its version recorded) and a file in
     MIMBENCH_PLUGINS, both without --plugins."""
