@@ -29,7 +29,9 @@ at one thread, as a cpu-profile step makes its views                    -> augme
 
 Evaluations (bench/eval_timing.py): k-NN on 50,000 x 10,000 cached features (target 5 s)
 and feature extraction of 60,000 images through the nano ViT (target 40 s), as the suite
-runner does them at the cpu profile; --eval-train/--eval-test scale them down.
+runner does them at the cpu profile; --eval-train/--eval-test scale them down. Extraction runs
+in fp32 and, where the CPU has bf16 matmuls (avx512_bf16 / AMX) or the GPU bf16, in bf16, each
+with its MFU against the matmul peak at its dtype (goal 80%), per CPU-second on a CPU.
 
 Results go to bench/results.json (git-ignored) or --out. lightly is optional:
 `pip install lightly` (the `bench` extra); without it its rows are skipped with a message.
@@ -211,17 +213,39 @@ def skipped_work(by_name: dict[str, Competitor], batch: int) -> dict:
 
 
 def print_eval(results: dict) -> None:
-    knn, feats = results["knn_seconds"], results["feature_extraction_seconds"]
+    knn, feats, extraction = (results["knn_seconds"], results["feature_extraction_seconds"],
+                              results["feature_extraction"])
 
-    def verdict(timing: dict) -> str:
-        met = timing["meets_target"]
+    def verdict(met: bool | None) -> str:
         return "" if met is None else ("  met" if met else "  MISSED")
 
-    print(f"\nevaluations (cpu profile, {torch.get_num_threads()} threads)   seconds   target")
-    print(f"  k-NN {knn['train']} x {knn['test']}, {'+'.join(knn['poolings']):8s} {knn['seconds']:9.2f}   "
-          f"<= {knn['target_s']:g} s at 50000 x 10000{verdict(knn)}")
-    print(f"  features, {feats['images']} images, {feats['encoder']:14s} {feats['seconds']:9.2f}   "
-          f"<= {feats['target_s']:g} s at 60000{verdict(feats)}")
+    def at_size(seconds: float) -> bool | None:
+        return None if feats["meets_target"] is None else seconds <= feats["target_s"]
+
+    rows = [(f"k-NN {knn['train']} x {knn['test']}, {'+'.join(knn['poolings'])}", knn["seconds"],
+             f"<= {knn['target_s']:g} s at 50000 x 10000{verdict(knn['meets_target'])}")]
+    rows += [(f"features, {feats['images']} images, {feats['encoder']}, {precision}", extraction[precision]["seconds"],
+              f"<= {feats['target_s']:g} s at 60000{verdict(at_size(extraction[precision]['seconds']))}")
+             for precision in ("fp32", "bf16") if precision in extraction]
+    width = max(len(label) for label, _, _ in rows)
+    print(f"\n{'evaluations (cpu profile, ' + str(torch.get_num_threads()) + ' threads)':{width + 2}s} "
+          f"{'seconds':>9s}   target")
+    for label, seconds, target in rows:
+        print(f"  {label:{width}s} {seconds:9.2f}   {target}")
+    per = "CPU-second" if extraction["clock"] == "cpu" else "second"
+    print(f"extraction MFU: {extraction['gflop_per_img']:.3f} GFLOP/img (attention counted) over the matmul "
+          f"peak at its dtype, per {per}; goal {extraction['mfu_goal']:.0%}")
+    for precision in ("fp32", "bf16"):
+        if precision in extraction:
+            row = extraction[precision]
+            mfu = row["mfu"]
+            print(f"  {precision}  {mfu:6.1%} of {row['matmul_peak_flops'] / 1e9:6.0f} GFLOP/s  "
+                  f"{row['img_per_s']:7.0f} img/s{'' if mfu >= extraction['mfu_goal'] else '  below goal'}")
+    if "bf16" in extraction:
+        print(f"  bf16 extracts {extraction['bf16_speedup']:.2f}x as fast as fp32 (same clock)")
+    else:
+        print(f"  bf16 not offered: {extraction['bf16_skipped']}")
+    print(f"per encoder (k-NN evaluation, fp32): extraction {feats['seconds']:.1f} s + k-NN {knn['seconds']:.1f} s")
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,17 @@
-"""Wall-clock seconds of the two evaluation pieces every run pays, timed as the suite
-runner calls them at the `cpu` profile (its encoder, k-NN config and feature batch):
+"""Seconds of the two evaluation pieces every run pays, timed as the suite runner calls them
+at the `cpu` profile (its encoder, k-NN config and feature batch):
 
     k-NN                `eval.knn.knn_metrics` on cached train x test features, both poolings
                         ([CLS] and mean), random features of the encoder's width, 10 classes
     feature extraction  `eval.features.cached_features` of the train and the test split
-                        (random uint8 images) through a fresh encoder, cache in a temp dir
+                        (random uint8 images) through a fresh encoder, cache in a temp dir, in
+                        fp32 and, where the machine has bf16 matmuls, in bf16 (feature_precision)
+
+Extraction's model FLOPs utilisation: the forward's FLOPs (torch.utils.flop_counter, attention
+unfused, as the step table counts them) over the matmul peak at the same dtype measured just
+before. On a CPU both are per CPU-second (time.process_time), so another process time-slicing
+the cores does not dilute them (at one thread of an idle machine it is the wall-clock MFU);
+on a GPU per wall second. The goal is 80% of the peak.
 
 Targets are the issue's, for 50,000 train x 10,000 test images on 2 cores.
 """
@@ -15,10 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from bench.steps import matmul_peak, sync
 from engine.data import ImageSet
 from eval import knn
-from eval.features import POOLINGS, cached_features, feature_file
+from eval.features import POOLINGS, cached_features, cpu_bf16_flags, feature_file, inference_encoder
 from methods.vit import ViT, ViTConfig
 from suites.profiles import get_profile
 
@@ -27,6 +36,8 @@ NUM_CLASSES = 10                # CIFAR-10
 TARGET_TRAIN, TARGET_TEST = 50_000, 10_000     # CIFAR-10's splits: the sizes the targets are for
 KNN_TARGET_S = 5.0
 FEATURES_TARGET_S = 40.0
+MFU_GOAL = 0.8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def knn_seconds(num_train: int, num_test: int, seed: int = 0) -> float:
@@ -45,7 +56,35 @@ def knn_seconds(num_train: int, num_test: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
-def feature_extraction_seconds(num_train: int, num_test: int, device: torch.device, seed: int = 0) -> float:
+def mfu_clock(device: torch.device):
+    """The clock MFU is measured by: CPU seconds of this process on a CPU, wall seconds on a GPU."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+def forward_flops_per_image(encoder: ViT, device: torch.device) -> float:
+    """FLOPs of one image through the frozen encoder, attention unfused (FlopCounterMode has no
+    formula for the CPU's fused kernel; we count the computation, not a kernel)."""
+    counted = inference_encoder(encoder).to(device)
+    for module in counted.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    size = counted.cfg.img_size
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        counted(torch.zeros(2, counted.cfg.in_chans, size, size, device=device))
+    return counter.get_total_flops() / 2
+
+
+def bf16_unavailable(device: torch.device) -> str | None:
+    """Why this machine is not offered bf16 extraction; None where it is."""
+    if device.type == "cpu":
+        return None if cpu_bf16_flags() else "this CPU has no bf16 matmuls (avx512_bf16 or AMX)"
+    return None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no bf16"
+
+
+def feature_extraction_seconds(num_train: int, num_test: int, device: torch.device, precision: str = "fp32",
+                               seed: int = 0) -> tuple[float, float]:
+    """(wall seconds, seconds by `mfu_clock`) of extracting both splits' features at `precision`."""
     profile = get_profile(PROFILE)
     enc = ViTConfig(**profile.encoder)
     encoder = ViT(enc)
@@ -58,17 +97,44 @@ def feature_extraction_seconds(num_train: int, num_test: int, device: torch.devi
                         torch.randint(0, NUM_CLASSES, (n,), generator=gen), classes)
 
     splits = {"train": images(num_train), "test": images(num_test)}
+    clock = mfu_clock(device)
     with tempfile.TemporaryDirectory() as feature_dir:
-        t0 = time.perf_counter()
+        sync(device)
+        wall, clocked = time.perf_counter(), clock()
         for split, data in splits.items():
-            cached_features(encoder, data, feature_file(Path(feature_dir), split),
-                            batch_size=profile.feature_batch, device=device, progress=False)
-        return time.perf_counter() - t0
+            cached_features(encoder, data, feature_file(Path(feature_dir), split, precision=precision),
+                            batch_size=profile.feature_batch, device=device, progress=False,
+                            precision=precision)
+        sync(device)
+        return time.perf_counter() - wall, clock() - clocked
+
+
+def extraction_mfu(num_train: int, num_test: int, device: torch.device) -> dict:
+    """Extraction at each precision the machine offers: wall seconds, img/s, the matmul peak at
+    that dtype (measured just before, by the same clock) and the MFU against it."""
+    enc = ViTConfig(**get_profile(PROFILE).encoder)
+    flops_per_image = forward_flops_per_image(ViT(enc), device)
+    images = num_train + num_test
+    out: dict = {"gflop_per_img": flops_per_image / 1e9, "mfu_goal": MFU_GOAL,
+                 "clock": "cpu" if device.type == "cpu" else "wall", "threads": torch.get_num_threads(),
+                 "cpu_bf16_flags": cpu_bf16_flags()}
+    skipped = bf16_unavailable(device)
+    if skipped:
+        out["bf16_skipped"] = skipped
+    for precision in ("fp32",) if skipped else ("fp32", "bf16"):
+        peak = matmul_peak(DTYPES[precision], device, clock=mfu_clock(device))
+        seconds, clocked = feature_extraction_seconds(num_train, num_test, device, precision)
+        out[precision] = {"seconds": seconds, "clock_seconds": clocked, "img_per_s": images / seconds,
+                          "matmul_peak_flops": peak, "mfu": flops_per_image * images / clocked / peak}
+    if "bf16" in out:
+        out["bf16_speedup"] = out["fp32"]["clock_seconds"] / out["bf16"]["clock_seconds"]
+    return out
 
 
 def eval_results(num_train: int, num_test: int, device: torch.device) -> dict:
-    """{'knn_seconds': {...}, 'feature_extraction_seconds': {...}}: seconds, the target, and
-    whether it is met (None at other sizes than the target's)."""
+    """{'knn_seconds': {...}, 'feature_extraction_seconds': {...}, 'feature_extraction': {...}}:
+    seconds, the target and whether it is met (None at other sizes than the target's); fp32's
+    extraction seconds, and extraction's MFU at fp32 and bf16 (`extraction_mfu`)."""
     enc = ViTConfig(**get_profile(PROFILE).encoder)
     at_target_size = (num_train, num_test) == (TARGET_TRAIN, TARGET_TEST)
 
@@ -76,10 +142,12 @@ def eval_results(num_train: int, num_test: int, device: torch.device) -> dict:
         return {"seconds": seconds, "target_s": target,
                 "meets_target": seconds <= target if at_target_size else None, **about}
 
+    extraction = extraction_mfu(num_train, num_test, device)
     return {
         "knn_seconds": timing(knn_seconds(num_train, num_test), KNN_TARGET_S,
                               train=num_train, test=num_test, poolings=list(POOLINGS)),
         "feature_extraction_seconds": timing(
-            feature_extraction_seconds(num_train, num_test, device), FEATURES_TARGET_S,
+            extraction["fp32"]["seconds"], FEATURES_TARGET_S,
             images=num_train + num_test, encoder=f"ViT-{enc.size} {enc.img_size}px/p{enc.patch_size}"),
+        "feature_extraction": extraction,
     }

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
+from eval.features import cpu_bf16_flags
 
 MICRO = ["--size", "micro", "--img-size", "16", "--patch-size", "4", "--batch", "8", "--reps", "1",
          "--steps", "1", "--decoder", "32,1,2", "--eval-train", "64", "--eval-test", "16"]
@@ -19,7 +21,7 @@ def results(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "skipped work" in done.stdout
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "stdout": done.stdout}
 
 
 def test_every_competitor_gets_a_positive_rate_flops_and_mfu(results):
@@ -47,6 +49,22 @@ def test_knn_and_feature_extraction_are_timed_with_their_targets(results):
     assert knn["seconds"] > 0 and knn["target_s"] == 5
     assert features["seconds"] > 0 and features["target_s"] == 40 and features["images"] == 80
     assert knn["meets_target"] is None      # only judged at 50,000 x 10,000
+
+
+def test_extraction_mfu_is_printed_for_fp32_and_for_bf16_where_the_cpu_has_bf16_matmuls(results):
+    extraction = results["feature_extraction"]
+    assert extraction["mfu_goal"] == 0.8
+    assert 0.15 < extraction["gflop_per_img"] < 0.18        # the cpu profile's nano ViT, attention counted
+    precisions = ["fp32", "bf16"] if "bf16" in extraction else ["fp32"]
+    if not torch.cuda.is_available():
+        assert ("bf16" in extraction) == bool(cpu_bf16_flags())
+        assert "bf16" in extraction or "avx512_bf16" in extraction["bf16_skipped"]
+    for precision in precisions:
+        row = extraction[precision]
+        assert row["seconds"] > 0 and row["img_per_s"] > 0 and row["matmul_peak_flops"] > 0 and row["mfu"] > 0
+        assert f"features, 80 images, ViT-nano 32px/p4, {precision}" in results["stdout"]
+    assert results["feature_extraction_seconds"]["seconds"] == extraction["fp32"]["seconds"]
+    assert "extraction MFU" in results["stdout"] and "per encoder (k-NN evaluation, fp32)" in results["stdout"]
 
 
 def test_the_crop_and_each_photometric_view_are_timed_at_the_cpu_profiles_batch(results):
