@@ -72,11 +72,9 @@ HOLDOUT_IMAGES = 5000      # train images held out for hyper-parameter choices (
 def load_splits(root: str | Path, img_size: int, holdout: int = HOLDOUT_IMAGES,
                 on_bad_image: str = "error", progress: bool = True) -> Splits:
     """train/ and test/ of an ImageFolder dataset, plus a fixed held-out part of train."""
-    root = check_dataset_root(root)
+    root = check_dataset_root(root)        # (the class folders of both splits match)
     train = load_imagefolder(root / "train", img_size, on_bad_image, progress)
     test = load_imagefolder(root / "test", img_size, on_bad_image, progress)
-    if train.classes != test.classes:
-        raise DataError(f"train/ and test/ of {root} have different class folders; make them the same")
     return split_holdout(train, test, holdout)
 
 
@@ -90,7 +88,36 @@ def check_dataset_root(root: str | Path) -> Path:
     if missing:
         raise DataError(f"dataset folder {root} has no {' or '.join(missing)}/ subfolder; "
                         f"expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+    train, test = class_folders(root / "train"), class_folders(root / "test")
+    if train and test:          # (splits of tar shards have none: their index names the classes)
+        check_same_classes(root, train, test)
     return root
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted: label i is the i-th."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+
+
+def check_same_classes(root: Path, train: list[str], test: list[str], shown: int = 5) -> None:
+    """A label is a position in the split's classes: train/ and test/ must list the same ones,
+    in the same order. Raises DataError naming the classes only one split has (a few of them)."""
+    if list(train) == list(test):
+        return
+
+    def names(only: list[str]) -> str:
+        more = f" and {len(only) - shown} more" if len(only) > shown else ""
+        return ", ".join(only[:shown]) + more
+
+    only_train = [name for name in train if name not in set(test)]
+    only_test = [name for name in test if name not in set(train)]
+    if not only_train and not only_test:
+        raise DataError(f"train/ and test/ of {root} name the same classes in another order; write both "
+                        f"splits with one class list")
+    differ = "; ".join(f"only in {split}/: {names(only)}" for split, only in (("train", only_train),
+                                                                            ("test", only_test)) if only)
+    raise DataError(f"train/ and test/ of {root} have different class folders ({differ}); rename or remove "
+                    f"them so both splits hold the same classes")
 
 
 def holdout_size(num_train: int, holdout: int = HOLDOUT_IMAGES) -> int:
@@ -112,7 +139,7 @@ def split_holdout(train: ImageSet, test: ImageSet, holdout: int) -> Splits:
 
 
 def list_images(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    classes = class_folders(split_dir)
     if not classes:
         raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     files = []

@@ -26,8 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from core.files import atomic_write
-from engine.data import (HOLDOUT_IMAGES, DataError, ImageSet, Splits, cache_dir, check_dataset_root, split_holdout,
-                         to_square_rgb)
+from engine.data import (HOLDOUT_IMAGES, DataError, ImageSet, Splits, cache_dir, check_dataset_root, check_same_classes,
+                         split_holdout, to_square_rgb)
 from engine.data import load_splits as load_folder_splits
 from engine.shards import ShardReader, is_shard_split
 from engine.stream import (DATA_SOURCES, MEMORY_SOURCE_MAX_BYTES, Collate, ImageReader, Item, check_part,
@@ -41,10 +41,9 @@ def load_splits(root: str | Path, img_size: int, on_bad_image: str = "error", pr
     root = check_dataset_root(root)
     if not is_shard_split(root / "train"):
         return load_folder_splits(root, img_size, on_bad_image=on_bad_image, progress=progress)
-    train, test = (decode_split(ShardReader(root / split), img_size, on_bad_image, progress)
-                   for split in ("train", "test"))
-    if train.classes != test.classes:
-        raise DataError(f"the train and test shards of {root} have different classes; write them from one ImageFolder")
+    readers = [ShardReader(root / split) for split in ("train", "test")]
+    check_same_classes(root, readers[0].classes, readers[1].classes)      # before decoding a single image
+    train, test = (decode_split(reader, img_size, on_bad_image, progress) for reader in readers)
     return split_holdout(train, test, holdout=HOLDOUT_IMAGES)
 
 
@@ -176,8 +175,7 @@ def streamed_splits(root: str | Path, img_size: int, workers: int | None = None,
     root = check_dataset_root(root)
     train, test = (StreamedSet(open_reader(root / split), img_size, workers, on_bad_image)
                    for split in ("train", "test"))
-    if train.classes != test.classes:
-        raise DataError(f"train/ and test/ of {root} have different classes; make them the same")
+    check_same_classes(root, train.classes, test.classes)
     return Splits(train, test, None, None)
 
 

@@ -2,8 +2,10 @@
 the computation, not of the kernel that runs it), and this machine's FLOP/s, measured.
 
 Seconds are FLOPs / a sustained FLOP/s: the profile's assumed `flops_per_second`, or this
-machine's as `calibrate` measures it on a few MAE training steps (recorded in
-outputs/calibration.json and reused while the machine, threads and torch stay the same). One
+machine's as `calibrate` finds it: what the finished runs here sustained (their records), else a
+few MAE training steps measured on an idle machine (recorded in outputs/calibration.json for this
+CPU, cores, threads and torch; a figure measured on a busy one serves one command, with a
+warning). FLOP counts are kept on disk (`counted`), so a plan builds no model twice. One
 figure serves every phase: the bench measured every method's step within 80-92% of the matmul
 peak (README, Performance), and frozen-feature extraction runs near the training rate; BEiT's
 convolutional tokenizer trains at two thirds of it (`Method.training_efficiency`).
@@ -28,21 +30,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from core.files import read_json, write_json
-from engine.data import holdout_size, list_images
+from engine.data import IMAGE_SUFFIXES, cache_dir, holdout_size
+from engine.shards import ShardReader, is_shard_split
 from engine.trainer import adamw_plan, count_flops, total_steps, train_flops
 from engine.views import MaskedViews
 from eval.registry import split_name
@@ -51,6 +56,7 @@ from methods.base import Batch
 from methods.vit import ViT
 from runs.identity import RunProfile, Run, RunConfig, RunSpec, config_from_record, resolve
 from runs.plan import Plan
+from runs.records import read_record
 from runs.state import RunState, eval_config
 
 # images per split without a folder to count (the known sizes of the named datasets; else ImageNet's)
@@ -64,14 +70,82 @@ TRAINED_EVALUATIONS = ("finetune", "segmentation", "tokenizer")   # the others r
 NUM_CLASSES = {"synthetic": 10, "cifar10": 10, "imagenet": 1000}
 
 
+# ---- FLOP counts, kept on disk ----------------------------------------------------------------
+# Counting builds the model and runs a step under FlopCounterMode: about a second a config on the
+# 2-core machine, and --list or a --budget plan counts dozens. The counts are kept in
+# <cache>/flops.json (engine.data.cache_dir: $MIMBENCH_CACHE, else ~/.cache/mimbench) by config,
+# for the torch, timm and counted code that made them; a damaged or older file is ignored.
+FLOPS_CACHE_FILE = "flops.json"
+COUNTED_CODE = ("methods", "engine/trainer.py", "runs/cost.py")   # what builds, steps and counts a model
+
+
+@lru_cache(maxsize=1)
+def counting_version() -> str:
+    """A hash of torch's and timm's versions and the source of COUNTED_CODE: a count made by
+    other code is counted again."""
+    import timm
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha1(f"{torch.__version__} {timm.__version__}".encode())
+    for name in COUNTED_CODE:
+        for path in sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_counts(path: Path) -> dict[str, float]:
+    try:
+        data = read_json(path)
+        if data["version"] == counting_version():
+            return {key: float(value) for key, value in data["counts"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return {}
+
+
+@lru_cache(maxsize=1)
+def _counts_on_disk() -> dict[str, float]:
+    """This process's copy of flops.json, read once (a count made here is added to it)."""
+    return _read_counts(cache_dir() / FLOPS_CACHE_FILE)
+
+
+def counted(key: str, count) -> float:
+    """The FLOPs `count()` gives for `key` (a config as JSON), counted once per version of the code."""
+    counts = _counts_on_disk()
+    if key not in counts:
+        counts[key] = float(count())
+        path = cache_dir() / FLOPS_CACHE_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock", timeout=10):     # other processes' counts are kept
+                write_json(path, {"version": counting_version(), "counts": {**_read_counts(path), key: counts[key]}})
+        except (OSError, Timeout):
+            pass                    # an optimisation: counted again next time
+    return counts[key]
+
+
 @lru_cache(maxsize=64)
 def _flops_per_image(method: str, method_config_json: str) -> float:
-    model = registry[method][0](config_from_record(method, json.loads(method_config_json)))
-    enc = model.cfg.encoder
-    views = [torch.randn(2, enc.in_chans, size, size) for size, _ in model.view_specs(0.2)]
-    mask = model.draw_masks(2, torch.Generator().manual_seed(0))
-    batch = Batch.of_views(views, mask)
-    return train_flops(model, batch, torch.device("cpu")) / 2
+    def count() -> float:
+        model = registry[method][0](config_from_record(method, json.loads(method_config_json)))
+        enc = model.cfg.encoder
+        views = [torch.randn(2, enc.in_chans, size, size) for size, _ in model.view_specs(0.2)]
+        mask = model.draw_masks(2, torch.Generator().manual_seed(0))
+        batch = Batch.of_views(views, mask)
+        return train_flops(model, batch, torch.device("cpu")) / 2
+
+    return counted(f"train {method} {source_hash(registry[method][0])} {method_config_json}", count)
+
+
+@lru_cache(maxsize=None)
+def source_hash(method_cls: type) -> str:
+    """A hash of the file that defines a method: a method from outside (a plugin, runs.plugins)
+    is not in COUNTED_CODE, and its count must follow its code too."""
+    module = sys.modules.get(method_cls.__module__)
+    try:
+        return hashlib.sha1(Path(module.__file__).read_bytes()).hexdigest()[:12]
+    except (AttributeError, OSError, TypeError):
+        return "unknown"
 
 
 def flops_per_image(method: str, method_config: dict) -> float:
@@ -82,11 +156,14 @@ def flops_per_image(method: str, method_config: dict) -> float:
 
 @lru_cache(maxsize=64)
 def _encoder_forward_flops(encoder_json: str, img_size: int) -> float:
-    from methods.vit import ViTConfig
-    encoder = ViT(dataclasses.replace(ViTConfig(**json.loads(encoder_json)), img_size=img_size))
-    images = torch.randn(1, encoder.cfg.in_chans, img_size, img_size)
-    # a linear layer's backward is twice its forward: a third of a full-token step's FLOPs
-    return count_flops(encoder, lambda: encoder(images).float().sum()) / 3
+    def count() -> float:
+        from methods.vit import ViTConfig
+        encoder = ViT(dataclasses.replace(ViTConfig(**json.loads(encoder_json)), img_size=img_size))
+        images = torch.randn(1, encoder.cfg.in_chans, img_size, img_size)
+        # a linear layer's backward is twice its forward: a third of a full-token step's FLOPs
+        return count_flops(encoder, lambda: encoder(images).float().sum()) / 3
+
+    return counted(f"encoder {encoder_json} {img_size}", count)
 
 
 def cell_flops_per_image(spec: RunSpec, profile: RunProfile, recipe: str) -> float:
@@ -128,7 +205,19 @@ def train_steps(config: RunConfig) -> int:
 
 @lru_cache(maxsize=16)
 def count_images(root: str, split: str = "train") -> int:
-    return len(list_images(Path(root) / split)[1])
+    """Images in a split folder: the image files of its class folders, as engine.data.list_images
+    lists them (scanned, not sorted or kept: a --dry-run counts CIFAR-10's 60k files in tens of
+    ms), or the images its shards' index names."""
+    split_dir = Path(root) / split
+    if is_shard_split(split_dir):
+        return len(ShardReader(split_dir))
+    count = 0
+    with os.scandir(split_dir) as classes:
+        for folder in classes:
+            if folder.is_dir():
+                with os.scandir(folder.path) as files:
+                    count += sum(os.path.splitext(file.name)[1].lower() in IMAGE_SUFFIXES for file in files)
+    return count
 
 
 def pretrain_flops(config: RunConfig) -> float:
@@ -245,56 +334,182 @@ def plan_seconds(plan: Plan, flops_per_second: float) -> tuple[dict[str, dict[st
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_STEPS, CALIBRATION_WARMUP = 8, 2       # timed steps after warm-up steps (allocation)
 CALIBRATION_BATCH = 64      # at most; the cpu profile's nano MAE does ~120 img/s on one thread: ~5 s
+# A measurement is taken on a busy machine when the 1-minute load average exceeds the cores its
+# threads leave free by more than this: the planning process itself (imports, FLOP counts) and
+# short system tasks add a few tenths; a training or test process on the cores adds one or more.
+LOAD_SLACK = 0.5
+# ... or when a matmul timed just before the steps and one timed just after differ by more than
+# this factor: work that started or stopped during the measurement (an idle machine repeats it
+# within a few per cent)
+PEAK_SPREAD = 2.0
 
 
 @dataclass(frozen=True)
 class Calibration:
     flops_per_second: float
-    record: dict                # what calibration.json holds
-    reused: bool                # read from the file, not measured now
+    record: dict                # what the suite index keeps (calibration.json's fields for a measurement)
+    source: str                 # "runs" (finished runs here), "recorded" (calibration.json) or "measured" (now)
+    warning: str | None = None  # measured on a busy machine: used by this command only, not recorded
+
+    @property
+    def reused(self) -> bool:
+        return self.source != "measured"
 
     def describe(self) -> str:
-        r = self.record
-        how = "recorded" if self.reused else "measured now"
-        return (f"{self.flops_per_second / 1e9:.1f} GFLOP/s {how} ({r['threads']} thread(s), {r['device']}, "
-                f"MAE {r['steps']} steps of {r['batch_size']}, {r['timestamp']})")
+        """The figure and where it came from, for --dry-run."""
+        r, rate = self.record, f"{self.flops_per_second / 1e9:.1f} GFLOP/s"
+        where = f"{r['threads']} thread(s), {r['device_type']}"
+        if self.source == "runs":
+            return (f"{rate} from {r['runs']} finished run(s) on this machine (median of what their pre-training "
+                    f"sustained; {where})")
+        steps = f"MAE {r['steps']} steps of {r['batch_size']}"
+        if self.source == "recorded":
+            return f"{rate} recorded {r['timestamp']} ({where}, {steps}; no finished run on this machine yet)"
+        busy = " on a busy machine, not recorded" if self.warning else ""
+        return f"{rate} measured now{busy} ({where}, {steps}, {r['timestamp']})"
 
 
-def machine() -> dict:
-    """What a calibration holds for: this machine, its threads and torch (the FLOP/s differ otherwise)."""
+def cpu_model() -> str:
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"machine": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return cpu
+
+
+def machine() -> dict:
+    """What a FLOP/s figure holds for: the CPU model, its cores, the threads torch uses, torch, and
+    the GPU ("cpu" without one). Every run record's provenance holds these fields (runs.execute),
+    so a record restored from another machine (runs.archive) is told apart from this one's."""
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def sustained_by_runs(outputs: str | Path, profile: RunProfile, device: str = "cpu") -> dict[str, float]:
+    """Run name -> the training FLOP/s its pre-training sustained, for the finished runs in
+    `outputs` that trained here (their provenance holds this `machine()`) on `device`, at the
+    profile's model size, image size and batch: its counted FLOPs over its timed seconds, divided
+    by its method's `training_efficiency`, so the figure is the one at which `estimate_seconds`
+    gives the time it took. Runs of fewer timed steps than a measurement takes are left out; so are
+    folders that do not parse."""
+    here, figures = machine(), {}
+    for folder in sorted((Path(outputs) / "runs").glob("*/")):
+        try:
+            record = read_record(folder)
+            config = read_json(folder / "config.json")
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict) or record is None or not record.done or record.method not in registry or not record.train:
+            continue
+        if any(record.provenance.get(key) != value for key, value in here.items()):
+            continue
+        train, encoder = record.train, (config.get("method_config") or {}).get("encoder") or {}
+        if (str(train.get("device", "cpu")).split(":")[0] != str(device).split(":")[0]
+                or any(encoder.get(key) != value for key, value in profile.encoder.items())
+                or (config.get("train") or {}).get("batch_size") != profile.train.batch_size):
+            continue
+        flops, images = train.get("flops_total"), train.get("images_seen")
+        rate, seconds = train.get("images_per_second"), train.get("train_seconds_this_session")
+        if not (flops and images and rate and seconds) or \
+                rate * seconds / profile.train.batch_size < CALIBRATION_STEPS - 0.5:      # timed steps
+            continue
+        figures[folder.name] = flops / images * rate / registry[record.method][0].training_efficiency
+    return figures
 
 
 def calibrate(profile: RunProfile, outputs: str | Path, device: str = "cpu", recalibrate: bool = False) -> Calibration:
-    """This machine's sustained training FLOP/s at the profile's scale: read from
-    `outputs/calibration.json` when it was measured on this machine with as many threads, the
-    same torch, device and profile; else measured now and recorded. A lock makes processes
-    started together measure once (the second waits and reuses)."""
+    """This machine's sustained training FLOP/s at the profile's scale, the first of:
+
+    - the median of what the finished runs in `outputs` sustained on this machine
+      (`sustained_by_runs`): a plan is best made from real runs' speed, not a few steps';
+    - a measurement recorded in `outputs/calibration.json` for this machine, device and profile;
+    - a measurement now (a few MAE steps, `measure_flops_per_second`), recorded for the next
+      command unless the machine was busy while it was taken (`busy_reason`): such a figure
+      serves this command only, with a one-line `warning`, so it cannot set later plans.
+
+    `recalibrate` (--recalibrate) measures now; a busy measurement then leaves the plan at the
+    figure above it, if there is one. A lock makes processes started together measure once (the
+    second waits and reads the record)."""
+    wanted = {**machine(), "device_type": str(device).split(":")[0], "profile": profile.name}
+    now = datetime.datetime.now().isoformat(timespec="seconds")
     path = Path(outputs) / CALIBRATION_FILE
+    figures = sustained_by_runs(outputs, profile, device)
+    if figures:
+        median = statistics.median(figures.values())
+        trusted = Calibration(median, {**wanted, "flops_per_second": median, "runs": len(figures), "timestamp": now},
+                              source="runs")
+    else:
+        trusted = recorded_calibration(path, wanted)
+    if trusted is not None and not recalibrate:
+        return trusted
     path.parent.mkdir(parents=True, exist_ok=True)
-    wanted = {**machine(), "device": str(device), "profile": profile.name}
     with FileLock(str(path) + ".lock"):
-        if path.exists() and not recalibrate:
-            try:
-                record = read_json(path)
-                if {key: record.get(key) for key in wanted} == wanted and record["flops_per_second"] > 0:
-                    return Calibration(float(record["flops_per_second"]), record, reused=True)
-            except (OSError, ValueError, KeyError, TypeError):
-                pass                # damaged: measure again
+        if not recalibrate and (recorded := recorded_calibration(path, wanted)) is not None:
+            return recorded         # another process measured while this one waited
         batch_size = min(CALIBRATION_BATCH, profile.train.batch_size)
+        on_cpu = wanted["device_type"] == "cpu"   # the host's load says little about a GPU's speed
+        load_before, peak_before = (os.getloadavg()[0], matmul_peak()) if on_cpu else (0.0, 0.0)
+        started = time.perf_counter()
         flops_per_second = measure_flops_per_second(profile, device, batch_size)
+        seconds = time.perf_counter() - started
+        busy = busy_reason(wanted["threads"], load_before, os.getloadavg()[0], seconds,
+                           (peak_before, matmul_peak())) if on_cpu else None
         record = {**wanted, "flops_per_second": flops_per_second, "steps": CALIBRATION_STEPS,
-                  "batch_size": batch_size, "method": "mae",
-                  "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
-        write_json(path, record)
-    return Calibration(flops_per_second, record, reused=False)
+                  "batch_size": batch_size, "method": "mae", "timestamp": now, "busy": busy}
+        if busy is None:
+            write_json(path, record)
+            return Calibration(flops_per_second, record, source="measured")
+    measured = f"{flops_per_second / 1e9:.1f} GFLOP/s measured while this machine was busy ({busy})"
+    if trusted is not None:
+        return dataclasses.replace(trusted, warning=f"WARNING: {measured} is not recorded; the plan keeps the "
+                                                    f"{trusted.flops_per_second / 1e9:.1f} GFLOP/s of before")
+    return Calibration(flops_per_second, record, source="measured",
+                       warning=f"WARNING: {measured} serves this command only and is not recorded; plan again on "
+                               f"an idle machine, or give --budget in MAE-epochs (e.g. 1.3ep)")
+
+
+def recorded_calibration(path: Path, wanted: dict) -> Calibration | None:
+    """The measurement in calibration.json when it was taken for `wanted` (this machine, device
+    and profile); None when there is none, it is for another, or the file is damaged."""
+    try:
+        record = read_json(path)
+        if {key: record.get(key) for key in wanted} == wanted and record["flops_per_second"] > 0:
+            return Calibration(float(record["flops_per_second"]), record, source="recorded")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def busy_reason(threads: int, load_before: float, load_after: float, seconds: float,
+                peaks: tuple[float, float]) -> str | None:
+    """Why a measurement of `threads` threads over `seconds` was taken on a busy machine (None:
+    it was not), from the 1-minute load average before and after it (less what the measurement
+    itself adds to it) and a matmul's FLOP/s timed before and after it."""
+    cores = os.cpu_count() or 1
+    free = max(0, cores - threads)
+    own = threads * (1 - math.exp(-seconds / 60))       # the measurement's own share of the average
+    load = max(load_before, load_after - own)
+    if load > free + LOAD_SLACK:
+        return f"load average {load:.1f}, where its {threads} thread(s) leave {free} of {cores} cores free"
+    if max(peaks) > PEAK_SPREAD * min(peaks):
+        return (f"a matmul ran at {peaks[0] / 1e9:.0f} GFLOP/s before the steps and {peaks[1] / 1e9:.0f} "
+                f"after them")
+    return None
+
+
+def matmul_peak(size: int = 512, repeats: int = 10) -> float:
+    """FLOP/s of a square fp32 matmul on the CPU (the median of `repeats`, after one untimed)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - started)
+    return 2 * size ** 3 / max(statistics.median(seconds), 1e-9)
 
 
 def measure_flops_per_second(profile: RunProfile, device: str = "cpu", batch_size: int = CALIBRATION_BATCH,

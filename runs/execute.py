@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import subprocess
 import time
@@ -87,12 +86,13 @@ def provenance() -> dict:
     its module, version or file hash, and the methods and evaluations it registered."""
     import timm
 
+    from runs.cost import machine       # (runs.cost imports this module)
     from runs.plugins import records as plugin_records
 
-    out = {"git_commit": SOURCE_COMMIT, "torch": torch.__version__, "timm": timm.__version__,
-           "python": platform.python_version(), "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    # machine(): the CPU model, cores, threads, torch and GPU that a plan's FLOP/s are taken for
+    # from finished runs (runs.cost.sustained_by_runs); "cpu" is new, the others were always here
+    out = {"git_commit": SOURCE_COMMIT, "timm": timm.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), **machine(),
            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
     plugins = plugin_records()

@@ -44,6 +44,7 @@ class RunProfile(Protocol):
     method_defaults: dict       # per-method config overrides at this scale
     feature_batch: int
     flops_per_second: float
+    user_settings: dict         # the --set values by field, applied above a paper recipe
 
     def eval_config(self, name: str):
         """The config of evaluation `name` at this budget."""
@@ -195,13 +196,17 @@ def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: s
     check_evaluations(spec.method, spec.evals)
     method_cls = registry[spec.method][0]
     paper = recipe_of(spec.method, recipe)
+    # a paper recipe overrides the profile's encoder and train; what --set gave them is applied
+    # again above it (without a recipe it is in the profile's values already: names stay)
+    user = profile.user_settings if paper else {}
     overrides = deep_merge({"encoder": profile.encoder}, paper.method if paper else {},
-                           profile.method_defaults.get(spec.method, {}), spec.overrides)
+                           {"encoder": user.get("encoder", {})}, profile.method_defaults.get(spec.method, {}),
+                           spec.overrides)
     cfg = method_config(spec.method, **overrides)
     if spec.train and not method_cls.trains:
         raise ConfigError(f"method {spec.method!r} does not train; drop the RunSpec's train overrides")
     train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **(paper.train if paper else {}),
-                                       **spec.train},
+                                       **user.get("train", {}), **spec.train},
                          where=f"train config of {spec.method!r} ({spec.setting})")
     if train.schedule == "wsd" and (why := method_cls.length_dependent(cfg)):
         raise ConfigError(f"{spec.method} ({spec.setting}): {why}, so it cannot train under schedule='wsd' "

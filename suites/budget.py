@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,8 @@ def plan_budget(budget: ComputeBudget, profile_name: str, profile: RunProfile, r
     names = parse_evals(evals)
     budget_runs(profile, recipe, 1.0, names, 1, descriptor)    # bad evaluations fail before calibrating
     calibration = calibrate(profile, outputs, device, recalibrate=recalibrate)
+    if calibration.warning:         # before solving: a budget solved at a busy machine's figure may not cover it
+        print(calibration.warning, file=sys.stderr)
     known: dict = {}
     allocation = allocate(budget, profile, recipe, names, seeds, descriptor, outputs, budget_dir(outputs, profile_name),
                           calibration, recalibrate, known)

@@ -50,6 +50,10 @@ class Profile:
     # is what a nano MAE step reaches on the 2-core development machine (~100 GFLOP/s,
     # ~55% of its measured fp32 matmul peak); the GPU ones assume ~40% of bf16 peak.
     flops_per_second: float = 100e9
+    # the --set values as given (`override`), by field: {"train": {"blr": 0.005}}. A paper recipe
+    # sits above the profile's encoder and train; these are applied again above it, so what the
+    # user sets is what runs (runs.identity.resolve)
+    user_settings: dict = field(default_factory=dict)
 
     def eval_config(self, name: str):
         """The config of evaluation `name` at this profile; a registered evaluation the profile
@@ -156,7 +160,8 @@ def override(profile: Profile, settings: list[str]) -> Profile:
     """`profile` with `--set KEY=VALUE` settings applied, KEY a dotted path into its fields
     (`encoder.img_size=64`, `train.batch_size=32`, `method_defaults.mae.decoder_dim=64`,
     `feature_batch=64`); VALUE as JSON (`64`, `false`, `"micro"`), else as a string. A changed
-    config is another run (its folder name is the hash of the resolved config)."""
+    config is another run (its folder name is the hash of the resolved config). The settings are
+    also kept in `user_settings`, so they hold over a method's paper recipe too."""
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or not key:
@@ -166,6 +171,8 @@ def override(profile: Profile, settings: list[str]) -> Profile:
         except json.JSONDecodeError:
             value = text
         profile = _set_path(profile, key.split("."), value, key)
+        profile = dataclasses.replace(profile, user_settings=_set_path(profile.user_settings, key.split("."),
+                                                                       value, key))
     return profile
 
 
@@ -178,9 +185,9 @@ def _set_path(obj, parts: list[str], value, key: str):
             raise ConfigError(f"--set {key}: {head} holds a value, not fields")
         return {**obj, head: _set_path(obj.get(head, {}), rest, value, key)}
     if dataclasses.is_dataclass(obj):
-        names = [f.name for f in fields(obj)]
-        if head not in names or head == "name":
+        names = [f.name for f in fields(obj) if f.name not in ("name", "user_settings")]
+        if head not in names:
             raise ConfigError(f"--set {key}: {type(obj).__name__} has no field {head!r}; known: "
-                              f"{', '.join(n for n in names if n != 'name')}")
+                              f"{', '.join(names)}")
         return dataclasses.replace(obj, **{head: _set_path(getattr(obj, head), rest, value, key)})
     raise ConfigError(f"--set {key}: {parts[0]!r} is inside a value ({obj!r}), not a config")

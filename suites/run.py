@@ -39,7 +39,6 @@ from engine.data import DataError
 from engine.stream import DATA_SOURCES, MAX_WORKERS, MEMORY_SOURCE_MAX_BYTES
 from engine.trainer import Preempted
 from methods.recipes import RECIPES
-from reports.tables import load_index, metric_columns, summarize
 from runs import slurm
 from runs.cost import plan_seconds
 from runs.execute import RunOptions, check_inputs
@@ -84,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"with --budget: comma-separated evaluations (default "
                              f"{','.join(compare_methods.BUDGET_EVALS)}; e.g. knn,linear,finetune,segmentation)")
     parser.add_argument("--recalibrate", action="store_true",
-                        help="with --budget: measure this machine's FLOP/s again (outputs/calibration.json) "
-                             "and solve the budget again instead of keeping the E of an earlier command")
+                        help="with --budget: measure this machine's FLOP/s now (a few MAE steps; recorded in "
+                             "outputs/calibration.json unless the machine is busy) instead of taking what the "
+                             "finished runs here sustained, and solve the budget again instead of keeping the E "
+                             "of an earlier command")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and estimated cost, run nothing")
     parser.add_argument("--list", action="store_true", help="list the suites with grid sizes and costs")
     parser.add_argument("--table-only", action="store_true",
@@ -270,6 +271,8 @@ def run_here(args: argparse.Namespace, plan: Plan, budget_entry: dict | None) ->
 def write_table(suite_dir: Path, before: str = "") -> None:
     """The suite's table (mean ± 95% CI over seeds) from its index: printed, and saved as
     table.csv and table.md."""
+    from reports.tables import load_index, metric_columns, summarize     # pandas and scipy: 1 s to import
+
     runs_table = load_index(suite_dir / INDEX_FILE)
     table = summarize(runs_table, metric_columns(runs_table))
     table.to_csv(suite_dir / "table.csv", index=False)

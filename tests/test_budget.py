@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from runs import cost
 from runs.cost import CALIBRATION_FILE, Calibration, calibrate, machine, plan_seconds
 from runs.identity import data_descriptor
 from suites.profiles import get_profile
@@ -26,8 +27,8 @@ def run_cli(*args, outputs):
 
 
 def fixed_calibration(flops_per_second: float) -> Calibration:
-    record = {"threads": 1, "device": "cpu", "steps": 8, "batch_size": 64, "timestamp": "test"}
-    return Calibration(flops_per_second, record, reused=True)
+    record = {"threads": 1, "device_type": "cpu", "steps": 8, "batch_size": 64, "timestamp": "test"}
+    return Calibration(flops_per_second, record, source="recorded")
 
 
 def test_a_budget_is_hours_or_mae_epochs():
@@ -81,12 +82,15 @@ def test_a_budget_below_the_evaluations_alone_is_a_config_error(tmp_path):
                  tmp_path, tmp_path / "suite", fixed_calibration(50e9), recalibrate=False)
 
 
-def test_the_calibration_is_recorded_reused_and_measured_again_for_other_threads(tmp_path):
+def test_the_calibration_is_recorded_reused_and_measured_again_for_other_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))      # an idle machine (else: not recorded)
+    monkeypatch.setattr(cost, "matmul_peak", lambda: 100e9)
     profile = get_profile("smoke")
     first = calibrate(profile, tmp_path)
     record = json.loads((tmp_path / CALIBRATION_FILE).read_text())
-    assert not first.reused and first.flops_per_second > 0
-    assert {"machine", "cpu_count", "threads", "torch", "flops_per_second", "timestamp"} <= set(record)
+    assert not first.reused and first.flops_per_second > 0 and first.warning is None
+    assert {"cpu", "cpu_count", "threads", "torch", "device", "device_type", "flops_per_second",
+            "timestamp"} <= set(record)
     assert record["flops_per_second"] == first.flops_per_second
 
     again = calibrate(profile, tmp_path)
@@ -148,7 +152,7 @@ def test_finished_runs_cost_nothing_so_the_same_hours_then_buy_more_epochs(tmp_p
     # steps), so whether freeing `none`'s evaluations crosses the next step's cost (one iBOT step is
     # ~10x `none`'s evaluations at smoke size) would otherwise depend on where a measured FLOP/s lands
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({
-        **machine(), "device": "cpu", "profile": "smoke", "flops_per_second": 10e9, "steps": 8,
+        **machine(), "device_type": "cpu", "profile": "smoke", "flops_per_second": 10e9, "steps": 8,
         "batch_size": 64, "method": "mae", "timestamp": "test"}))
     before = dry_run(capsys, tmp_path, "--budget", "0.5h")
     assert "10.0 GFLOP/s recorded" in before

@@ -85,3 +85,37 @@ def test_augmentation_is_seeded_and_varies_crops():
     c = random_resized_crop_flip(images, 32, torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (64, 3, 32, 32) and np.isfinite(a.numpy()).all()
+
+
+def test_train_and_test_with_different_class_folders_fail_naming_them_before_any_decode(tmp_path, monkeypatch,
+                                                                                       capsys):
+    from engine import shards, splits
+    from suites.run import cli
+
+    write_folder(tmp_path / "data")
+    (tmp_path / "data" / "test" / "dog").rename(tmp_path / "data" / "test" / "dgo")     # a typo
+    for split in ("train", "test"):
+        shards.write_shards(tmp_path / "data" / split, tmp_path / "shards" / split)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr("engine.data.to_square_rgb", no_decoding)
+    monkeypatch.setattr("engine.splits.to_square_rgb", no_decoding)
+    monkeypatch.setattr("engine.stream.decode_rgb", no_decoding)
+    message = r"train/ and test/ of .* have different class folders \(only in train/: dog; only in test/: dgo\)"
+    for load in (load_splits, splits.load_splits):
+        for root in (tmp_path / "data", tmp_path / "shards"):
+            if load is load_splits and root.name == "shards":
+                continue            # engine.data reads ImageFolders only
+            with pytest.raises(DataError, match=message):
+                load(root, 16)
+    for root in (tmp_path / "data", tmp_path / "shards"):
+        with pytest.raises(DataError, match=message):
+            splits.streamed_splits(root, 16)
+    # the command line says it in one line, before anything is planned or written
+    assert cli(["ablation_mae_decoder", "--only", "none", "--data", str(tmp_path / "data"), "--table-only",
+                "--outputs", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: train/ and test/ of") and "only in test/: dgo" in line
+    assert not (tmp_path / "out").exists()

@@ -140,3 +140,47 @@ def test_mimbench_data_moves_the_data_root_of_cifar10_and_camvid(tmp_path, monke
     with pytest.raises(DataError, match=f"camvid folder {tmp_path / 'camvid'} has no"):
         dataset_root(cpu.evaluations.segmentation)
 
+
+# ---- --set over a recipe --------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["paper", "shared"])
+def test_a_set_value_holds_over_the_recipe_and_names_another_run(recipe):
+    """`--set train.blr=5e-3` trains at that blr under either recipe: the paper recipe's own blr
+    (MAE: 1.5e-4) would otherwise win over the profile silently and the run keep its name."""
+    from suites.profiles import override
+    from runs.identity import RunSpec
+
+    profile = get_profile("cpu")
+    data = data_of(profile)
+    plain = resolve(RunSpec("mae"), profile, 0, data, recipe=recipe)
+    assert resolve(RunSpec("mae"), override(profile, []), 0, data, recipe=recipe).name == plain.name
+    names = {plain.name}
+    for blr in (5e-3, 1e-3):
+        changed = resolve(RunSpec("mae"), override(profile, [f"train.blr={blr}"]), 0, data, recipe=recipe)
+        assert changed.train["blr"] == blr and changed.train_config().blr == blr
+        if blr != plain.train["blr"]:
+            names.add(changed.name)
+    assert len(names) == (3 if recipe == "paper" else 2)     # shared: 1e-3 is the profile's own blr
+    # what the recipe sets and --set leaves alone stays the recipe's
+    if recipe == "paper":
+        changed = resolve(RunSpec("mae"), override(profile, ["train.blr=5e-3"]), 0, data, recipe=recipe)
+        assert {k: v for k, v in changed.train.items() if k != "blr"} == \
+               {k: v for k, v in plain.train.items() if k != "blr"}
+        # a prerequisite (BEiT's tokenizer) is resolved from its hook and the shared recipe, as before
+        beit = resolve(RunSpec("beit"), override(profile, ["encoder.layer_scale=0.05"]), 0, data, recipe=recipe)
+        assert beit.method_config["encoder"]["layer_scale"] == 0.05        # the recipe says 0.1
+        assert [need.config.name for need in beit.requires.values()] == \
+               [need.config.name for need in resolve(RunSpec("beit"), profile, 0, data, recipe).requires.values()]
+
+
+def test_the_dry_run_names_a_set_run_differently_under_the_default_recipe(capsys):
+    from suites.run import cli
+
+    def names(*settings) -> list[str]:
+        args = [word for setting in settings for word in ("--set", setting)]
+        assert cli(["ablation_mae_decoder", "--dry-run", "--only", "mae", "--seeds", "1", "--data", PINNED["data_path"],
+                    "--outputs", "/nonexistent", *args]) == 0
+        return [line.rsplit("  [", 1)[0].split()[-1] for line in capsys.readouterr().out.splitlines()
+                if " seed " in line]
+
+    plain, high = names(), names("train.blr=5e-3")
+    assert len(plain) == len(high) > 0 and not set(plain) & set(high)
