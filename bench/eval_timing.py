@@ -25,9 +25,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.steps import matmul_peak, sync
+from core.config import ConfigError
 from engine.data import ImageSet
 from eval import knn
-from eval.features import POOLINGS, cached_features, cpu_bf16_flags, feature_file, inference_encoder
+from eval.features import (POOLINGS, cached_features, check_precision, cpu_bf16_flags, feature_file,
+                           inference_encoder)
 from methods.vit import ViT, ViTConfig
 from suites.profiles import get_profile
 
@@ -77,9 +79,11 @@ def forward_flops_per_image(encoder: ViT, device: torch.device) -> float:
 
 def bf16_unavailable(device: torch.device) -> str | None:
     """Why this machine is not offered bf16 extraction; None where it is."""
-    if device.type == "cpu":
-        return None if cpu_bf16_flags() else "this CPU has no bf16 matmuls (avx512_bf16 or AMX)"
-    return None if torch.cuda.is_bf16_supported() else f"{torch.cuda.get_device_name(device)} has no bf16"
+    try:
+        check_precision("bf16", device)
+    except ConfigError as refusal:
+        return str(refusal)
+    return None
 
 
 def feature_extraction_seconds(num_train: int, num_test: int, device: torch.device, precision: str = "fp32",
