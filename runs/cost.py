@@ -526,7 +526,7 @@ def measure_flops_per_second(profile: RunProfile, device: str = "cpu", batch_siz
     images = torch.randint(0, 256, (2 * batch_size, 3, size, size), dtype=torch.uint8)
     views = MaskedViews(method, images, batch_size, train.crop_scale_min, seed=0, device=torch.device(device))
     optimizer = adamw_plan(train, steps + warmup).make_optimizer(method)
-    flops_per_step = train_flops(method, views.batch_for_step(0), torch.device(device))
+    flops_per_step = flops_per_image(config.method, config.method_config) * batch_size   # (kept on disk)
 
     def step(s: int) -> None:
         loss, _ = method(views.batch_for_step(s))
