@@ -64,21 +64,30 @@ def test_registry_lists_the_foundation_methods():
 def test_loss_is_finite_falls_on_a_fixed_batch_and_reaches_the_encoder(name):
     torch.manual_seed(0)
     method = build_method(name, **micro_overrides())
+    losses, first_grads = train_on_a_fixed_batch(method)
+    grads = [g for g in first_grads.values() if g is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the encoder"
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def train_on_a_fixed_batch(method, steps: int = 12) -> tuple[list[float], dict]:
+    """`steps` AdamW steps of `method` on one fixed batch: the losses (each finite, logged as
+    "loss") and the encoder blocks' gradients of the first step, by parameter name."""
     batch = fixed_batch(method)
     optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
+    losses, first_grads = [], {}
+    for step in range(steps):
         loss, metrics = method(batch)
         assert torch.isfinite(loss) and "loss" in metrics
         optimizer.zero_grad()
         loss.backward()
         if step == 0:
-            grads = [p.grad for p in method.encoder.blocks.parameters() if p.grad is not None]
-            assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the encoder"
+            first_grads = {name: None if p.grad is None else p.grad.clone()
+                           for name, p in method.encoder.blocks.named_parameters()}
         optimizer.step()
-        method.after_step(step, Horizon(12))
+        method.after_step(step, Horizon(steps))
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], losses
+    return losses, first_grads
 
 
 def test_mae_loss_is_zero_for_a_perfect_prediction_and_counts_masked_patches_only():
@@ -171,18 +180,8 @@ def test_readme_add_a_method_file_registers_a_method_whose_loss_falls(monkeypatc
     runpy.run_path(str(tmp_path / "my_method.py"))
     assert "mymethod" in module.registry
     method = module.build_method("mymethod", **micro_overrides())
-    batch = fixed_batch(method)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
-        loss, metrics = method(batch)
-        assert torch.isfinite(loss) and "loss" in metrics
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 0:
-            assert method.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-        optimizer.step()
-        losses.append(loss.item())
+    losses, first_grads = train_on_a_fixed_batch(method)
+    assert first_grads["0.attn.qkv.weight"].abs().sum() > 0
     assert losses[-1] < 0.9 * losses[0], losses
 
 
