@@ -386,7 +386,9 @@ class Trainer:
         self._stop_signal = signum
 
     def fit(self) -> dict:
-        """Train to the end (resuming if checkpoints exist); returns stats for result.json."""
+        """Train to the end (resuming if checkpoints exist); returns stats for result.json,
+        among them "final_metrics": the last row of metrics.jsonl (step, lr, the trainable's
+        logs), which a method's collapse monitor reads (methods.base.Method.collapse)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.total_steps == 0:
             return {"steps": 0, "images_seen": 0, "train_seconds": 0.0}
@@ -431,7 +433,8 @@ class Trainer:
         stats = {"steps": self.total_steps, "images_seen": self.total_steps * self.plan.batch_size,
                  **stats, "flops_per_step": flops, "flops_total": flops * self.total_steps if flops else None,
                  "peak_memory_mb": peak_memory_mb(self.device), "skipped_nonfinite_steps": bad_steps,
-                 "precision": precision_name(self.device, self.plan.precision), "device": str(self.device)}
+                 "precision": precision_name(self.device, self.plan.precision), "device": str(self.device),
+                 "final_metrics": log.final() if log is not None else None}
         if self.rank == 0:
             write_json(stats_file, stats)
         return stats
@@ -578,9 +581,11 @@ class MetricLog:
     def __init__(self, run_dir: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter   # (imports tensorboard: only when training)
 
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a")
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start or None)
         self.pending: list[dict] = []
+        self.last: dict | None = None       # the last row written
 
     def add(self, row: dict) -> None:
         self.pending.append(row)
@@ -599,11 +604,20 @@ class MetricLog:
                 if key != "step":
                     self.writer.add_scalar(key, value, clean["step"])
             last = clean.get("loss", last)
+            self.last = clean
         self.file.flush()
         os.fsync(self.file.fileno())
         self.writer.flush()
         self.pending.clear()
         return last
+
+    def final(self) -> dict | None:
+        """The last row of metrics.jsonl: this session's, or the file's when the session wrote
+        none (resumed at the end: killed between the last checkpoint and train_stats.json)."""
+        if self.last is None:
+            rows = self.path.read_text().splitlines()     # (whole: `Trainer.resume` dropped any cut short)
+            self.last = json.loads(rows[-1]) if rows else None
+        return self.last
 
     def close(self) -> None:
         self.file.close()

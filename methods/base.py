@@ -160,6 +160,11 @@ class Method(nn.Module):
     # config's defaults (setting "default"); compare_methods runs every method at its defaults.
     # (The project's own methods' cells are in the suites' modules, beside the papers' tables.)
     suite_cells: Mapping[str, Mapping[str, dict]] = MappingProxyType({})
+    # what its collapse monitor (`collapse`) reads: keys of the run's last logged step
+    # (metrics.jsonl, kept as train stats' "final_metrics"), and a prerequisite run's record
+    # metrics by role. Neither: no monitor, never flagged (MAE, pixel, none)
+    collapse_metrics: tuple[str, ...] = ()
+    collapse_prerequisite_metrics: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
     def __init__(self, cfg):
         super().__init__()
@@ -213,6 +218,14 @@ class Method(nn.Module):
     def length_dependent(cls, cfg) -> str | None:
         """Why a per-step schedule of this config depends on the run's total length (None: none
         does, beyond what `Horizon` handles): such a config cannot run under schedule="wsd"."""
+        return None
+
+    @classmethod
+    def collapse(cls, cfg, final: dict[str, float], prerequisites: dict[str, dict[str, float]]) -> str | None:
+        """Why a finished run of `cfg` collapsed, in one line; None when it did not. `final`:
+        the `collapse_metrics` of its last logged step; `prerequisites`: role -> the
+        `collapse_prerequisite_metrics` of that run's record. The run layer reads them
+        (runs.collapse) and calls this only when all are there. Default: never collapsed."""
         return None
 
     @classmethod

@@ -66,6 +66,12 @@ class BEiTConfig:
         return ViTConfig(img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans)
 
 
+# The collapse monitor: a tokenizer using fewer than this share of its codes on the test split
+# gives stage 2 too few targets to learn from; that flags every BEiT run built on it. (The cpu
+# profile's tokenizer in results/runs uses 17%.)
+MIN_CODEBOOK_USAGE = 0.05
+
+
 @register_method("beit", BEiTConfig)
 class BEiT(MIMMethod):
     # BEiT paper Table 11 (pre-training hyper-parameters), microsoft/unilm beit/datasets.py
@@ -83,6 +89,8 @@ class BEiT(MIMMethod):
                                  drop_path=0.1),    # stochastic depth 0.1
                     augment="beit"),                # ColorJitter(0.4, 0.4, 0.4)
         source="Bao et al. 2022, Table 11; microsoft/unilm beit/run_beit_pretraining.py")
+    # the tokenizer run's share of codes used on the test split (its "tokenizer" evaluation)
+    collapse_prerequisite_metrics = {"tokenizer": ("tokenizer_codebook_usage",)}
 
     def __init__(self, cfg: BEiTConfig):
         super().__init__(cfg)
@@ -106,6 +114,16 @@ class BEiT(MIMMethod):
             train={"epochs": cfg.tokenizer_epochs, "blr": cfg.tokenizer_blr},
             seed=cfg.tokenizer_seed,
             evals=("tokenizer",))}
+
+    @classmethod
+    def collapse(cls, cfg: BEiTConfig, final: dict, prerequisites: dict[str, dict[str, float]]) -> str | None:
+        """Collapsed when its tokenizer uses fewer than MIN_CODEBOOK_USAGE of its codes on the
+        test split: the targets, not this run's training, are what failed."""
+        usage = prerequisites["tokenizer"]["tokenizer_codebook_usage"]
+        if usage >= MIN_CODEBOOK_USAGE:
+            return None
+        return (f"its tokenizer uses {usage:.1%} of its {cfg.tokenizer.vocab_size} codes on the test split "
+                f"(< {MIN_CODEBOOK_USAGE:.0%}): too few targets")
 
     def use_prerequisites(self, products: dict[str, nn.Module]) -> None:
         """Take the trained tokenizer (called by the run layer before training)."""

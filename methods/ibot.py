@@ -35,6 +35,11 @@ MOMENTUM_RULES = ("fixed", "scaled")
 # the "scaled" rule: the teacher keeps at most 1% of its random init at the end of any run
 # (the product of the cosine schedule's momenta is ~exp(-(1 - base) * steps / 2))
 INIT_SHARE_AT_END = 0.01
+# The collapse monitor: a teacher whose [CLS] output at the end of training has an entropy above
+# this share of ln K (the entropy of the uniform distribution over K prototypes) gives the
+# student near-uniform targets, nothing to learn from. The cpu profile's runs in results/runs
+# (0.2-0.8 epochs) ended at 6.84-6.90 (paper recipe) and 6.57-6.73 (shared) of ln 1024 = 6.93.
+COLLAPSED_ENTROPY_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,7 @@ class IBOT(MIMMethod):
                     freeze_last_layer_frac=1 / 100),    # freeze_last_layer 1 epoch (DINO: of 100)
         source="Zhou et al. 2022; bytedance/ibot main_ibot.py, README ViT-S/16")
     synced_buffers = ("center_cls", "center_patch")   # the same centres on every rank (torchrun)
+    collapse_metrics = ("teacher_entropy_cls", "teacher_entropy_patch")   # forward's logs
     encoder_variants = ("student",)     # saved beside the exported teacher: "knn@student" evaluates it
 
     def __init__(self, cfg: IBOTConfig):
@@ -340,6 +346,19 @@ class IBOT(MIMMethod):
         if cfg.momentum_rule == "scaled":
             return "momentum_rule='scaled' sets the teacher's base momentum from the run's total length"
         return None
+
+    @classmethod
+    def collapse(cls, cfg: IBOTConfig, final: dict[str, float], prerequisites: dict) -> str | None:
+        """Collapsed when the teacher's [CLS] entropy at the last logged step is above
+        COLLAPSED_ENTROPY_SHARE ln K (K = out_dim). The patch entropy is reported beside it,
+        relative to ln K too, but is not part of the rule."""
+        uniform = math.log(cfg.out_dim)
+        cls_share = final["teacher_entropy_cls"] / uniform
+        if cls_share <= COLLAPSED_ENTROPY_SHARE:
+            return None
+        patch_share = final["teacher_entropy_patch"] / uniform
+        return (f"teacher [CLS] entropy {final['teacher_entropy_cls']:.2f} = {cls_share:.3f} ln K (K = {cfg.out_dim}) "
+                f"> {COLLAPSED_ENTROPY_SHARE} ln K: near-uniform targets (patch entropy {patch_share:.3f} ln K)")
 
     @torch.no_grad()
     def after_step(self, step: int, horizon: Horizon) -> None:
