@@ -3,8 +3,10 @@
     python -m reports.build [suite ...] [--outputs outputs] [--out reports/out] [--readme README.md]
 
 Per suite and profile: table.md / table.csv / index.html (self-contained) with mean ± 95% CI
-over seeds per cell (method, setting, recipe), the paired difference to the `none` baseline
-per seed with its CI and whether that excludes zero (paired_differences.csv), the smallest
+over seeds per cell (method, setting, recipe), the paired difference of each run to its own init
+(the untrained encoder of its architecture and seed; `none` in an index from before `init_run`)
+with its CI, starred where a Holm correction over the table keeps it (paired_differences.csv),
+collapsed cells labelled and never starred or ranked, the smallest
 difference each cell's seeds can detect (detectable_differences.csv), the methods ranked under
 each recipe side by side when a suite has both (ranking_by_recipe.csv), failed/missing runs
 shown as such, plots (metric vs mask ratio, metric vs pre-training FLOPs, loss curves), the
@@ -37,11 +39,12 @@ import seaborn as sns  # noqa: E402
 
 from reports import papers  # noqa: E402
 from reports.curve import curve_of, curve_section  # noqa: E402
-from reports.plots import img_tag, method_palette, t_interval  # noqa: E402
+from reports.plots import COLLAPSED_LABEL, img_tag, method_palette, ring_collapsed, t_interval  # noqa: E402
 from reports.ranking import flip_lines, ranking_by_recipe  # noqa: E402
-from reports.tables import (BASELINE, CELL, NO_RECIPE, RUNS_FROM_INDEX, ci95, format_ci, load_index,  # noqa: E402
-                            detectable_differences, finished_baseline, metric_columns, paired_diffs, read_index,
-                            summarize, warn)
+from reports.tables import (ALPHA, BASELINE, CELL, NO_RECIPE, PRIMARY_METRIC, RUNS_FROM_INDEX, ci95,  # noqa: E402
+                            collapse_note, detectable_differences, family_size, format_ci, holm, is_init, load_index,
+                            metric_columns, paired_diffs, paired_p_value, pairing_of, read_index, reference_runs,
+                            summarize, text_column, warn)
 from runs.records import RecordError  # noqa: E402
 
 
@@ -50,43 +53,68 @@ class ReportError(ValueError):
     message names the problem and the fix, and main prints it on one line."""
 
 
-def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Per cell (method, setting, recipe): mean ± CI of (run - baseline of the same seed) for
-    every metric, `+3.20 ± 1.10 *` where the CI excludes zero; a cell with no finished run gets
-    a row of `–`. The one baseline cell is the baseline of every recipe's cells."""
+def paired_differences(runs: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, int]:
+    """Per pre-trained cell (method, setting, recipe): mean ± CI of (run - its own init, same seed)
+    for every metric, `+3.20 ± 1.10 *` where Holm's correction over every cell x metric difference
+    of the table keeps it; a collapsed cell's differences are shown, labelled, and left out of the
+    family (never starred); a cell with no finished run gets a row of `–`. Also how many
+    differences the family holds. An index from before `init_run` pairs with its one `none` cell."""
     cells = runs.loc[runs["method"] == BASELINE, "setting"].unique()
-    if len(cells) > 1:
-        raise ReportError(f"the suite has {len(cells)} `{BASELINE}` cells ({', '.join(map(repr, cells))}); "
-                          f"the paired differences need one: keep a single RunSpec({BASELINE!r}, ...)")
-    baseline = finished_baseline(runs)
-    rows = []
-    for (method, setting, recipe), cell in runs[runs["method"] != BASELINE].groupby(CELL, sort=False):
+    unnamed = text_column(runs, "init_run").eq("") & ~is_init(runs)
+    if len(cells) > 1 and unnamed.any():
+        raise ReportError(f"the suite has {len(cells)} `{BASELINE}` cells ({', '.join(map(repr, cells))}) and runs "
+                          f"whose index entry names no init_run; paired with `{BASELINE}` by seed, they need one: "
+                          f"keep a single RunSpec({BASELINE!r}, ...)")
+    pairing = pairing_of(runs)
+    rows, tests = [], {}            # (row, column) -> p of the paired t-test, for Holm
+    for (method, setting, recipe), cell in runs[~is_init(runs)].groupby(CELL, sort=False):
         row = {"method": method, "setting": setting, "recipe": recipe}
+        collapsed = collapse_note(cell)
         for metric in metrics:
-            diffs = paired_diffs(cell, baseline, metric)
-            mean, half = ci95(diffs)
-            row[f"Δ {metric}"] = (format_ci(mean, half, len(diffs), int((cell["status"] == "done").sum()), signed=True)
-                                  + (" *" if excludes_zero(mean, half) else ""))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def excludes_zero(mean: float, half: float) -> bool:
-    """Whether the 95% CI mean ± half leaves zero out (never for one seed: no interval)."""
-    return bool(not np.isnan(half) and abs(mean) > half)
+            diffs = paired_diffs(cell, pairing, metric)
+            row[f"Δ {metric}"] = format_ci(*ci95(diffs), len(diffs), int((cell["status"] == "done").sum()),
+                                           signed=True)
+            if not collapsed:
+                tests[(len(rows), f"Δ {metric}")] = paired_p_value(diffs)
+        rows.append({**row, "collapsed": collapsed})
+    for (i, column), star in zip(tests, holm(list(tests.values()))):
+        rows[i][column] += " *" if star else ""
+    table = pd.DataFrame(rows)
+    if table.empty or table["collapsed"].eq("").all():
+        table = table.drop(columns="collapsed", errors="ignore")
+    return table, family_size(tests.values())
 
 
 RECIPE_LEGEND = ("recipe: paper = pre-trained at the method's paper recipe, shared = at the one recipe all "
-                 f"methods share, {NO_RECIPE} = none, which does not pre-train and is the baseline of every "
-                 "recipe's cells.")
-DIFFERENCE_LEGEND = ("Paired by seed: mean ± 95% CI of (cell - none) over the seeds both finished; * = the CI "
-                     "excludes 0; – = no seed where both finished. A student k-NN is paired with none's k-NN.")
-DETECTABLE_LEGEND = ("Half-width of the 95% t-interval of each cell's mean (metric columns) and of its paired "
-                     "difference to none (Δ columns): a difference smaller than this could not be told from "
-                     "zero at these seeds. n/a (1 seed) = one seed gives no interval; – = no value.")
-RANKING_LEGEND = ("Methods ordered by mean under each pre-training recipe (mean ± 95% CI over seeds); where a "
-                  "suite has several settings per method, its compute-matched block (reports.ranking."
-                  "ranking_cells). none does not pre-train and is ranked under both.")
+                 f"methods share, {NO_RECIPE} = none and any other init, which do not pre-train and are the "
+                 "baselines of every recipe's cells.")
+COLLAPSED_LEGEND = ("collapsed: a run of the cell collapsed (its method's monitor; the reason per seed); its numbers "
+                    "are shown, never starred and never ranked.")
+
+
+def difference_legend(label: str, family: int) -> str:
+    """The paired-difference table's caption: what it pairs with, and the family its stars are
+    corrected over."""
+    pairs = ("the run of its own init (the untrained encoder of its architecture and seed)" if label == "own init"
+             else "the none run (random init) of the same seed")
+    return (f"Paired by seed: mean ± 95% CI of (cell - {label}) over the seeds both finished, each run against "
+            f"{pairs}; – = no seed where both finished. A student k-NN is paired with its init's k-NN. Stars: "
+            f"Holm-corrected over the {family} paired differences of this table (every cell x metric with two or "
+            f"more paired seeds, collapsed cells left out), alpha {ALPHA:g}; the ± is each difference's uncorrected "
+            "interval.")
+
+
+def detectable_legend(label: str) -> str:
+    return ("Half-width of the 95% t-interval of each cell's mean (metric columns) and of its paired "
+            f"difference to {label} (Δ columns): a difference smaller than this could not be told from "
+            "zero at these seeds. n/a (1 seed) = one seed gives no interval; – = no value.")
+
+
+RANKING_LEGEND = ("Methods ordered by mean under each pre-training recipe (mean ± 95% CI over seeds), "
+                  f"{PRIMARY_METRIC} (the primary metric: [CLS] gets no loss in MAE, pixel or BEiT and swings up to "
+                  "7 points between seeds) first; where a suite has several settings per method, its compute-matched "
+                  "block (reports.ranking.ranking_cells). none does not pre-train and is ranked under both. A "
+                  "collapsed cell is not ranked.")
 
 
 def baseline_footnote(runs: pd.DataFrame, metrics: list[str]) -> list[str]:
@@ -145,7 +173,8 @@ def setting_labels(runs: pd.DataFrame, settings: pd.Series | None = None) -> lis
 def draw_baseline(ax, runs: pd.DataFrame, metric: str) -> float:
     """The `none` baseline's mean over its finished seeds, drawn as a dashed line; NaN (and no
     line) without one."""
-    level = runs.loc[(runs["method"] == BASELINE) & (runs["status"] == "done"), metric].mean()
+    reference = reference_runs(runs)
+    level = reference.loc[reference["status"] == "done", metric].mean()
     if pd.notna(level):
         ax.axhline(level, color="gray", ls="--", lw=1, label="none (random init)")
     return level
@@ -170,23 +199,27 @@ def plot_vs_ratio(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     metrics = [m for m in metrics if m in data and data.loc[data[m].notna(), "cell"].nunique() >= 2]
     if data.empty or not metrics:
         return False
-    long = data.melt(id_vars=["method", family, "mask.ratio", "seed"], value_vars=metrics,
+    data = data.assign(collapsed=text_column(data, "collapsed"))
+    long = data.melt(id_vars=["method", family, "mask.ratio", "seed", "collapsed"], value_vars=metrics,
                      var_name="protocol", value_name="top-1 / mIoU (%)")
     palette = method_palette(runs)
     grid = sns.relplot(data=long, x="mask.ratio", y="top-1 / mIoU (%)", hue="method", style=family,
                        col="protocol", col_order=metrics, kind="line", markers=True, dashes=False,
                        errorbar=t_interval, palette=palette, height=3.2, aspect=1.1, facet_kws={"sharey": False})
+    collapsed = False
     for ax, metric in zip(grid.axes.flat, metrics):
         seeds = long[long["protocol"] == metric]
         ax.scatter(seeds["mask.ratio"], seeds["top-1 / mIoU (%)"], s=9, alpha=0.45, zorder=3,
                    c=[palette[m] for m in seeds["method"]])
+        collapsed |= ring_collapsed(ax, seeds, "mask.ratio", "top-1 / mIoU (%)")
         shown = [*seeds["top-1 / mIoU (%)"].dropna(), draw_baseline(ax, runs, metric)]
         # the axis fits the seeds, not a 2-seed t-interval (12.7 standard errors wide): bands
         # that leave the panel are clipped, the tables print them in full
         pad = max(2.0, 0.15 * (np.nanmax(shown) - np.nanmin(shown)))
         ax.set_ylim(np.nanmin(shown) - pad, np.nanmax(shown) + pad)
     grid.figure.suptitle("accuracy vs mask ratio per protocol (line: mean over seeds; dots: single seeds; "
-                         "band: 95% t-interval, clipped to the panel; dashed: none)", y=1.03, fontsize=9)
+                         "band: 95% t-interval, clipped to the panel; dashed: none"
+                         + (f"; grey rings: {COLLAPSED_LABEL}" if collapsed else "") + ")", y=1.03, fontsize=9)
     grid.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(grid.figure)
     return True
@@ -200,18 +233,21 @@ def plot_vs_flops(runs: pd.DataFrame, metrics: list[str], path: Path) -> bool:
     metrics = [m for m in metrics if data[m].notna().any()]
     if data.empty or not metrics:
         return False
-    long = data.assign(tflops=data[column] / 1e12, setting=setting_labels(data)).melt(
-        id_vars=["method", "setting", "tflops"], value_vars=metrics, var_name="protocol",
+    long = data.assign(tflops=data[column] / 1e12, setting=setting_labels(data),
+                       collapsed=text_column(data, "collapsed")).melt(
+        id_vars=["method", "setting", "tflops", "collapsed"], value_vars=metrics, var_name="protocol",
         value_name="top-1 / mIoU (%)")
     grid = sns.relplot(data=long, x="tflops", y="top-1 / mIoU (%)", hue="method", style="setting",
                        col="protocol", col_order=metrics, col_wrap=min(3, len(metrics)), kind="scatter",
                        s=70, palette=method_palette(runs), height=3.2, aspect=1.1,
                        facet_kws={"sharey": False})
+    collapsed = False
     for ax, metric in zip(grid.axes.flat, metrics):
         draw_baseline(ax, runs, metric)
+        collapsed |= ring_collapsed(ax, long[long["protocol"] == metric], "tflops", "top-1 / mIoU (%)")
     grid.set_xlabels("pre-training compute (TFLOP, counted)")
-    grid.figure.suptitle("accuracy vs pre-training compute per protocol (dots: single seeds; dashed: none)",
-                         y=1.03, fontsize=9)
+    grid.figure.suptitle("accuracy vs pre-training compute per protocol (dots: single seeds; dashed: none"
+                         + (f"; grey rings: {COLLAPSED_LABEL}" if collapsed else "") + ")", y=1.03, fontsize=9)
     grid.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(grid.figure)
     return True
@@ -224,10 +260,11 @@ MONITORS = ("entropy", "center_norm")
 
 def training_curves(runs: pd.DataFrame, run_root: Path) -> pd.DataFrame:
     """Long table (run, method, step, name, value) of every logged scalar of each setting's
-    first seed."""
+    first seed; a collapsed run's name says so."""
     rows = []
-    first = runs[(runs["method"] != BASELINE) & (runs["seed"] == runs["seed"].min())]
-    for (_, run), setting in zip(first.iterrows(), setting_labels(first)):
+    first = runs[~is_init(runs) & (runs["seed"] == runs["seed"].min())]
+    collapsed = text_column(first, "collapsed") != ""
+    for (_, run), setting, gone in zip(first.iterrows(), setting_labels(first), collapsed):
         metrics_file = run_root / run["run"] / "metrics.jsonl"
         if not metrics_file.exists():
             continue
@@ -237,8 +274,8 @@ def training_curves(runs: pd.DataFrame, run_root: Path) -> pd.DataFrame:
             except json.JSONDecodeError:
                 continue        # blank, or the last line of a run killed mid-write
             if isinstance(record, dict) and "step" in record:
-                rows += [{"run": f"{run['method']} {setting}", "method": run["method"],
-                          "step": record["step"], "name": name, "value": value}
+                label = f"{run['method']} {setting}" + (" (collapsed)" if gone else "")
+                rows += [{"run": label, "method": run["method"], "step": record["step"], "name": name, "value": value}
                          for name, value in record.items() if name not in ("step", "lr")]
     return pd.DataFrame(rows, columns=["run", "method", "step", "name", "value"])
 
@@ -301,25 +338,29 @@ def table_sections(runs: pd.DataFrame, metrics: list[str], out_dir: Path) -> lis
     """(heading, legend, table, notes below it) of each of the suite's tables, for table.md and
     index.html alike; each table also written to `out_dir` as CSV, with the runs' own."""
     table = with_paper_columns(summarize(runs, metrics))
-    diffs = paired_differences(runs, metrics) if (runs["method"] == BASELINE).any() else pd.DataFrame()
+    diffs, family = paired_differences(runs, metrics) if is_init(runs).any() else (pd.DataFrame(), 0)
     detectable = detectable_differences(runs, metrics)
-    ranking, flipped = ranking_by_recipe(runs, metrics)
+    ranking, flipped, unranked = ranking_by_recipe(runs, metrics)
+    label = pairing_of(runs).label
     table.to_csv(out_dir / "table.csv", index=False)
     runs.to_csv(out_dir / "runs.csv", index=False)
     detectable.to_csv(out_dir / "detectable_differences.csv", index=False)
     baseline_note = baseline_footnote(runs, metrics)
+    collapsed_note = [COLLAPSED_LEGEND] if "collapsed" in table else []
     sections = [(None, "Mean ± 95% CI (t-interval) over seeds; – = no finished run; (n of m seeds) = only n "
                        "of the cell's m finished runs have that evaluation.",
-                 table, [RECIPE_LEGEND, f"Paper columns: {papers.SOURCE}.", *baseline_note])]
+                 table, [RECIPE_LEGEND, *collapsed_note, f"Paper columns: {papers.SOURCE}.", *baseline_note])]
     if not diffs.empty:
         diffs.to_csv(out_dir / "paired_differences.csv", index=False)
-        sections.append(("Difference to the none baseline", DIFFERENCE_LEGEND, diffs, baseline_note))
-    sections.append(("Smallest detectable difference", DETECTABLE_LEGEND, detectable, []))
+        heading = "Difference to own init" if label == "own init" else "Difference to the none baseline"
+        sections.append((heading, difference_legend(label, family), diffs, [*collapsed_note, *baseline_note]))
+    sections.append(("Smallest detectable difference", detectable_legend(label), detectable, collapsed_note))
     if not ranking.empty:
         ranking.to_csv(out_dir / "ranking_by_recipe.csv", index=False)
+        left_out = [f"Not ranked (collapsed): {'; '.join(unranked)}."] if unranked else []
         sections.append(("Ranking by recipe", RANKING_LEGEND, ranking,
                          ["Pairs that flip between recipes (within noise: the two cells' 95% CIs overlap "
-                          "under either recipe):", *flip_lines(flipped), *baseline_note]))
+                          "under either recipe):", *flip_lines(flipped), *left_out, *baseline_note]))
     return sections
 
 
@@ -341,12 +382,16 @@ def html_sections(sections: list[tuple]) -> list[str]:
 
 
 def html_status(runs: pd.DataFrame) -> list[str]:
-    """The table of runs that failed, are missing or lack an evaluation; [] when there is none."""
+    """The tables of runs that failed, are missing or lack an evaluation, and of runs that
+    collapsed, with why; [] when there is none."""
     status = runs[(runs["status"] != "done") | (runs["missing evaluations"] != "")][
         ["method", "setting", "recipe", "seed", "run", "status", "missing evaluations", "problem"]]
-    if status.empty:
-        return []
-    return ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
+    collapsed = runs.assign(collapsed=text_column(runs, "collapsed"))
+    collapsed = collapsed[collapsed["collapsed"] != ""][["method", "setting", "recipe", "seed", "run", "collapsed"]]
+    parts = [] if status.empty else ["<h2>Failed, missing or incomplete runs</h2>", status.to_html(index=False)]
+    if not collapsed.empty:
+        parts += ["<h2>Collapsed runs</h2>", f"<p>{html.escape(COLLAPSED_LEGEND)}</p>", collapsed.to_html(index=False)]
+    return parts
 
 
 def html_figures(runs: pd.DataFrame, run_root: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""What every plot of a report page shares: the error band, the colour of each method, the inline image."""
+"""What every plot of a report page shares: the error band, the colour of each method, the mark of a
+collapsed run, the inline image."""
 from __future__ import annotations
 
 import base64
@@ -12,7 +13,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from reports.tables import ci95  # noqa: E402
+from reports.tables import ci95, text_column  # noqa: E402
+
+COLLAPSED_COLOUR = "0.45"       # the grey ring around a collapsed run's point, in every plot
+COLLAPSED_LABEL = "collapsed (the tables give why)"
 
 
 def t_interval(values) -> tuple[float, float]:
@@ -26,6 +30,17 @@ def method_palette(runs: pd.DataFrame) -> dict:
     """One colour per method of the suite, the same in every plot of its page."""
     names = sorted(runs["method"].dropna().unique())
     return dict(zip(names, sns.color_palette(n_colors=len(names))))
+
+
+def ring_collapsed(ax, data: pd.DataFrame, x: str, y: str) -> bool:
+    """A hollow grey ring around each collapsed run's point (its index entry's `collapsed`) of `data`;
+    whether there was any."""
+    collapsed = data[text_column(data, "collapsed") != ""]
+    if collapsed.empty:
+        return False
+    ax.scatter(collapsed[x], collapsed[y], s=120, facecolors="none", edgecolors=COLLAPSED_COLOUR, linewidths=1.5,
+               zorder=4, label=COLLAPSED_LABEL)
+    return True
 
 
 def img_tag(path: Path) -> str:

@@ -2,7 +2,8 @@
 
 A suite whose cells pre-train both at the shared recipe and at each method's paper recipe asks
 whether the comparison depends on the recipe: for each headline metric, the methods ordered by
-mean under `shared` and under `paper`, and which ordered pairs swap between the two.
+mean under `shared` and under `paper`, and which ordered pairs swap between the two. The primary
+metric (`PRIMARY_METRIC`, mean-pooled k-NN) is ranked first; a collapsed cell is never ranked.
 """
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from reports.tables import BASELINE, CELL, NO_RECIPE, ci95, cell_values, format_ci
+from reports.tables import BASELINE, CELL, NO_RECIPE, PRIMARY_METRIC, ci95, cell_values, collapse_note, format_ci
 
 RECIPES = ("shared", "paper")
-# the metrics ranked, when the suite has them
-HEADLINE = ["knn_top1_cls", "knn_top1_mean", "linear_top1_cls", "linear_top1_mean", "finetune_top1", "seg_miou"]
+# the metrics ranked, when the suite has them: the primary one first
+HEADLINE = [PRIMARY_METRIC, "knn_top1_cls", "linear_top1_mean", "linear_top1_cls", "finetune_top1", "seg_miou"]
 
 
 def compute_matched(setting: str) -> bool:
@@ -37,17 +38,39 @@ def ranking_cells(cells: pd.DataFrame) -> pd.DataFrame:
     return cells[cells["setting"].map(compute_matched) | single]
 
 
-def ranked(runs: pd.DataFrame, cells: pd.DataFrame, metric: str) -> list[tuple[str, float, float]]:
-    """(name, mean, CI half-width) of the cells that have the metric, best first; a cell is
-    named by its method, and by its setting too where its method has several cells here."""
+def cell_names(cells: pd.DataFrame) -> list[str]:
+    """Each cell as a ranking names it: its method, and its setting too where its method has
+    several cells here."""
     several = cells["method"].duplicated(keep=False)
+    return [f"{method} ({setting})" if repeated else method
+            for method, setting, repeated in zip(cells["method"], cells["setting"], several)]
+
+
+def runs_of(runs: pd.DataFrame, cell: pd.Series) -> pd.DataFrame:
+    return runs[(runs[CELL] == cell[CELL]).all(axis=1)]
+
+
+def ranked(runs: pd.DataFrame, cells: pd.DataFrame, metric: str) -> list[tuple[str, float, float]]:
+    """(name, mean, CI half-width) of the cells that have the metric, best first (`cell_names`); a
+    collapsed cell is left out (`collapsed_cells` names it)."""
     out = []
-    for (_, cell), repeated in zip(cells.iterrows(), several):
-        values = cell_values(runs[(runs[CELL] == cell[CELL]).all(axis=1)], metric)
-        mean, half = ci95(values)
-        if not np.isnan(mean):
-            out.append((f"{cell['method']} ({cell['setting']})" if repeated else cell["method"], mean, half))
+    for (_, cell), name in zip(cells.iterrows(), cell_names(cells)):
+        of_cell = runs_of(runs, cell)
+        mean, half = ci95(cell_values(of_cell, metric))
+        if not np.isnan(mean) and not collapse_note(of_cell):
+            out.append((name, mean, half))
     return sorted(out, key=lambda entry: (-entry[1], entry[0]))
+
+
+def collapsed_cells(runs: pd.DataFrame, cells: pd.DataFrame, recipe: str) -> list[str]:
+    """The cells a ranking under `recipe` leaves out as collapsed, named as `ranked` would name them:
+    "ibot (paper): seed 1: teacher entropy 0.02"."""
+    out = []
+    for (_, cell), name in zip(cells.iterrows(), cell_names(cells)):
+        note = collapse_note(runs_of(runs, cell))
+        if note:
+            out.append(f"{name} ({recipe}): {note}")
+    return out
 
 
 def ranked_text(rank: int, entries: list[tuple[str, float, float]]) -> str:
@@ -80,24 +103,28 @@ def flips(order: dict[str, list[tuple[str, float, float]]]) -> list[str]:
     return out
 
 
-def ranking_by_recipe(runs: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Per headline metric, the cells of `ranking_cells` ordered by mean under each recipe
-    (columns `shared` and `paper`, each entry "1. mae 43.20 ± 1.00"), and per metric the
-    pairs that flip (`flips`). The baseline, which does not pre-train, is ranked under both.
-    An empty table when the suite's cells do not have both recipes."""
+def ranking_by_recipe(runs: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, dict[str, list[str]],
+                                                                       list[str]]:
+    """Per headline metric (the primary one first), the cells of `ranking_cells` ordered by mean
+    under each recipe (columns `shared` and `paper`, each entry "1. mae 43.20 ± 1.00"), per metric
+    the pairs that flip (`flips`), and the collapsed cells left out of every ranking
+    (`collapsed_cells`). The baseline, which does not pre-train, is ranked under both. An empty
+    table when the suite's cells do not have both recipes."""
     cells = runs[CELL].drop_duplicates()
     if not set(RECIPES) <= set(cells.loc[cells["method"] != BASELINE, "recipe"]):
-        return pd.DataFrame(), {}
+        return pd.DataFrame(), {}, []
     block = ranking_cells(cells)
+    under = {recipe: block[block["recipe"].isin([recipe, NO_RECIPE])] for recipe in RECIPES}
     rows, flipped = [], {}
     for metric in [m for m in HEADLINE if m in metrics]:
-        order = {recipe: ranked(runs, block[block["recipe"].isin([recipe, NO_RECIPE])], metric) for recipe in RECIPES}
+        order = {recipe: ranked(runs, cells, metric) for recipe, cells in under.items()}
         if not any(order.values()):
             continue
         for rank in range(max(len(entries) for entries in order.values())):
             rows.append({"metric": metric, **{recipe: ranked_text(rank, entries) for recipe, entries in order.items()}})
         flipped[metric] = flips(order)
-    return pd.DataFrame(rows, columns=["metric", *RECIPES]), flipped
+    unranked = [entry for recipe, cells in under.items() for entry in collapsed_cells(runs, cells, recipe)]
+    return pd.DataFrame(rows, columns=["metric", *RECIPES]), flipped, list(dict.fromkeys(unranked))
 
 
 def flip_lines(flipped: dict[str, list[str]]) -> list[str]:

@@ -6,14 +6,21 @@ of the table is built.
 
 A cell is (method, setting, recipe): two cells that differ only by the recipe they pre-trained
 with (`paper`, the method's paper recipe, or `shared`, the one recipe all methods share) are
-two rows. The `none` baseline does not pre-train: its recipe is `—`, and it is the baseline of
-every recipe's cells.
+two rows. The `none` baseline does not pre-train: its recipe is `—`.
+
+A paired difference subtracts, seed by seed, each run's own init: the untrained encoder of its
+architecture and seed, the run its index entry's `init_run` names (`Pairing`); an index from
+before `init_run` pairs every run with the `none` run of its seed. A difference is starred only
+after a Holm correction over the family its table tests (`holm`). A run whose index entry has a
+`collapsed` reason makes its cell collapsed: labelled everywhere, never starred or ranked.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,11 @@ from runs.records import RecordError, RunRecord, read_record, record_path
 # encoder beside the default, its teacher's)
 PROTOCOLS = ["knn_top1_cls", "knn_top1_mean", "knn_student_top1_cls", "knn_student_top1_mean",
              "linear_top1_cls", "linear_top1_mean", "finetune_top1", "seg_miou"]
+
+# The metric verdicts and rankings read first. Mean-pooled k-NN: the [CLS] token gets no loss in MAE,
+# pixel or BEiT, and its k-NN swings up to 7 points between seeds.
+PRIMARY_METRIC = "knn_top1_mean"
+ALPHA = 0.05                            # the family-wise error rate of a table's stars (Holm)
 
 BASELINE = "none"                       # the method that does not pre-train: random init
 SHARED_RECIPE = "shared"                # a run whose config.json names no recipe
@@ -75,6 +87,8 @@ def load_index(index_file: Path, index: dict | None = None) -> pd.DataFrame:
         run_dir = Path(os.path.normpath(Path(index_file).parent / entry["run_dir"]))
         row = {"method": entry["method"], "setting": entry["setting"], "recipe": recipe_of(entry, run_dir),
                "seed": entry["seed"], "run": Path(entry["run_dir"]).name, "missing evaluations": "", "problem": "",
+               # runs.index's optional columns; an index from before them: nobody collapsed, no init named
+               "collapsed": entry_text(entry.get("collapsed")), "init_run": entry_text(entry.get("init_run")),
                # pre-training has logged steps but not finished (running now, or stopped)
                "status": "unfinished" if (run_dir / "metrics.jsonl").exists() else "missing"}
         try:
@@ -101,6 +115,34 @@ def load_index(index_file: Path, index: dict | None = None) -> pd.DataFrame:
                     row["missing evaluations"] += f" (last failure: {error})"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def entry_text(value) -> str:
+    """An optional text of an index entry (`collapsed`'s reason, `init_run`): "" when it is missing,
+    None or NaN; a bare `true` reads as a reason not given."""
+    if isinstance(value, str):
+        return value.strip()
+    if value is None or value is False or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return "collapsed (no reason given)" if value is True else str(value)
+
+
+def text_column(runs: pd.DataFrame, column: str) -> pd.Series:
+    """A text column of `load_index`'s table, "" where empty (a table built without it: all "")."""
+    if column not in runs:
+        return pd.Series("", index=runs.index, dtype=object)
+    return runs[column].map(entry_text)
+
+
+def collapse_note(cell: pd.DataFrame) -> str:
+    """Why a cell is collapsed, from its runs' `collapsed` reasons ("seed 1: teacher entropy 0.02 of
+    ln K"; "seeds 0, 1: ..." for a reason shared); "" when no run of it collapsed."""
+    reasons = text_column(cell, "collapsed")
+    seeds: dict[str, list[str]] = {}
+    for seed, reason in zip(cell["seed"], reasons):
+        if reason:
+            seeds.setdefault(reason, []).append(str(seed))
+    return "; ".join(f"seed{'s' if len(s) > 1 else ''} {', '.join(s)}: {reason}" for reason, s in seeds.items())
 
 
 def recipe_of(entry: dict, run_dir: Path) -> str:
@@ -134,7 +176,8 @@ def suite_metrics(record: RunRecord, evals: list[str] | None) -> dict:
 
 
 def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Mean ± 95% CI per cell (method, setting, recipe); failed / missing runs counted, not dropped."""
+    """Mean ± 95% CI per cell (method, setting, recipe); failed / missing runs counted, not dropped;
+    a `collapsed` column with each collapsed cell's reason when some cell collapsed."""
     out = []
     for (method, setting, recipe), group in runs.groupby(CELL, sort=False):
         done = group[group["status"] == "done"]
@@ -144,8 +187,15 @@ def summarize(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         for metric in metrics:
             values = cell_values(group, metric)
             row[metric] = format_ci(*ci95(values), n=len(values), of=len(done))
-        out.append(row)
+        out.append(with_collapse(row, group, runs))
     return pd.DataFrame(out)
+
+
+def with_collapse(row: dict, cell: pd.DataFrame, runs: pd.DataFrame) -> dict:
+    """The row of a cell's table with its `collapsed` note, when some run of the suite collapsed."""
+    if text_column(runs, "collapsed").eq("").all():
+        return row
+    return {**row, "collapsed": collapse_note(cell)}
 
 
 def format_ci(mean: float, half: float, n: int = 0, of: int = 0, signed: bool = False) -> str:
@@ -163,22 +213,91 @@ def format_ci(mean: float, half: float, n: int = 0, of: int = 0, signed: bool = 
 BASELINE_METRIC = {"knn_student_top1_cls": "knn_top1_cls", "knn_student_top1_mean": "knn_top1_mean"}
 
 
-def finished_baseline(runs: pd.DataFrame) -> pd.DataFrame:
-    """The baseline's finished runs, by seed (the paired differences' other side)."""
-    done = runs[runs["status"] == "done"]
-    return done[done["method"] == BASELINE].set_index("seed")
+def reference_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the reference `none` cell (random init, the grid's first `none` cell): what an
+    index from before `init_run` pairs every run with, and the band a plot draws as random init."""
+    none = runs[runs["method"] == BASELINE]
+    return none[none["setting"] == none["setting"].iloc[0]] if len(none) else none
 
 
-def paired_diffs(cell: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> list[float]:
-    """(run - baseline run of the same seed) for each finished run of the cell whose seed the
-    baseline (`finished_baseline`) has the metric for."""
-    has_own = metric in baseline and baseline[metric].notna().any()
-    base_metric = metric if has_own else BASELINE_METRIC.get(metric, metric)
-    if base_metric not in baseline or metric not in cell:
-        return []
-    pairs = [(r[metric], baseline.loc[r["seed"], base_metric])
-             for _, r in cell[cell["status"] == "done"].iterrows() if r["seed"] in baseline.index]
-    return [value - base for value, base in pairs if pd.notna(value) and pd.notna(base)]
+def is_init(runs: pd.DataFrame) -> pd.Series:
+    """The runs that are an init, not a pre-trained cell: `none`'s, and any run that names itself
+    its own init."""
+    return (runs["method"] == BASELINE) | (text_column(runs, "init_run") == runs["run"])
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Which finished run a run's paired difference subtracts: the run its `init_run` names (its own
+    init: the untrained encoder of its architecture and seed), else, in an index from before
+    `init_run`, the reference `none` run of its seed (`reference_runs`)."""
+    inits: pd.DataFrame         # the finished runs, by run-folder name
+    reference: pd.DataFrame     # the reference `none` cell's finished runs, by seed
+    own_init: bool              # some run names its init: the tables call the baseline "own init"
+
+    @property
+    def label(self) -> str:
+        return "own init" if self.own_init else "random init"
+
+    def partner(self, run: pd.Series) -> pd.Series | None:
+        name = entry_text(run.get("init_run"))
+        table, key = (self.inits, name) if name else (self.reference, run["seed"])
+        return table.loc[key] if key in table.index else None
+
+
+def pairing_of(runs: pd.DataFrame) -> Pairing:
+    done = runs[runs["status"] == "done"].drop_duplicates("run")
+    reference = reference_runs(done).drop_duplicates("seed").set_index("seed")
+    return Pairing(done.set_index("run"), reference, bool(text_column(runs, "init_run").ne("").any()))
+
+
+def paired_diffs(cell: pd.DataFrame, pairing: Pairing, metric: str) -> list[float]:
+    """(run - its init) for each finished run of the cell whose init (`Pairing.partner`) has the
+    metric: a student's metric pairs with its init's plain one (`BASELINE_METRIC`)."""
+    diffs = []
+    for _, run in cell[cell["status"] == "done"].iterrows():
+        init = pairing.partner(run)
+        if init is None or pd.isna(run.get(metric)):
+            continue
+        base = init.get(metric)
+        base = init.get(BASELINE_METRIC.get(metric, metric)) if pd.isna(base) else base
+        if pd.notna(base):
+            diffs.append(run[metric] - base)
+    return diffs
+
+
+def paired_p_value(diffs) -> float:
+    """The two-sided p-value of a paired t-test over seeds (a one-sample t-test of the differences
+    against 0, as scipy's ttest_rel); NaN below two pairs. It is below 0.05 exactly when the 95%
+    interval of `ci95` leaves 0 out."""
+    diffs = np.asarray(diffs, dtype=float)
+    if len(diffs) < 2:
+        return float("nan")
+    spread = diffs.std(ddof=1)
+    if spread == 0:                     # every seed moved by the same amount
+        return 1.0 if diffs.mean() == 0 else 0.0
+    t = diffs.mean() / (spread / np.sqrt(len(diffs)))
+    return float(2 * stats.t.sf(abs(t), len(diffs) - 1))
+
+
+def holm(p_values, alpha: float = ALPHA) -> list[bool]:
+    """Which hypotheses of a family Holm's step-down procedure rejects at family-wise error `alpha`:
+    the smallest p is held to alpha / m, the next to alpha / (m - 1), and so on, stopping at the
+    first that fails. A NaN p (no test: one seed, a collapsed cell) is outside the family and never
+    rejected; m counts the others."""
+    p_values = [float(p) for p in p_values]
+    family = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, i in enumerate(family):
+        if p_values[i] > alpha / (len(family) - rank):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def family_size(p_values) -> int:
+    """How many tests a family holds: the p-values that are not NaN."""
+    return sum(not math.isnan(float(p)) for p in p_values)
 
 
 def cell_values(cell: pd.DataFrame, metric: str) -> list[float]:
@@ -188,11 +307,12 @@ def cell_values(cell: pd.DataFrame, metric: str) -> list[float]:
 
 def detectable_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Per cell and metric, the smallest difference its seeds can detect: the half-width of the
-    cell's 95% t-interval (column `metric`) and of its paired difference to the baseline's
-    (`Δ metric`, when the suite has a baseline; `–` for the baseline itself). `n/a (1 seed)`
-    where one seed gives no interval."""
-    baseline = finished_baseline(runs)
-    paired = bool((runs["method"] == BASELINE).any())
+    cell's 95% t-interval (column `metric`) and of its paired difference to its own init
+    (`Δ metric`, when the suite has a baseline; `–` for an init itself). `n/a (1 seed)` where one
+    seed gives no interval."""
+    pairing = pairing_of(runs)
+    paired = bool(is_init(runs).any())
+    inits = set(runs.loc[is_init(runs), "run"])
     out = []
     for (method, setting, recipe), cell in runs.groupby(CELL, sort=False):
         row = {"method": method, "setting": setting, "recipe": recipe,
@@ -201,7 +321,7 @@ def detectable_differences(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFra
             values = cell_values(cell, metric)
             row[metric] = half_width_text(ci95(values)[1], len(values))
             if paired:
-                diffs = [] if method == BASELINE else paired_diffs(cell, baseline, metric)
+                diffs = [] if set(cell["run"]) <= inits else paired_diffs(cell, pairing, metric)
                 row[f"Δ {metric}"] = half_width_text(ci95(diffs)[1], len(diffs))
-        out.append(row)
+        out.append(with_collapse(row, cell, runs))
     return pd.DataFrame(out)
