@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from core.config import late_field
 from engine.data import Splits
-from eval.features import cached_features, check_precision, feature_file
+from eval.features import cached_features, check_precision, feature_file, subset_positions
 from eval.registry import EvalContext, EvalResult, register_evaluation
 from methods.vit import ViT
 
@@ -90,3 +90,17 @@ def run(encoder: ViT, splits: Splits, cfg: KNNConfig, ctx: EvalContext) -> EvalR
                            feature_file(ctx.features_dir, "test", precision=cfg.feature_precision),
                            desc="features test", **kw)
     return EvalResult(knn_metrics(train, test, cfg))
+
+
+@register_evaluation("knn_holdout", KNNConfig, check_inputs=check_inputs)
+def run_holdout(encoder: ViT, splits: Splits, cfg: KNNConfig, ctx: EvalContext) -> EvalResult:
+    """k-NN with the train split's fit part as memory and its held-out part as queries: the
+    criterion hyper-parameters are chosen by (`suites.tune`), so the test split stays untouched.
+    Reads the train features `knn` caches (one extraction serves both)."""
+    train = cached_features(encoder, splits.train,
+                            feature_file(ctx.features_dir, "train", precision=cfg.feature_precision),
+                            desc="features train", batch_size=ctx.feature_batch, device=ctx.device,
+                            progress=ctx.progress, precision=cfg.feature_precision)
+    fit, held_out = (subset_positions(splits.train, part) for part in (splits.fit, splits.holdout))
+    pick = lambda positions: {name: value[positions] for name, value in train.items()}   # noqa: E731
+    return EvalResult({f"holdout_{name}": value for name, value in knn_metrics(pick(fit), pick(held_out), cfg).items()})

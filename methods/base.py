@@ -148,6 +148,9 @@ class Method(nn.Module):
     # the paper's pre-training recipe (methods.recipes.Recipe), applied under --recipe paper;
     # None: the method trains with the profile's shared recipe under both
     paper_recipe = None
+    # what --recipe tuned changes beside the tuned lr (methods.recipes): the masks scaled to the
+    # grid, a method's small-scale settings; the lr itself is chosen by suites.tune
+    tuned_recipe = None
     # other encoders a finished run saves beside its product (`<name>.safetensors`), which an
     # evaluation "knn@<name>" takes instead of the product (iBOT: "student" and "teacher")
     encoder_variants: tuple[str, ...] = ()

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from core.config import ConfigError, late_field
 from methods.base import Batch, MIMMethod, Prerequisite, at_masked, check_augment
 from methods.dvae import DVAE, TOKENIZER_FILE, DVAEConfig, TokenizerConfig, load_tokenizer
-from methods.masking import MaskConfig
+from methods.masking import SCALED, MaskConfig
 from methods.recipes import Recipe
 from methods.registry import register_method
 from methods.vit import ViTConfig, init_weights
@@ -66,6 +66,10 @@ class BEiTConfig:
         return ViTConfig(img_size=enc.img_size, patch_size=enc.patch_size, in_chans=enc.in_chans)
 
 
+# BEiT's masking, 40% blockwise, its smallest block (16 of 196 patches) scaled to the grid
+# (4 of 64 at 8x8; methods.masking.SCALED)
+SCALED_MASK = dict(strategy="block", ratio=0.4, min_block_patches=SCALED)
+
 # The collapse monitor: a tokenizer using fewer than this share of its codes on the test split
 # gives stage 2 too few targets to learn from; that flags every BEiT run built on it. (The cpu
 # profile's tokenizer in results/runs uses 17%.)
@@ -87,8 +91,10 @@ class BEiT(MIMMethod):
                    crop_scale_min=0.08),        # RandomResizedCrop(scale=(0.08, 1)) + flip
         method=dict(encoder=dict(layer_scale=0.1,   # layer-scale init 0.1
                                  drop_path=0.1),    # stochastic depth 0.1
-                    augment="beit"),                # ColorJitter(0.4, 0.4, 0.4)
+                    augment="beit",                 # ColorJitter(0.4, 0.4, 0.4)
+                    mask=SCALED_MASK),
         source="Bao et al. 2022, Table 11; microsoft/unilm beit/run_beit_pretraining.py")
+    tuned_recipe = Recipe(method=dict(mask=SCALED_MASK), source="the shared recipe, BEiT's smallest block scaled")
     # the tokenizer run's share of codes used on the test split (its "tokenizer" evaluation)
     collapse_prerequisite_metrics = {"tokenizer": ("tokenizer_codebook_usage",)}
 

@@ -31,10 +31,13 @@ STRATEGIES = ("random", "block", "grid")
 class MaskConfig:
     strategy: str = "random"        # one of STRATEGIES
     ratio: float = 0.75             # fraction of patches masked
-    min_block_patches: int = 16     # BEiT's smallest block (at a 14x14 grid); clipped to the target count
+    # BEiT's smallest block (16 at its 14x14 grid); clipped to the target count. SCALED (0): the
+    # same share of the grid at any grid, (grid // 3)^2 (16 at 14x14, 4 at 8x8; iBOT's rule)
+    min_block_patches: int = 16
     min_aspect: float = 0.3         # BEiT's block aspect-ratio range [0.3, 1/0.3]
     # the side, in patches, of the square unit a mask is drawn in (SimMIM: a 32-px unit = 2x2
-    # patches of 16 px); 1 = per patch, as every earlier run
+    # patches of 16 px); 1 = per patch, as every earlier run. SCALED (0): SimMIM's share of the
+    # image side (32 of 224 px, a seventh) at any grid, round(grid / 7) (2 at 14x14, 1 at 8x8)
     unit: int = late_field(1)
 
     def validate(self) -> None:
@@ -44,15 +47,30 @@ class MaskConfig:
             raise ConfigError(f"mask ratio {self.ratio} must be in (0, 1), e.g. 0.75")
         if self.strategy == "grid":
             grid_stride(self.ratio)
-        if self.min_block_patches < 1 or not 0.0 < self.min_aspect <= 1.0:
-            raise ConfigError("min_block_patches must be >= 1 and min_aspect in (0, 1]")
-        if self.unit < 1:
-            raise ConfigError(f"mask unit {self.unit} must be >= 1 patches (SimMIM: 2)")
+        if self.min_block_patches < 0 or not 0.0 < self.min_aspect <= 1.0:
+            raise ConfigError("min_block_patches must be >= 1 (or 0: scaled to the grid) and min_aspect in (0, 1]")
+        if self.unit < 0:
+            raise ConfigError(f"mask unit {self.unit} must be >= 1 patches (SimMIM: 2) or 0 (scaled to the grid)")
+
+    def at_grid(self, grid: int) -> "MaskConfig":
+        """This config with its SCALED values made concrete for a grid x grid patch grid."""
+        return dataclasses.replace(self, min_block_patches=self.min_block_patches or scaled_min_block(grid),
+                                   unit=self.unit or max(1, round(grid / 7)))
 
     def check_grid(self, grid: int) -> None:
-        if grid % self.unit:
-            raise ConfigError(f"mask unit {self.unit} must divide the {grid}x{grid} patch grid; "
+        unit = self.at_grid(grid).unit
+        if grid % unit:
+            raise ConfigError(f"mask unit {unit} must divide the {grid}x{grid} patch grid; "
                               f"pick a divisor of {grid}")
+
+
+SCALED = 0      # a MaskConfig size set to the papers' share of the grid (MaskConfig.at_grid)
+
+
+def scaled_min_block(grid: int) -> int:
+    """The smallest mask block at the papers' share of the grid, (grid // 3)^2: BEiT's 16 at
+    14x14 (224 px, patch 16), 4 at 8x8, 1 at 4x4."""
+    return max(1, (grid // 3) ** 2)
 
 
 def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Generator,
@@ -60,6 +78,7 @@ def make_masks(cfg: MaskConfig, batch_size: int, grid: int, generator: torch.Gen
     """(batch_size, grid*grid) bool masks drawn with `generator`. Random and grid masks hide
     the same number of patches in every image; blockwise ones only with `exact_count`. With
     `cfg.unit` > 1 the mask is drawn on the grid of units and each unit covers unit x unit patches."""
+    cfg = cfg.at_grid(grid)
     if cfg.unit > 1:
         cfg.check_grid(grid)
         # a block's smallest size is counted in patches: in units, a unit^2-th of it

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from core.config import ConfigError
 from methods.base import Batch, MIMMethod, masked_mean, patch_targets, prediction_to_images
-from methods.masking import MaskConfig
+from methods.masking import SCALED, MaskConfig
 from methods.recipes import Recipe
 from methods.registry import register_method
 from methods.vit import ViTConfig, init_weights
@@ -33,6 +33,10 @@ class PixelConfig:
             raise ConfigError(f"unknown pixel loss {self.loss!r}; known: {', '.join(LOSSES)}")
 
 
+# SimMIM's mask: 0.6 random in units of a seventh of the image side (methods.masking.SCALED)
+SCALED_MASK = dict(strategy="random", ratio=0.6, unit=SCALED)
+
+
 @register_method("pixel", PixelConfig)
 class PixelRegression(MIMMethod):
     # SimMIM ViT-B (microsoft/SimMIM configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml,
@@ -48,10 +52,12 @@ class PixelRegression(MIMMethod):
                    crop_scale_min=0.67),    # RandomResizedCrop(scale=(0.67, 1)) + flip
         method=dict(encoder=dict(layer_scale=0.1,    # LAYER_SCALE_INIT_VALUE 0.1
                                  drop_path=0.1),     # DROP_PATH_RATE 0.1
-                    # MASK_RATIO 0.6 at MASK_PATCH_SIZE 32 = 2x2 patches of 16 px (the whole
-                    # mask config: a partial one would start from MaskConfig's defaults)
-                    mask=dict(strategy="random", ratio=0.6, unit=2)),
+                    # MASK_RATIO 0.6 at MASK_PATCH_SIZE 32: 2x2 patches of 16 px at 224 px, a
+                    # seventh of the side, scaled to the grid (one patch at 8x8; the whole mask
+                    # config: a partial one would start from MaskConfig's defaults)
+                    mask=SCALED_MASK),
         source="Xie et al. 2022; microsoft/SimMIM simmim_pretrain__vit_base__img224__800ep.yaml")
+    tuned_recipe = Recipe(method=dict(mask=SCALED_MASK), source="the shared recipe, SimMIM's mask unit scaled")
 
     def __init__(self, cfg: PixelConfig):
         super().__init__(cfg)

@@ -14,6 +14,13 @@ A method that declares no paper recipe (one registered from outside, `runs.plugi
 it out) trains under the shared recipe under both, and its runs and table rows say `shared`;
 `--recipe paper` says so in one warning line (`suites.plan`).
 
+`--recipe tuned` is the shared recipe with each method's own constant lr, chosen on held-out data
+(`suites.tune`: mean-pooled k-NN on the held-out 5k of train at one seed and one budget, from a
+grid that brackets the optimum) and the masks scaled to the patch grid (`Method.tuned_recipe`,
+`methods.masking.SCALED`); iBOT adds its small-scale teacher settings. The chosen lrs are data
+(`results/tuned/<profile>.json`), read into `Profile.tuning`; a method without one is refused
+with the command that tunes it.
+
 `--recipe shared` applies no recipe: every method trains with the profile's one recipe (MAE's,
 calibrated at the cpu scale; DESIGN.md), as every run before recipes existed did, so those runs
 keep their folder names. It is the controlled ablation of "does the recipe decide the ranking?".
@@ -22,12 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECIPES = ("paper", "shared")
+RECIPES = ("paper", "shared", "tuned")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method's paper recipe: TrainConfig fields and method-config overrides."""
+    """A method's recipe (paper or tuned): TrainConfig fields and method-config overrides."""
     train: dict = field(default_factory=dict)       # engine.trainer.TrainConfig fields
     method: dict = field(default_factory=dict)      # method config overrides (nested: {"encoder": {...}})
     source: str = ""                                # the paper table / official file it comes from

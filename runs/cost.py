@@ -170,6 +170,8 @@ def cell_flops_per_image(spec: RunSpec, profile: RunProfile, recipe: str) -> flo
     """Training FLOPs per image of a grid cell at a profile and recipe (its seed and data change
     nothing of them): what a suite that matches methods in FLOPs weighs its cells by."""
     data = {"name": "synthetic", "img_size": profile.encoder["img_size"]}
+    if recipe == "tuned":       # the lr changes no FLOPs: a method not tuned yet is costed too
+        spec = dataclasses.replace(spec, train={"blr": profile.train.blr, **spec.train})
     config = resolve(spec, profile, seed=0, data=data, recipe=recipe)
     return flops_per_image(config.method, config.method_config)
 

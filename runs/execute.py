@@ -257,6 +257,8 @@ def train_and_evaluate(run: Run, profile: RunProfile, run_dir: Path, options: Ru
 
     if train_stats is None:
         method, train_stats = pretrain(run, profile, run_dir, options, (kind, reason), streamed)
+        if config.recipe == "tuned" and (choice := getattr(profile, "tuning", {}).get(config.method)):
+            train_stats["lr_choice"] = choice       # how --recipe tuned chose the lr (suites.tune)
         if archived is not None:
             # the record keeps the training its evaluations were measured on; this one beside it
             train_stats = {**archived, "retrained": train_stats}

@@ -29,7 +29,7 @@ from engine.trainer import TrainConfig
 from eval.registry import get_evaluation, split_name
 from methods import method_config, registry
 from methods.base import Prerequisite
-from methods.recipes import RECIPES
+from methods.recipes import RECIPES, Recipe
 
 IDENTITY_VERSION = 1
 
@@ -45,6 +45,7 @@ class RunProfile(Protocol):
     feature_batch: int
     flops_per_second: float
     user_settings: dict         # the --set values by field, applied above a paper recipe
+    tuning: dict                # --recipe tuned: each method's chosen lr and how ({method: {"blr": ...}})
 
     def eval_config(self, name: str):
         """The config of evaluation `name` at this budget."""
@@ -82,10 +83,12 @@ class RunConfig:
     def to_dict(self) -> dict:
         """config.json, and what the name hashes. `requires` appears only for methods with
         prerequisites and `recipe` only for paper-recipe runs, so other runs keep the names
-        they had before either existed."""
+        they had before either existed. A `tuned` run is named by what it trains with alone (its
+        lr and masks are in its config): at an lr the shared recipe also has, MAE's tuned run
+        is the shared run, trained once."""
         out = {"schema": IDENTITY_VERSION, "method": self.method, "method_config": self.method_config,
                "train": self.train, "seed": self.seed, "data": self.data}
-        if self.recipe != "shared":
+        if self.recipe == "paper":
             out["recipe"] = self.recipe
         if self.requires:
             out["requires"] = {role: {"config": need.config.to_dict(), "evals": list(need.evals)}
@@ -180,32 +183,53 @@ def check_evaluations(method: str, evals: tuple[str, ...]) -> None:
 
 def recipe_of(method: str, recipe: str):
     """The `methods.recipes.Recipe` a run of `method` trains with under `recipe` (None: the
-    profile's shared one, also for methods that declare no paper recipe or do not train)."""
+    profile's shared one, also for methods that declare no paper recipe or do not train); under
+    "tuned" the method's `tuned_recipe`, whose lr `resolve` adds."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
     method_cls = registry[method][0]
-    return method_cls.paper_recipe if recipe == "paper" and method_cls.trains else None
+    if not method_cls.trains or recipe == "shared":
+        return None
+    if recipe == "paper":
+        return method_cls.paper_recipe
+    return method_cls.tuned_recipe or Recipe(source="the shared recipe")
+
+
+def tuned_lr(method: str, profile: RunProfile, spec_train: dict, user: dict) -> dict:
+    """The blr a `tuned` run trains at: the spec's (a tuning run's), else --set's, else the
+    profile's chosen one (`suites.tune`); ConfigError naming the command when there is none."""
+    if "blr" in spec_train or "blr" in user.get("train", {}):
+        return {}
+    chosen = getattr(profile, "tuning", {}).get(method)
+    if chosen is None:
+        raise ConfigError(f"--recipe tuned: {method} has no tuned lr at profile {profile.name!r}; run "
+                          f"`python -m suites.tune --profile {profile.name} --only {method}` first, "
+                          f"or use --recipe shared")
+    return {"blr": chosen["blr"]}
 
 
 def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: str = "paper") -> RunConfig:
     """The full config of a run (what its name is the hash of) at `recipe` (methods.recipes:
-    "paper", each method's own, or "shared", the profile's for all). Reads no files: an
-    evaluation's inputs are checked by `runs.execute.check_inputs` before anything runs."""
+    "paper", each method's own, "tuned", the shared one at each method's chosen lr, or "shared",
+    the profile's for all). Reads no files: an evaluation's inputs are checked by
+    `runs.execute.check_inputs` before anything runs."""
     if spec.method not in registry:
         raise unknown("method", spec.method, registry)
     check_evaluations(spec.method, spec.evals)
     method_cls = registry[spec.method][0]
-    paper = recipe_of(spec.method, recipe)
-    # a paper recipe overrides the profile's encoder and train; what --set gave them is applied
+    chosen = recipe_of(spec.method, recipe)
+    # a recipe overrides the profile's encoder and train; what --set gave them is applied
     # again above it (without a recipe it is in the profile's values already: names stay)
-    user = profile.user_settings if paper else {}
-    overrides = deep_merge({"encoder": profile.encoder}, paper.method if paper else {},
+    user = profile.user_settings if chosen else {}
+    recipe_train = {**chosen.train, **tuned_lr(spec.method, profile, spec.train, user)} if recipe == "tuned" \
+        and chosen else chosen.train if chosen else {}
+    overrides = deep_merge({"encoder": profile.encoder}, chosen.method if chosen else {},
                            {"encoder": user.get("encoder", {})}, profile.method_defaults.get(spec.method, {}),
                            spec.overrides)
     cfg = method_config(spec.method, **overrides)
     if spec.train and not method_cls.trains:
         raise ConfigError(f"method {spec.method!r} does not train; drop the RunSpec's train overrides")
-    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **(paper.train if paper else {}),
+    train = build_config(TrainConfig, {**dataclasses.asdict(profile.train), **recipe_train,
                                        **user.get("train", {}), **spec.train},
                          where=f"train config of {spec.method!r} ({spec.setting})")
     if train.schedule == "wsd" and (why := method_cls.length_dependent(cfg)):
@@ -216,7 +240,7 @@ def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: s
     # the untrained baseline does not depend on the training budget: share it across profiles
     return RunConfig(method=spec.method, method_config=identity_record(cfg),
                      train=identity_record(train) if method_cls.trains else None,
-                     seed=seed, data=data, requires=requires, recipe="paper" if paper else "shared")
+                     seed=seed, data=data, requires=requires, recipe=recipe if chosen else "shared")
 
 
 def resolve_prerequisite(need: Prerequisite, profile: RunProfile, data: dict) -> Requirement:

@@ -112,10 +112,12 @@ def curve_grid(profile, flops: dict[str, float], budgets: tuple[float, ...], war
                evals: tuple[str, ...] = BUDGET_EVALS) -> list[RunSpec]:
     """`none` and every method at each budget of a curve (MAE-epochs of FLOPs, ascending), under
     warm-up / stable / decay: one trunk per method and seed, a decay branch per budget (runs.curve).
-    Cells are listed method by method, budgets ascending, so each trunk grows once."""
-    train = {"schedule": "wsd", "warmup_steps": warmup_steps}
+    Cells are listed method by method, budgets ascending, so each trunk grows once. The warm-up
+    is matched in FLOPs too: MAE's `warmup_steps`, in each method's own steps (cpu: MAE 49, iBOT
+    9 of its ~5x costlier steps), so the cheapest budget leaves every method a stable phase."""
     cells = [RunSpec("none", "random init", evals=evals)]
     for name in paper_defaults(profile):
+        train = {"schedule": "wsd", "warmup_steps": max(1, round(warmup_steps * flops[REFERENCE] / flops[name]))}
         for budget in budgets:
             epochs = budget_epochs(flops, budget)[name]
             cells.append(RunSpec(name, f"curve {budget:g}ep MAE FLOPs ({epochs:g} ep)", paper_defaults(profile)[name],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from core.config import ConfigError, unknown
 from engine.trainer import TrainConfig
@@ -54,6 +55,9 @@ class Profile:
     # sits above the profile's encoder and train; these are applied again above it, so what the
     # user sets is what runs (runs.identity.resolve)
     user_settings: dict = field(default_factory=dict)
+    # --recipe tuned: each method's chosen lr, the grid and its held-out scores (suites.tune), read
+    # from results/tuned/<profile>.json by get_profile: {"mae": {"blr": 0.002, ...}}
+    tuning: dict = field(default_factory=dict)
 
     def eval_config(self, name: str):
         """The config of evaluation `name` at this profile; a registered evaluation the profile
@@ -150,10 +154,26 @@ PROFILES = {
 }
 
 
+TUNED_DIR = Path(__file__).resolve().parents[1] / "results" / "tuned"
+
+
+def tuned_file(profile_name: str) -> Path:
+    """Where suites.tune keeps a profile's chosen lrs (committed with the results)."""
+    return TUNED_DIR / f"{profile_name}.json"
+
+
 def get_profile(name: str) -> Profile:
+    """The named profile, with the lrs tuned for it (`tuning`) when suites.tune chose any."""
     if name not in PROFILES:
         raise unknown("profile", name, PROFILES)
-    return PROFILES[name]
+    path = tuned_file(name)
+    if not path.exists():
+        return PROFILES[name]
+    try:
+        tuning = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); restore it with git checkout {path}") from None
+    return dataclasses.replace(PROFILES[name], tuning=tuning)
 
 
 def override(profile: Profile, settings: list[str]) -> Profile:
