@@ -6,10 +6,14 @@ layer-wise lr decay (timm's optimizer factory reading `ViT.group_matcher`), labe
 smoothing, mixup / cutmix (timm `Mixup`, on the batch) and RandAugment (timm, per image:
 its ops are PIL ops). The test split is read once, after the last step.
 
-With `blr_sweep` (multiples of `blr`; the `none` baseline's from-scratch recipe) the learning
-rate is chosen like the linear probe's: each candidate fine-tunes on `Splits.fit` and is read on
-`Splits.holdout`, the best is retrained on the whole training split, and only that one reads
-the test split. Each candidate has its own folder, so a killed sweep resumes where it stopped.
+With `blr_sweep` (multiples of `blr`) and `layer_decay_sweep` (layer decays) the lr and layer
+decay are chosen like the linear probe's: each candidate of their grid fine-tunes on `Splits.fit`
+and is read on `Splits.holdout`, the best is retrained on the whole training split, and only that
+one reads the test split. Each candidate has its own folder, so a killed sweep resumes where it
+stopped. The profiles give every encoder, pre-trained or not, the same grid. A choice made before
+(`EvalContext.choice`: the run layer hands seed 0's to a cell's other seeds) is fine-tuned at
+directly, without a sweep. The record's details hold the choice and, when it swept, the grid and
+every held-out score.
 
 Fine-tuning is `engine.trainer.Trainer` with a labelled batch source (`LabelledBatches`) and a
 layer-decayed optimizer (`finetune_trainer`), so it has the trainer's checkpoints, exact resume
@@ -83,11 +87,17 @@ class FinetuneConfig:
     # multiples of blr tried on the held-out part of train, the best retrained on all of it;
     # () = fine-tune at blr alone (every run before the sweep existed)
     blr_sweep: tuple[float, ...] = late_field(())
+    # layer decays tried with each of those (1.0 = none); () = layer_decay alone
+    layer_decay_sweep: tuple[float, ...] = late_field(())
 
     def validate(self) -> None:
         if any(factor <= 0 for factor in self.blr_sweep) or len(set(self.blr_sweep)) != len(self.blr_sweep):
             raise ConfigError(f"blr_sweep {self.blr_sweep} must hold distinct multiples of blr > 0, "
                               f"e.g. (0.5, 1.0, 2.0), or () for no sweep")
+        if (any(not 0 < decay <= 1 for decay in self.layer_decay_sweep)
+                or len(set(self.layer_decay_sweep)) != len(self.layer_decay_sweep)):
+            raise ConfigError(f"layer_decay_sweep {self.layer_decay_sweep} must hold distinct layer decays in "
+                              f"(0, 1], e.g. (0.75, 1.0), or () for layer_decay alone")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"fine-tune pooling {self.pooling!r} unknown; known: {', '.join(POOLINGS)}")
         if not 0 < self.layer_decay <= 1:
@@ -114,6 +124,18 @@ class FinetuneConfig:
 
     def config_hash(self) -> str:
         return config_hash(identity_record(self))     # late fields keep old checkpoints (see late_field)
+
+    def sweep_grid(self) -> list[tuple[float, float]]:
+        """The (multiple of blr, layer decay) candidates the held-out sweep tries, in the order
+        ties are broken in (the first wins); [] when it does not sweep."""
+        if not (self.blr_sweep or self.layer_decay_sweep):
+            return []
+        return [(factor, decay) for factor in self.blr_sweep or (1.0,)
+                for decay in self.layer_decay_sweep or (self.layer_decay,)]
+
+    def at(self, blr: float, layer_decay: float) -> FinetuneConfig:
+        """This recipe at one blr and layer decay, without a sweep."""
+        return replace(self, blr=blr, layer_decay=layer_decay, blr_sweep=(), layer_decay_sweep=())
 
 
 @dataclass
@@ -328,32 +350,49 @@ def held_out_sets(splits: Splits) -> tuple[ImageSet | StreamedSet, ImageSet | St
     return splits.train.subset(fit), splits.train.subset(holdout)
 
 
-def choose_blr(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> tuple[float, dict]:
-    """The blr of `cfg.blr_sweep` (multiples of cfg.blr) with the best held-out top-1, each
-    candidate fine-tuned on the fit part of train in its own folder; ties go to the first listed."""
-    num_classes, sweep = len(splits.train.classes), []
+def choose(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> tuple[dict, dict]:
+    """The blr and layer decay of `cfg.sweep_grid()` with the best held-out top-1, each candidate
+    fine-tuned on the fit part of train in its own folder (ties go to the first listed), and the
+    sweep as recorded: the grid and every candidate's held-out top-1."""
+    num_classes, scores = len(splits.train.classes), []
     fit, holdout = held_out_sets(splits)
-    for factor in cfg.blr_sweep:
-        candidate = replace(cfg, blr=cfg.blr * factor, blr_sweep=())
-        model, _ = fine_tune(encoder, fit, num_classes, candidate, Path(ctx.work_dir) / f"sweep-x{factor:g}", ctx)
-        sweep.append({"blr": candidate.blr, "holdout_top1": top1(model, holdout, ctx.feature_batch, ctx.device)})
-    best = max(range(len(sweep)), key=lambda i: (sweep[i]["holdout_top1"], -i))
-    blr = sweep[best]["blr"]
-    blrs = [point["blr"] for point in sweep]
-    return blr, {"blr": blr, "blr_at_edge": len(blrs) > 1 and blr in (min(blrs), max(blrs)), "sweep": sweep}
+    for factor, decay in cfg.sweep_grid():
+        # (a blr sweep alone keeps its folders' names from before the layer decay sweep)
+        folder = f"sweep-x{factor:g}" + (f"-ld{decay:g}" if cfg.layer_decay_sweep else "")
+        candidate = cfg.at(cfg.blr * factor, decay)
+        model, _ = fine_tune(encoder, fit, num_classes, candidate, Path(ctx.work_dir) / folder, ctx)
+        scores.append({"blr": candidate.blr, "layer_decay": decay,
+                       "holdout_top1": top1(model, holdout, ctx.feature_batch, ctx.device)})
+    best = scores[max(range(len(scores)), key=lambda i: (scores[i]["holdout_top1"], -i))]
+    blrs = sorted({score["blr"] for score in scores})
+    grid = {"blr": blrs, "layer_decay": sorted({score["layer_decay"] for score in scores})}
+    return ({"blr": best["blr"], "layer_decay": best["layer_decay"]},
+            {"grid": grid, "candidates": scores,
+             "blr_at_edge": len(blrs) > 1 and best["blr"] in (blrs[0], blrs[-1])})
 
 
 @register_evaluation("finetune", FinetuneConfig, streams=True)
 def run(encoder: ViT, splits: Splits, cfg: FinetuneConfig, ctx: EvalContext) -> EvalResult:
     """Fine-tune a copy of `encoder` on the training split (resuming from `ctx.work_dir`'s
-    checkpoints; with `cfg.blr_sweep`, at the blr chosen on the held-out part first), then
-    read the test split once: metrics {"finetune_top1": ...}."""
+    checkpoints) at the blr and layer decay given in `ctx.choice`, else chosen on the held-out
+    part of train when `cfg` sweeps, else at `cfg`'s; then read the test split once: metrics
+    {"finetune_top1": ...}."""
     cfg.validate()
-    details = {}
-    if cfg.blr_sweep:
-        blr, details["blr_choice"] = choose_blr(encoder, splits, cfg, ctx)
-        cfg = replace(cfg, blr=blr, blr_sweep=())
-    model, details["train"] = fine_tune(encoder, splits.train, len(splits.train.classes), cfg, Path(ctx.work_dir), ctx)
+    details, work_dir = {}, Path(ctx.work_dir)
+    if ctx.choice is not None:
+        candidates = [(cfg.blr * factor, decay) for factor, decay in cfg.sweep_grid()]
+        if (ctx.choice["blr"], ctx.choice["layer_decay"]) not in candidates:
+            raise ConfigError(f"the given fine-tune choice {ctx.choice} is not one of this config's "
+                              f"candidates (blr, layer_decay) {candidates}")
+        details["choice"] = {"blr": ctx.choice["blr"], "layer_decay": ctx.choice["layer_decay"]}
+    elif cfg.sweep_grid():
+        details["choice"], details["sweep"] = choose(encoder, splits, cfg, ctx)
+    if "choice" in details:
+        cfg = cfg.at(details["choice"]["blr"], details["choice"]["layer_decay"])
+        # a folder per choice: a run that swept itself, stopped, and is then given another
+        # choice (by seed 0) starts that one afresh instead of meeting the other's checkpoints
+        work_dir = work_dir / f"final-blr{cfg.blr:g}-ld{cfg.layer_decay:g}"
+    model, details["train"] = fine_tune(encoder, splits.train, len(splits.train.classes), cfg, work_dir, ctx)
     # The test split is read here, once, after every choice has been made.
     return EvalResult(metrics={"finetune_top1": top1(model, splits.test, ctx.feature_batch, ctx.device)},
                       details=details)

@@ -8,9 +8,9 @@
 Every evaluation has this one signature. It gets what a finished run saved (`takes`: the
 exported encoder, or BEiT's tokenizer for "tokenizer"), the data splits, its config (the
 profile's budget, or the config class's defaults) and an `EvalContext` with its work folder,
-the run's feature cache, seed, device and progress flag. It knows nothing of how the encoder
-was trained. The run layer caches its result under the config that produced it and calls it
-again only when that config changes.
+the run's feature cache, seed, device, progress flag and any choice made for it already. It
+knows nothing of how the encoder was trained. The run layer caches its result under the config
+that produced it and calls it again only when that config changes.
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class EvalContext:
     device: Any = "cpu"
     progress: bool = True       # progress bars
     feature_batch: int = 1024   # batch size of feature extraction and inference
+    # hyperparameters an evaluation that chooses its own on held-out data (and records them as
+    # details["choice"]) takes instead of choosing: the run layer hands a cell's seed-0 choice to
+    # its other seeds (fine-tuning's {"blr": ..., "layer_decay": ...}); None: it chooses
+    choice: dict | None = None
 
 
 @dataclass

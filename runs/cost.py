@@ -255,7 +255,7 @@ def evaluation_flops(name: str, config: RunConfig, profile: RunProfile) -> float
     protocols' shared feature extraction (`feature_flops`). ("knn@student", an evaluation of
     another encoder the run saves, costs what "knn" does.)"""
     name = split_name(name)[0]
-    cfg = eval_config(name, profile, config.method)      # with the method's overrides (none's lr sweep)
+    cfg = eval_config(name, profile, config.method)      # with the method's overrides (none's segmentation)
     train, test = num_images(config.data, "train"), num_images(config.data, "test")
     if name == "knn":            # (test x train) similarities of both poolings
         return 2 * 2 * train * test * config.build_method_config().encoder.embed_dim
@@ -265,9 +265,11 @@ def evaluation_flops(name: str, config: RunConfig, profile: RunProfile) -> float
         grid = len(cfg.lrs) * len(cfg.weight_decays)
         flops = 6 * dim * classes * cfg.epochs * len(cfg.poolings) * (0.8 * train * grid + train)
         return flops / LINEAR_PROBE_EFFICIENCY
-    if name == "finetune":      # each lr of a sweep on the fit part, read on the held-out part; the final one
+    if name == "finetune":      # each candidate of a sweep on the fit part, read on the held-out part; the final one
         held_out = holdout_size(train)
-        sweep = len(cfg.blr_sweep) * (3 * cfg.epochs * (train - held_out) + held_out)
+        # the sweep runs at seed 0 of a cell; its other seeds take seed 0's choice (runs.execute)
+        candidates = len(cfg.sweep_grid()) if config.seed == 0 else 0
+        sweep = candidates * (3 * cfg.epochs * (train - held_out) + held_out)
         return encoder_forward_flops(config) * (sweep + 3 * cfg.epochs * train + test)
     if name == "segmentation":
         crop = encoder_forward_flops(config, cfg.crop_size)

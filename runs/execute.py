@@ -277,8 +277,10 @@ def train_and_evaluate(run: Run, profile: RunProfile, run_dir: Path, options: Ru
             # batches when pre-training streams and the evaluation can (k-NN, probe, fine-tune)
             splits = streamed if streamed is not None and get_evaluation(name).streams else \
                 load_data(json.dumps(config.data, sort_keys=True), options.on_bad_image, options.progress)
+            # a cell's other seeds take what its seed 0 chose (fine-tuning's blr and layer decay)
+            choice, choice_from = seed_zero_choice(config, name, profile, run_dir) if config.seed else (None, None)
             evals[name] = evaluate(name, taken, splits, profile, run_dir, config.seed, options.device,
-                                   options.progress, config.method)
+                                   options.progress, config.method, choice, choice_from)
             record_progress()
     return done_record(config, evals, train_stats)
 
@@ -344,10 +346,13 @@ def save_outputs(method, run_dir: Path, config: RunConfig, streamed, options: Ru
 
 
 def evaluate(name: str, product, splits: Splits, profile: RunProfile, run_dir: Path, seed: int, device: str,
-             progress: bool, method: str | None = None) -> EvalRecord:
+             progress: bool, method: str | None = None, choice: dict | None = None,
+             choice_from: str | None = None) -> EvalRecord:
     """One evaluation of a run's product at the profile's config of it (for a run of `method`).
     Its record is kept in its work folder too, so a run stopped during a later evaluation keeps
-    the finished ones."""
+    the finished ones. `choice`: hyperparameters chosen for it already (`EvalContext.choice`);
+    `choice_from`, where they came from or why it chose itself, goes into the record of an
+    evaluation that records a choice."""
     evaluation = get_evaluation(name)
     variant = split_name(name)[1]
     cfg = eval_config(name, profile, method)
@@ -360,16 +365,35 @@ def evaluate(name: str, product, splits: Splits, profile: RunProfile, run_dir: P
     # a variant's frozen features are its own: not the product's cache
     features_dir = Path(run_dir) / (f"features-{variant}" if variant else "features")
     ctx = EvalContext(work_dir=work_dir, features_dir=features_dir, seed=seed, device=device,
-                      progress=progress, feature_batch=profile.feature_batch)
+                      progress=progress, feature_batch=profile.feature_batch, choice=choice)
     work_dir.mkdir(parents=True, exist_ok=True)
     result = evaluation.run(product, splits, cfg, ctx)
-    record = {"config": config, "metrics": variant_metrics(result.metrics, name), "details": result.details,
+    details = result.details
+    if choice_from is not None and "choice" in details:
+        details = {**details, "choice_from": choice_from}
+    record = {"config": config, "metrics": variant_metrics(result.metrics, name), "details": details,
               "seconds": time.time() - started}
     # as JSON and validated before it is cached: a metric that is not a number (a tensor, a
     # numpy scalar) fails this evaluation now instead of every later read of the cache
     record = EvalRecord.from_dict(json.loads(json.dumps(record, default=str)), f"evaluation {name!r}")
     write_json(work_dir / "result.json", dataclasses.asdict(record))
     return record
+
+
+def seed_zero_choice(config: RunConfig, name: str, profile: RunProfile, run_dir: Path) -> tuple[dict | None, str]:
+    """What evaluation `name` chose at seed 0 of this run's cell (details["choice"] of the seed-0
+    run's record, at this profile's config of the evaluation), for a run of another seed to take
+    instead of choosing again, and where it came from; (None, why) when seed 0 has not chosen yet:
+    the run then chooses itself, and its record says so."""
+    sibling = dataclasses.replace(config, seed=0).folder(run_dir.parent.parent)
+    try:
+        record = read_result(sibling)
+    except UnreadableRecord:
+        record = None
+    chosen = record.evals.get(name) if record is not None else None
+    if is_current(chosen, name, profile, config.method) and "choice" in chosen.details:
+        return chosen.details["choice"], f"seed 0 ({sibling.name})"
+    return None, f"its own sweep: seed 0 ({sibling.name}) had no {name} choice yet"
 
 
 def read_eval_cache(work_dir: Path) -> EvalRecord | None:

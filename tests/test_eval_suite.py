@@ -46,7 +46,7 @@ def test_every_registered_evaluation_runs_in_a_smoke_run_and_is_recorded(name, t
     assert dataclasses.is_dataclass(evaluation.config_cls) and evaluation.config_cls.__dataclass_params__.frozen
     record = run_once(product_spec(name), tmp_path)
     entry = record.evals[name]
-    # (the profile's config, with the method's eval_overrides: `none` fine-tunes without layer decay),
+    # (the profile's config, with the method's eval_overrides: `none` segments without layer decay),
     # as identities hold it: late fields at their identity default left out (runs.identity)
     expected = eval_config(name, SMOKE, record.method)
     assert entry.config == json.loads(json.dumps(identity_record(expected)))

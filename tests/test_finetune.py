@@ -93,10 +93,12 @@ def test_a_blr_sweep_chooses_on_the_held_out_part_and_retrains_the_best_on_all_o
     splits = synthetic_splits(img_size=16)
     cfg = FinetuneConfig(**SMALL, blr_sweep=(0.3, 3.0))
     result = finetune.run(vit, splits, cfg, context(tmp_path / "sweep"))
-    choice = result.details["blr_choice"]
-    assert [point["blr"] for point in choice["sweep"]] == pytest.approx([3e-4, 3e-3])
-    held_out = [point["holdout_top1"] for point in choice["sweep"]]
-    assert choice["blr"] == choice["sweep"][held_out.index(max(held_out))]["blr"] and choice["blr_at_edge"]
+    choice, sweep = result.details["choice"], result.details["sweep"]
+    assert [point["blr"] for point in sweep["candidates"]] == pytest.approx([3e-4, 3e-3])
+    assert sweep["grid"]["layer_decay"] == [cfg.layer_decay]          # a blr sweep alone
+    held_out = [point["holdout_top1"] for point in sweep["candidates"]]
+    best = sweep["candidates"][held_out.index(max(held_out))]
+    assert choice == {"blr": best["blr"], "layer_decay": cfg.layer_decay} and sweep["blr_at_edge"]
     assert sorted(p.name for p in (tmp_path / "sweep").glob("sweep-*")) == ["sweep-x0.3", "sweep-x3"]
     # each candidate trained on train minus the held-out part; the final one on all of train
     steps_of = lambda n: n // SMALL["batch_size"]                            # one epoch
@@ -106,12 +108,13 @@ def test_a_blr_sweep_chooses_on_the_held_out_part_and_retrains_the_best_on_all_o
     assert plain.metrics == result.metrics
     # run again: every candidate and the final fine-tune resume from their checkpoints, nothing retrains
     again = finetune.run(vit, splits, cfg, context(tmp_path / "sweep"))
-    assert again.metrics == result.metrics and again.details["blr_choice"] == choice
+    assert again.metrics == result.metrics and again.details["sweep"] == sweep and again.details["choice"] == choice
 
 
 def test_the_sweep_leaves_the_identity_of_every_earlier_fine_tune_config_alone():
-    assert "blr_sweep" not in identity_record(FinetuneConfig())
+    assert not {"blr_sweep", "layer_decay_sweep"} & set(identity_record(FinetuneConfig()))
     assert FinetuneConfig().config_hash() != FinetuneConfig(blr_sweep=(1.0, 2.0)).config_hash()
+    assert FinetuneConfig().config_hash() != FinetuneConfig(layer_decay_sweep=(0.65, 1.0)).config_hash()
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -121,6 +124,8 @@ def test_the_sweep_leaves_the_identity_of_every_earlier_fine_tune_config_alone()
     (dict(pooling="max"), "fine-tune pooling 'max' unknown; known: cls, mean"),
     (dict(blr_sweep=(1.0, 0.0)), "blr_sweep (1.0, 0.0) must hold distinct multiples of blr > 0"),
     (dict(blr_sweep=(1.0, 1.0)), "must hold distinct multiples"),
+    (dict(layer_decay_sweep=(0.75, 1.5)), "layer_decay_sweep (0.75, 1.5) must hold distinct layer decays in (0, 1]"),
+    (dict(layer_decay_sweep=(1.0, 1.0)), "must hold distinct layer decays"),
 ])
 def test_bad_recipes_are_refused_with_the_fix(changes, message):
     with pytest.raises(ConfigError) as err:

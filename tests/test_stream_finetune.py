@@ -111,7 +111,7 @@ def test_the_streamed_blr_sweep_trains_and_chooses_on_the_rows_the_memory_path_h
     monkeypatch.setattr(finetune, "top1", lambda model, data, *args: read.append(data) or top1(model, data, *args))
     result = finetune.run(micro_vit(), streamed, FinetuneConfig(**SMALL, blr_sweep=(0.5, 2.0)), context(tmp_path))
 
-    assert len(result.details["blr_choice"]["sweep"]) == 2
+    assert len(result.details["sweep"]["candidates"]) == 2
     (fit, fit_again, train), (holdout, holdout_again, test) = trained, read
     assert fit_again is fit and holdout_again is holdout and train is streamed.train and test is streamed.test
     for part, expected in ((fit, memory.fit), (holdout, memory.holdout)):
@@ -132,7 +132,7 @@ def test_a_skipped_file_is_left_out_of_its_batch_and_of_the_sweeps_part(tmp_path
     splits = streamed_splits(tmp_path / "data", 16, workers=0, on_bad_image="skip")
     result = finetune.run(micro_vit(), splits, FinetuneConfig(**{**SMALL, "batch_size": 4, "epochs": 2},
                                                               blr_sweep=(1.0, 2.0)), context(tmp_path / "sweep"))
-    assert len(result.details["blr_choice"]["sweep"]) == 2 and 0 <= result.metrics["finetune_top1"] <= 100
+    assert len(result.details["sweep"]["candidates"]) == 2 and 0 <= result.metrics["finetune_top1"] <= 100
 
     cfg = FinetuneConfig(**{**SMALL, "batch_size": 16, "epochs": 3})       # 16 of the 17 files a step
     source = StreamingLabelledBatches(splits.train, cfg, 16, 2, seed=0, device=torch.device("cpu"))
