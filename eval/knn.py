@@ -92,7 +92,7 @@ def run(encoder: ViT, splits: Splits, cfg: KNNConfig, ctx: EvalContext) -> EvalR
     return EvalResult(knn_metrics(train, test, cfg))
 
 
-@register_evaluation("knn_holdout", KNNConfig, check_inputs=check_inputs)
+@register_evaluation("knn_holdout", KNNConfig, check_inputs=check_inputs, held_out=True)
 def run_holdout(encoder: ViT, splits: Splits, cfg: KNNConfig, ctx: EvalContext) -> EvalResult:
     """k-NN with the train split's fit part as memory and its held-out part as queries: the
     criterion hyper-parameters are chosen by (`suites.tune`), so the test split stays untouched.

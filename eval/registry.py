@@ -55,13 +55,17 @@ class Evaluation:
     # in order, rows by position): a run whose data streams passes them as StreamedSets, read
     # from the files in batches, never held whole (k-NN, the linear probe, fine-tuning)
     streams: bool = False
+    # scores on the held-out part of train: a criterion for choosing hyper-parameters (suites.tune),
+    # never a suite's result (compare_methods leaves it out of its evaluations)
+    held_out: bool = False
 
 
 registry: dict[str, Evaluation] = {}
 
 
 def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
-                        check_inputs: Callable[[Any], None] | None = None, streams: bool = False) -> Callable:
+                        check_inputs: Callable[[Any], None] | None = None, streams: bool = False,
+                        held_out: bool = False) -> Callable:
     """Decorator that adds `run(product, splits, cfg, ctx) -> EvalResult` under `name`;
     registering a name twice raises."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
@@ -72,7 +76,7 @@ def register_evaluation(name: str, config_cls: type, takes: str = "encoder",
     def add(run: Callable) -> Callable:
         if name in registry:
             raise ValueError(f"evaluation {name!r} is already registered (by {registry[name].run.__module__})")
-        registry[name] = Evaluation(name, config_cls, run, takes, check_inputs, streams)
+        registry[name] = Evaluation(name, config_cls, run, takes, check_inputs, streams, held_out)
         return run
 
     return add

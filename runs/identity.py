@@ -243,6 +243,36 @@ def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: s
                      seed=seed, data=data, requires=requires, recipe=recipe if chosen else "shared")
 
 
+# encoder fields that change no initial weight: an init row leaves them at 0
+NOT_INIT_FIELDS = {"drop_path": 0.0}
+
+
+def init_spec(config: RunConfig, profile: RunProfile, evals: tuple[str, ...] = ("knn",)) -> RunSpec:
+    """The cell of a run's own initialisation: the untrained encoder of its architecture (the
+    `none` cell at its encoder config, drop path left out), which its seed pairs with. Every
+    method builds its encoder first after seeding (runs.execute.fit), so at the same config and
+    seed this is the very encoder its training starts from (tests/test_init_rows.py). `none`
+    at the profile's encoder (setting "random init") for the encoder the profile gives every
+    method; "init (layer_scale 0.1)" for a paper recipe's layer scale."""
+    built = config.build_method_config().encoder
+    encoder = {**dataclasses.asdict(built), **NOT_INIT_FIELDS}
+    default = {**dataclasses.asdict(build_config(type(built), profile.encoder, where="the profile's encoder")),
+               **NOT_INIT_FIELDS}
+    changed = {key: value for key, value in encoder.items() if default.get(key) != value}
+    if not changed:
+        return RunSpec("none", "random init", evals=evals)
+    label = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                      for key, value in sorted(changed.items()))
+    return RunSpec("none", f"init ({label})", overrides={"encoder": changed}, evals=evals)
+
+
+def init_config(config: RunConfig, profile: RunProfile) -> RunConfig:
+    """The run `init_spec` names, at the run's seed and data (the run itself for `none`)."""
+    if config.method == "none":
+        return config
+    return resolve(init_spec(config, profile), profile, config.seed, config.data, recipe="shared")
+
+
 def resolve_prerequisite(need: Prerequisite, profile: RunProfile, data: dict) -> Requirement:
     """A prerequisite's config comes from the method's hook alone (plus data and the
     profile's shared training recipe with the hook's train overrides), not from the profile's

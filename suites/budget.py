@@ -242,8 +242,11 @@ def check_decays(runs: list[Run]) -> None:
                 raise ConfigError(f"--curve: {run.spec.method} at {run.spec.budget:g}ep: {err}") from None
 
 
-def curve_dir(outputs: Path, profile_name: str) -> Path:
-    return Path(outputs) / "suites" / BUDGET_SUITE / f"{profile_name}-curve"
+def curve_dir(outputs: Path, profile_name: str, recipe: str = "shared") -> Path:
+    """A curve's table: <profile>-curve under the shared recipe (as before recipes had curves),
+    <profile>-curve-<recipe> under another, so that each recipe's curve has its own index."""
+    suffix = "" if recipe == "shared" else f"-{recipe}"
+    return Path(outputs) / "suites" / BUDGET_SUITE / f"{profile_name}-curve{suffix}"
 
 
 def plan_curve(budgets: tuple[float, ...], profile_name: str, profile: RunProfile, recipe: str, outputs: Path,
@@ -261,7 +264,7 @@ def plan_curve(budgets: tuple[float, ...], profile_name: str, profile: RunProfil
     runs = keep_only(grid, only, BUDGET_SUITE) if only else grid
     check_decays(runs)
     return make_plan(BUDGET_SUITE, profile_name, profile, recipe, outputs, grid, runs,
-                     suite_dir=curve_dir(outputs, profile_name))
+                     suite_dir=curve_dir(outputs, profile_name, recipe))
 
 
 def budget_warnings(allocation: Allocation, runs) -> list[str]:

@@ -55,8 +55,9 @@ def paper_defaults(profile) -> dict[str, dict]:
 
 def all_evaluations() -> tuple[str, ...]:
     """Every registered evaluation of an encoder, in the order registered (knn, linear, finetune,
-    segmentation, then those of plugins)."""
-    return tuple(name for name, evaluation in evaluation_registry.items() if evaluation.takes == "encoder")
+    segmentation, then those of plugins), but the held-out criteria (knn_holdout: suites.tune's)."""
+    return tuple(name for name, evaluation in evaluation_registry.items()
+                 if evaluation.takes == "encoder" and not evaluation.held_out)
 
 
 def evaluations(method: str, evals: tuple[str, ...]) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from core.config import ConfigError, UnknownNameError
 from methods.recipes import RECIPES
 from methods.registry import registry
 from runs.cost import cell_flops_per_image
-from runs.identity import RunProfile, Run, data_descriptor, resolve
+from runs.identity import RunProfile, Run, data_descriptor, init_config, init_spec, resolve
 from runs.plan import Plan, make_plan
 from runs.plugins import plugin_of
 from suites.cells import check_suite_cells
@@ -42,11 +42,29 @@ def grid_specs(suite_name: str, profile: RunProfile, recipe: str) -> list:
     return get_suite(suite_name).grid(profile, recipe, lambda spec: cell_flops_per_image(spec, profile, recipe))
 
 
+INIT_EVALS = ("knn", "linear")      # what an init row is evaluated by (the frozen-feature protocols)
+
+
 def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str) -> list[Run]:
+    """The specs at every seed, then an init row per architecture and seed no cell has yet (a
+    paper recipe's layer scale: `runs.identity.init_spec`), which its cells' runs pair with."""
     runs = [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
             for spec in specs for seed in range(seeds)]
     warn_shared_instead_of_paper(runs, recipe)
-    return runs
+    return runs + init_rows(runs, profile)
+
+
+def init_rows(runs: list[Run], profile) -> list[Run]:
+    """The untrained encoder of each architecture and seed the runs train that is not among them."""
+    names, rows = {run.name for run in runs}, {}
+    for run in runs:
+        if run.spec.method == "none" or not registry[run.spec.method][0].trains or run.config.train is None:
+            continue
+        evals = tuple(name for name in run.spec.evals if name in INIT_EVALS)
+        init = init_config(run.config, profile)
+        if init.name not in names and init.name not in rows:
+            rows[init.name] = Run(init_spec(run.config, profile, evals or ("knn",)), run.seed, init)
+    return list(rows.values())
 
 
 WARNED: set[str] = set()      # methods warned about in this process (the budget solver resolves grids often)

@@ -42,7 +42,8 @@ from methods.recipes import RECIPES
 from runs import slurm
 from runs.cost import plan_seconds
 from runs.execute import RunOptions, check_inputs
-from runs.index import INDEX_FILE, write_index
+from runs.index import INDEX_FILE
+from runs.indexing import write_index
 from runs.plan import Plan, run_plan
 from runs.plugins import load_plugins
 from suites import compare_methods
@@ -78,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--curve", default=None, metavar="B1,...,Bk",
                         help=f"{BUDGET_SUITE} only: its compute-matched block at several budgets of MAE-epochs of "
                              f"FLOPs (e.g. 0.5,1,2.5,5ep) under warm-up / stable / decay: one constant-lr trunk per "
-                             f"method and seed, a decay branch per budget (runs.curve); its own table, <profile>-curve")
+                             f"method and seed, a decay branch per budget (runs.curve); its own table, <profile>-curve (-<recipe> but for shared)")
     parser.add_argument("--evals", default=None,
                         help=f"with --budget: comma-separated evaluations (default "
                              f"{','.join(compare_methods.BUDGET_EVALS)}; e.g. knn,linear,finetune,segmentation)")
@@ -259,6 +260,7 @@ def run_here(args: argparse.Namespace, plan: Plan, budget_entry: dict | None) ->
         return 128 + (err.signum or 0)
     if not distributed.is_main():
         return 0
+    write_index(plan, budget_entry)     # again: what finished now has its collapse verdict
     write_table(plan.suite_dir, f"{len(plan.runs)} runs in {time.time() - started:.0f} s; ")
     if outcome.skipped:
         print(f"{len(outcome.skipped)} run(s) were busy in another process: {', '.join(outcome.skipped)}")
