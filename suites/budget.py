@@ -27,7 +27,7 @@ from runs.identity import RunProfile, Run, data_descriptor
 from runs.index import index_budget
 from runs.plan import Plan, make_plan
 from suites import compare_methods
-from suites.plan import keep_only, only_words, resolve_runs, seed_count
+from suites.plan import init_rows, keep_only, only_words, resolve_runs, seed_count
 
 BUDGET_SUITE = "compare_methods"        # the suite --budget applies to
 
@@ -224,12 +224,12 @@ def curve_runs(profile: RunProfile, recipe: str, budgets: tuple[float, ...], eva
     runs = []
     for spec in grid:
         try:
-            runs += resolve_runs([spec], profile, seeds, descriptor, recipe)
+            runs += resolve_runs([spec], profile, seeds, descriptor, recipe, inits=False)
         except ConfigError as err:
             if refused is None:
                 raise
             refused.setdefault(spec.method, str(err))
-    return runs
+    return runs + init_rows(runs, profile)
 
 
 def check_decays(runs: list[Run]) -> None:

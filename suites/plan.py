@@ -45,13 +45,13 @@ def grid_specs(suite_name: str, profile: RunProfile, recipe: str) -> list:
 INIT_EVALS = ("knn", "linear")      # what an init row is evaluated by (the frozen-feature protocols)
 
 
-def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str) -> list[Run]:
-    """The specs at every seed, then an init row per architecture and seed no cell has yet (a
-    paper recipe's layer scale: `runs.identity.init_spec`), which its cells' runs pair with."""
+def resolve_runs(specs: list, profile, seeds: int, descriptor: dict, recipe: str, inits: bool = True) -> list[Run]:
+    """The specs at every seed, then (`inits`) an init row per architecture and seed no cell has
+    yet (a paper recipe's layer scale: `runs.identity.init_spec`), which its cells' runs pair with."""
     runs = [Run(spec, seed, resolve(spec, profile, seed, descriptor, recipe=recipe))
             for spec in specs for seed in range(seeds)]
     warn_shared_instead_of_paper(runs, recipe)
-    return runs + init_rows(runs, profile)
+    return runs + init_rows(runs, profile) if inits else runs
 
 
 def init_rows(runs: list[Run], profile) -> list[Run]:

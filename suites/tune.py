@@ -50,8 +50,8 @@ EVALUATION = "knn_holdout"
 RECIPE = "tuned"
 
 
-def grid_lrs(base: float, factors=FACTORS) -> list[float]:
-    return sorted({round(base * factor, 10) for factor in factors})
+def grid_lrs(base: float) -> list[float]:
+    return sorted({round(base * factor, 10) for factor in FACTORS})
 
 
 def extend(lrs: list[float], scores: dict[float, float]) -> list[float] | None:
@@ -80,7 +80,7 @@ def tuning_runs(method: str, lrs: list[float], profile, descriptor: dict) -> lis
     tuned = [dataclasses.replace(spec, setting=f"{spec.setting} blr {lr:g}", train={**spec.train, "blr": lr},
                                  evals=spec.evals if spec.budget == max(BUDGETS) else ())
              for lr in lrs for spec in specs]
-    return resolve_runs(tuned, profile, 1, descriptor, RECIPE)
+    return resolve_runs(tuned, profile, 1, descriptor, RECIPE, inits=False)
 
 
 def criterion_scores(runs: list[Run], outputs: Path) -> dict[float, float | None]:
