@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-done
 SUITE  ?= ablation_masking
 PROFILE ?= cpu
 
-.PHONY: setup test report archive smoke bench bench-data gpu-check
+.PHONY: setup test report measure archive smoke bench bench-data gpu-check
 
 # setup installs mmcv-lite (no compiler; scripts/setup.sh says why UperNet needs no compiled op).
 # Full mmcv with compiled ops is opt-in: `MMCV_FULL=1 make setup` on a fresh clone, or
@@ -24,28 +24,43 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 # `make report`: the measurements committed in results/, then the report. The records are restored
-# into outputs/ first (runs.archive), so on a fresh clone every cell below is [done] and nothing
-# trains; a cell without a record trains here. By default two commands of compare_methods:
-#   its budget curve, CURVE (MAE-epochs of FLOPs; warm-up/stable/decay, one trunk per seed),
-#     shared recipe, mae and none, 2 seeds, k-NN (CURVE_ARGS);
-#   its compute-matched block at BUDGET (1.3 MAE-epochs), 3 seeds, k-NN + linear; RECIPE=shared
-#     for the other recipe (the table lists both recipes' finished runs either way).
-# SUITE=NAME runs that suite's whole grid instead (`make report SUITE=ablation_masking`).
-# BUDGET=2.5h solves E for 2.5 h of this machine instead; EVALS / SEEDS / ONLY adjust the block.
+# into outputs/ first (runs.archive), so on a fresh clone nothing below trains that has a record:
+#   the budget curve under the tuned recipe, TUNED_ARGS (every method at its held-out lr, against
+#     its own init; the measurement of `make measure`): its finished runs only (--table-only);
+#   the shared recipe's curve, CURVE_ARGS (mae and none, 2 seeds, k-NN): every run has a record;
+#   the compute-matched block at BUDGET (1.3 MAE-epochs, 3 seeds, k-NN + linear), RECIPE=shared for
+#     the other recipe: its finished runs only (--table-only).
+# SUITE=NAME runs that suite's whole grid instead (`make report SUITE=ablation_masking`), training
+# what is missing. BUDGET=2.5h solves E for 2.5 h of this machine; EVALS / SEEDS / ONLY adjust the block.
 BUDGET ?= 1.3ep
 CURVE ?= 0.5,1,2.5,5ep
 CURVE_ARGS = compare_methods --curve $(CURVE) --recipe shared --only mae,none --seeds 2 --evals knn \
 	--profile $(PROFILE)
-REPORT_ARGS = $(if $(filter file,$(origin SUITE)),compare_methods --budget $(BUDGET) \
+TUNED_ARGS = compare_methods --curve $(CURVE) --recipe tuned --seeds 3 --evals knn,linear --profile $(PROFILE)
+REPORT_ARGS = $(if $(filter file,$(origin SUITE)),compare_methods --budget $(BUDGET) --table-only \
 	$(if $(EVALS),--evals $(EVALS)),$(SUITE)) --profile $(PROFILE) $(if $(RECIPE),--recipe $(RECIPE)) \
 	$(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY))
 report: $(STAMP)
 	$(PY) -m runs.archive restore
 	$(if $(filter file,$(origin SUITE)),$(PY) -m suites.run $(CURVE_ARGS) --dry-run)
-	$(PY) -m suites.run $(REPORT_ARGS) --dry-run
-	rc=0; $(if $(filter file,$(origin SUITE)),$(PY) -m suites.run $(CURVE_ARGS) || rc=$$?;) \
+	rc=0; $(if $(filter file,$(origin SUITE)),$(PY) -m suites.run $(TUNED_ARGS) --table-only || rc=$$?; \
+	$(PY) -m suites.run $(CURVE_ARGS) || rc=$$?;) \
 	$(PY) -m suites.run $(REPORT_ARGS) || rc=$$?; \
 	$(PY) -m reports.build; exit $$rc
+
+# `make measure`: the tuned recipe's budget curve (issue: fair at every budget), resumable, one
+# method per one-thread lane (MEASURE_SEEDS seeds, k-NN and linear at every budget); the lrs first
+# where results/tuned/$(PROFILE).json has none (suites.tune). Then `make archive` and commit.
+MEASURE_SEEDS ?= 3
+MEASURE_METHODS ?= mae pixel beit ibot
+measure: $(STAMP)
+	$(PY) -m runs.archive restore
+	mkdir -p outputs
+	for m in $(MEASURE_METHODS); do \
+	  ( OMP_NUM_THREADS=1 $(PY) -m suites.tune --profile $(PROFILE) --only $$m --no-progress && \
+	    OMP_NUM_THREADS=1 $(PY) -m suites.run $(TUNED_ARGS) --only $$m,none --seeds $(MEASURE_SEEDS) \
+	      --no-progress ) > outputs/measure-$$m.log 2>&1 & \
+	done; wait; $(PY) -m suites.run $(TUNED_ARGS) --table-only
 
 # the records of every finished run in outputs/ (config, result, metrics; no weights) and the suite
 # indexes into results/, to commit: `make report` restores them first on a fresh machine
