@@ -322,7 +322,7 @@ def build_suite(index_file: Path, index: dict, runs: pd.DataFrame, out_dir: Path
              "collapse_monitors.png": plot_monitors(curves, out_dir / "collapse_monitors.png")}
     curve = curve_of(index, runs)       # a --curve suite's page opens with its verdict and figure
     parts = [f"<h1>{html.escape(index['suite'])} — {html.escape(index['profile'])} profile</h1>",
-             *(curve_section(curve, out_dir) if curve is not None else []),
+             *(curve_section(curve, out_dir, index.get("profile")) if curve is not None else []),
              *html_sections(sections), *html_status(runs)]
     parts += ["<h2>Plots</h2>"] + [img_tag(out_dir / name) for name, made in plots.items() if made]
     parts += html_figures(runs, run_root)

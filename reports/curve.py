@@ -34,6 +34,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullLocator
 
+from core.files import read_json
+
 from reports.plots import COLLAPSED_COLOUR, COLLAPSED_LABEL, img_tag, method_palette, ring_collapsed, t_interval
 from reports.ranking import overlap
 from reports.tables import (ALPHA, BASELINE_METRIC, PRIMARY_METRIC, PROTOCOLS, Pairing, ci95, cell_values,
@@ -467,9 +469,58 @@ def curve_markdown(index_file: Path, figure: str | None = FIGURE) -> str:
     return markdown_block(curve, figure)
 
 
-def curve_section(curve: Curve, out_dir: Path) -> list[str]:
+# the project's rule for seeds: a primary cell whose 95% half-width is above 2 points gets 5 seeds
+WIDE_HALF_WIDTH, SEEDS_FOR_WIDE = 2.0, 5
+TUNED_DIR = Path(__file__).resolve().parents[1] / "results" / "tuned"     # suites.tune's choices
+
+
+def seeds_wanted(curve: Curve) -> pd.DataFrame:
+    """The primary metric's cells whose 95% half-width is above WIDE_HALF_WIDTH with fewer than
+    SEEDS_FOR_WIDE seeds: where to add seeds (`--seeds 5`) before reading them."""
+    table = curve.table
+    wide = table[(table["metric"] == PRIMARY_METRIC) & (table["ci95"] > WIDE_HALF_WIDTH)
+                 & (table["n"] < SEEDS_FOR_WIDE)]
+    return pd.DataFrame({"method": wide["method"], "recipe": wide["recipe"], "MAE-epochs": wide[BUDGET],
+                         "seeds": wide["n"], "95% half-width": wide["ci95"].round(2)})
+
+
+def tuning_table(profile: str) -> pd.DataFrame | None:
+    """The lrs `--recipe tuned` trains at (results/tuned/<profile>.json): each method's choice and
+    every held-out score of its grid; None when none was tuned at the profile."""
+    path = TUNED_DIR / f"{profile}.json"
+    if not path.exists():
+        return None
+    rows = []
+    for method, entry in read_json(path).items():
+        scores = ", ".join(f"{lr}: {score:.2f}" if score is not None else f"{lr}: –"
+                           for lr, score in entry["scores"].items())
+        rows.append({"method": method, "blr": f"{entry['blr']:g}" + ("" if entry["bracketed"] else " (edge)"),
+                     "criterion": f"{entry['criterion']} at {max(entry['budgets_mae_epochs']):g} {UNIT}, "
+                                  f"seed {entry['seed']}", "held-out score per blr": scores})
+    return pd.DataFrame(rows)
+
+
+def extra_sections(curve: Curve, profile: str | None) -> list[str]:
+    """Where seeds are short of the rule, and (a tuned curve) how each lr was chosen."""
+    parts = []
+    wanted = seeds_wanted(curve)
+    if len(wanted):
+        parts += ["<h2>Seeds to add</h2>",
+                  f"<p>{html.escape(f'Cells of the primary metric whose 95% half-width is above {WIDE_HALF_WIDTH:g} points with fewer than {SEEDS_FOR_WIDE} seeds: run them with --seeds {SEEDS_FOR_WIDE} before reading them.')}</p>",
+                  wanted.to_html(index=False)]
+    tuned = tuning_table(profile) if profile and any(recipe == "tuned" for _, recipe in curve.lines) else None
+    if tuned is not None:
+        parts += ["<h2>Tuned learning rates</h2>",
+                  "<p>Each method's constant trunk lr under --recipe tuned, chosen by python -m suites.tune on "
+                  "the held-out 5k of train (k-NN with the rest of train as memory; the test split unread).</p>",
+                  tuned.to_html(index=False)]
+    return parts
+
+
+def curve_section(curve: Curve, out_dir: Path, profile: str | None = None) -> list[str]:
     """The curve's part of the suite page, first on it: the verdict, the figure, the break-even
-    budgets and the ranking; writes curve.png, curve.csv and curve.md into `out_dir`."""
+    budgets and the ranking, then the seeds to add and the tuned lrs (`extra_sections`); writes
+    curve.png, curve.csv and curve.md into `out_dir`."""
     say = legends(curve)
     curve.table.to_csv(out_dir / "curve.csv", index=False, float_format="%.6g")
     made = plot_curve(curve, out_dir / FIGURE)
@@ -481,4 +532,4 @@ def curve_section(curve: Curve, out_dir: Path) -> list[str]:
               break_even_table(curve).to_html(index=False, na_rep="–"),
               "<h2>Ranking at each budget</h2>", f"<p>{html.escape(say['ranking'])}</p>",
               ranking_table(curve).to_html(index=False, na_rep="–")]
-    return parts
+    return parts + extra_sections(curve, profile)

@@ -165,3 +165,22 @@ def test_a_suite_without_budgets_has_no_curve_section(tmp_path):
     assert not (folder / "curve.csv").exists() and 'class="verdict"' not in (folder / "index.html").read_text()
     with pytest.raises(ValueError, match="not a curve"):
         curve_markdown(index_file)
+
+
+def test_the_page_lists_the_primary_cells_short_of_seeds_and_a_tuned_curve_its_lrs(report, tmp_path, monkeypatch):
+    from reports import curve as curve_module
+    folder, index_file = report
+    curve = curve_of(read_index(index_file), load_index(index_file))
+    wanted = curve_module.seeds_wanted(curve)
+    table = curve.table[curve.table["metric"] == "knn_top1_mean"]
+    wide = table[(table["ci95"] > 2) & (table["n"] < 5)]
+    assert len(wanted) == len(wide) > 0
+    assert ("pixel", 2.0) in set(zip(wanted["method"], wanted["MAE-epochs"]))      # 3 seeds, half-width ~4.5
+    assert "Seeds to add" in (folder / "index.html").read_text()
+    monkeypatch.setattr(curve_module, "TUNED_DIR", tmp_path)
+    assert curve_module.tuning_table("smoke") is None
+    write_json(tmp_path / "smoke.json", {"mae": {"blr": 0.001, "bracketed": True, "budgets_mae_epochs": [0.5, 1.0],
+                                                 "criterion": "holdout_knn_top1_mean", "seed": 0,
+                                                 "scores": {"0.0005": 35.56, "0.001": 37.04, "0.002": None}}})
+    [row] = curve_module.tuning_table("smoke").to_dict("records")
+    assert row["blr"] == "0.001" and row["held-out score per blr"] == "0.0005: 35.56, 0.001: 37.04, 0.002: –"
