@@ -136,8 +136,13 @@ def test_the_index_records_recipe_and_budget_and_the_same_command_keeps_the_solv
     assert budget["hours"] == 0.5 and budget["mae_epochs"] > 0 and budget["recipe"] == "paper"
     assert budget["flops_per_image_mae"] > 0 and budget["flops_per_second"] > 0 and budget["seeds"] == 1
     assert budget["calibration"]["threads"] == 1
+    # the paper recipes' layer scale (pixel, BEiT) gets its own init row, last
     assert [(e["method"], e["recipe"]) for e in index["runs"]] == [
-        ("none", "shared"), ("mae", "paper"), ("pixel", "paper"), ("beit", "paper"), ("ibot", "paper")]
+        ("none", "shared"), ("mae", "paper"), ("pixel", "paper"), ("beit", "paper"), ("ibot", "paper"),
+        ("none", "shared")]
+    assert index["runs"][-1]["setting"] == "init (layer_scale 0.1)"
+    assert {e["init_run"] for e in index["runs"] if e["method"] in ("pixel", "beit")} == \
+        {index["runs"][-1]["run_dir"].split("/")[-1]}
     assert [e["setting"] for e in index["runs"]][1] == f"budget {budget['mae_epochs']:g}ep MAE FLOPs " \
                                                       f"({budget['mae_epochs']:g} ep)"
     # finished or not, another command with this budget runs the same cells: E is kept
