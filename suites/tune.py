@@ -4,12 +4,15 @@
     python -m suites.tune --profile cpu --only mae               # tune MAE (resumable, like a suite)
     python -m suites.tune --profile cpu --show                   # the choices and every score
 
-For each method: its budget-curve cells (warm-up / stable / decay, runs.curve) at 0.5 and 1
-MAE-epochs of FLOPs (0.5 trained for its trunk checkpoint, not evaluated), seed 0, at blr 0.5x, 1x, 2x and 4x the profile's (cpu: 1e-3 per 256),
-evaluated by `knn_holdout` (k-NN with train's fit part as memory and its held-out 5k as queries:
-the test split is never read). The criterion is mean-pooled held-out k-NN at the largest budget
-(CRITERION). A best lr at an edge of the grid extends the grid by a factor of 2 past that edge and
-runs again, up to MAX_EXTENSIONS times; a choice still at an edge is kept and says so.
+For each method: its budget-curve cells (warm-up / stable / decay, runs.curve) at 1 MAE-epoch of
+FLOPs (0.5 trained too, for its trunk checkpoint, not evaluated), seed 0, at blr 0.5x, 1x, 2x and
+4x the profile's (cpu: 1e-3 per 256), evaluated by `knn_holdout` (k-NN with train's fit part as
+memory and its held-out 5k as queries: the test split is never read), beside the method's own
+untrained init. The criterion is mean-pooled held-out k-NN (CRITERION). When no lr beats the
+init, training only loses at that budget and the lr that moves least would win: the grid runs
+again one rung of LADDER up (2.5, then 5 MAE-epochs). A best lr at an edge of the grid extends the
+grid by a factor of 2 past that edge and runs again, up to MAX_EXTENSIONS times; a choice still at
+an edge, or that never beats the init, is kept and says so.
 
 The choices, the grid and every score go to `results/tuned/<profile>.json` (committed: the runs
 of `--recipe tuned` are named by the lr it holds), which `suites.profiles.get_profile` reads into
@@ -33,7 +36,7 @@ from core.files import write_json
 from engine.data import DataError
 from methods.registry import pretraining_methods
 from runs.execute import RunOptions
-from runs.identity import Run, data_descriptor
+from runs.identity import Run, RunSpec, data_descriptor, init_config
 from runs.plan import make_plan, run_plan
 from runs.records import read_result
 from suites import compare_methods
@@ -42,7 +45,8 @@ from suites.plan import only_words, resolve_runs
 from suites.profiles import PROFILES, TUNED_DIR, get_profile, tuned_file
 from suites.show import print_plan
 
-BUDGETS = (0.5, 1.0)            # MAE-epochs of FLOPs; the criterion is read at the largest
+CURVE_BUDGETS = (0.5, 1.0, 2.5, 5.0)    # MAE-epochs of FLOPs: the curve's; trained up to the criterion's
+LADDER = (1.0, 2.5, 5.0)    # the criterion's budget: the first at which some lr beats the method's own init
 FACTORS = (0.5, 1.0, 2.0, 4.0)  # of the profile's blr
 MAX_EXTENSIONS = 3              # factors of 2 past an edge before a choice at the edge is kept
 CRITERION = "holdout_knn_top1_mean"
@@ -69,62 +73,80 @@ def choose(scores: dict[float, float]) -> float:
     return max(sorted(scores), key=lambda lr: scores[lr])
 
 
-def tuning_runs(method: str, lrs: list[float], profile, descriptor: dict) -> list[Run]:
-    """`method`'s curve cells at BUDGETS, seed 0, one per lr, evaluated on the held-out split."""
+def tuning_runs(method: str, lrs: list[float], profile, descriptor: dict, budget: float) -> list[Run]:
+    """`method`'s curve cells up to `budget`, seed 0, one per lr; those at `budget` evaluated on
+    the held-out split, then the method's untrained init (`none` at its architecture, seed 0)."""
     flops = method_flops(profile, RECIPE)
-    specs = [spec for spec in compare_methods.curve_grid(profile, flops, BUDGETS,
+    budgets = tuple(b for b in CURVE_BUDGETS if b <= budget)
+    specs = [spec for spec in compare_methods.curve_grid(profile, flops, budgets,
                                                          curve_warmup_steps(profile, descriptor), (EVALUATION,))
              if spec.method == method]
     # the smaller budgets are trained (their decay only) so that the trunk keeps a checkpoint where
     # the curve's seed 0 branches off it, and evaluated by the curve itself
     tuned = [dataclasses.replace(spec, setting=f"{spec.setting} blr {lr:g}", train={**spec.train, "blr": lr},
-                                 evals=spec.evals if spec.budget == max(BUDGETS) else ())
+                                 evals=spec.evals if spec.budget == budget else ())
              for lr in lrs for spec in specs]
-    return resolve_runs(tuned, profile, 1, descriptor, RECIPE, inits=False)
+    runs = resolve_runs(tuned, profile, 1, descriptor, RECIPE, inits=False)
+    init = init_config(runs[0].config, profile)
+    return runs + [Run(RunSpec("none", "own init", evals=(EVALUATION,)), 0, init)]
 
 
-def criterion_scores(runs: list[Run], outputs: Path) -> dict[float, float | None]:
-    """Each lr's CRITERION at the largest budget (None: not measured yet)."""
-    scores = {}
-    for run in runs:
-        if run.spec.budget != max(BUDGETS):
-            continue
-        record = read_result(run.config.folder(outputs))
-        entry = record.evals.get(EVALUATION) if record is not None else None
-        scores[run.config.train["blr"]] = entry.metrics.get(CRITERION) if entry is not None else None
-    return scores
+def score_of(run: Run, outputs: Path) -> float | None:
+    record = read_result(run.config.folder(outputs))
+    entry = record.evals.get(EVALUATION) if record is not None else None
+    return entry.metrics.get(CRITERION) if entry is not None else None
+
+
+def criterion_scores(runs: list[Run], outputs: Path, budget: float) -> tuple[dict[float, float | None], float | None]:
+    """Each lr's CRITERION at `budget`, and the init's (None: not measured yet)."""
+    scores = {run.config.train["blr"]: score_of(run, outputs) for run in runs
+              if run.config.train is not None and run.spec.budget == budget}
+    [init] = [run for run in runs if run.config.train is None]
+    return scores, score_of(init, outputs)
 
 
 def tune_method(method: str, profile, profile_name: str, descriptor: dict, outputs: Path, options: RunOptions,
                 dry_run: bool) -> dict | None:
-    """Run (or, with dry_run, print) the method's tuning grid, extending it at an edge; its entry."""
-    lrs = grid_lrs(profile.train.blr)
-    extensions = 0
-    while True:
-        runs = tuning_runs(method, lrs, profile, descriptor)
-        plan = make_plan("tune", profile_name, profile, RECIPE, outputs, runs, suite_dir=outputs / "suites" / "tune"
-                         / profile_name)
-        if dry_run:
-            print_plan(plan)
-        else:
-            outcome = run_plan(plan, options)
-            if outcome.failed or outcome.skipped:
-                raise TuningIncomplete(f"{method}: {len(outcome.failed)} failed, {len(outcome.skipped)} busy "
-                                       f"elsewhere; run the command again once they are done")
-        scores = criterion_scores(runs, outputs)
-        if any(score is None for score in scores.values()):
-            return None
-        wider = extend(lrs, scores)
-        if wider is None or extensions == MAX_EXTENSIONS:
+    """Run (or, with dry_run, print) the method's tuning grid, extending it at an edge, one rung of
+    LADDER up when no lr beats the method's own init; its entry (None: runs still to do)."""
+    rungs = {}
+    for budget in LADDER:
+        lrs, extensions = grid_lrs(profile.train.blr), 0
+        while True:
+            runs = tuning_runs(method, lrs, profile, descriptor, budget)
+            plan = make_plan("tune", profile_name, profile, RECIPE, outputs, runs,
+                             suite_dir=outputs / "suites" / "tune" / profile_name)
+            if dry_run:
+                print_plan(plan)
+            else:
+                outcome = run_plan(plan, options)
+                if outcome.failed or outcome.skipped:
+                    raise TuningIncomplete(f"{method}: {len(outcome.failed)} failed, {len(outcome.skipped)} busy "
+                                           f"elsewhere; run the command again once they are done")
+            scores, init = criterion_scores(runs, outputs, budget)
+            if init is None or any(score is None for score in scores.values()):
+                return None
+            if scores[choose(scores)] <= init:
+                break           # training only loses to the init here: the lr that moves least would win
+            wider = extend(lrs, scores)
+            if wider is None or extensions == MAX_EXTENSIONS:
+                break
+            print(f"{method}: best held-out k-NN at the edge lr {choose(scores):g}; extending the grid to "
+                  f"{', '.join(f'{lr:g}' for lr in wider)}")
+            lrs, extensions = wider, extensions + 1
+        rungs[f"{budget:g}"] = {"init": init, "scores": {f"{lr:g}": scores[lr] for lr in lrs}}
+        best = choose(scores)
+        if scores[best] > init:
             break
-        print(f"{method}: best held-out k-NN at the edge lr {choose(scores):g}; extending the grid to "
-              f"{', '.join(f'{lr:g}' for lr in wider)}")
-        lrs, extensions = wider, extensions + 1
-    best = choose(scores)
-    return {"blr": best, "criterion": CRITERION, "evaluation": EVALUATION, "budgets_mae_epochs": list(BUDGETS),
-            "seed": 0, "grid": lrs, "scores": {f"{lr:g}": scores[lr] for lr in lrs},
-            "runs": {f"{lr:g}": run.name for run in runs if run.spec.budget == max(BUDGETS)
-                     for lr in [run.config.train["blr"]]},
+        if budget != LADDER[-1]:
+            print(f"{method}: no lr beats its own init ({init:.2f}) on held-out data at {budget:g} MAE-epochs "
+                  f"(best {scores[best]:.2f}); tuning at the next budget")
+    return {"blr": best, "criterion": CRITERION, "evaluation": EVALUATION,
+            "budgets_mae_epochs": [b for b in CURVE_BUDGETS if b <= budget], "criterion_budget": budget,
+            "seed": 0, "grid": lrs, "scores": {f"{lr:g}": scores[lr] for lr in lrs}, "init_score": init,
+            "beats_init": scores[best] > init, "rungs": rungs,
+            "runs": {f"{run.config.train['blr']:g}": run.name for run in runs
+                     if run.config.train is not None and run.spec.budget == budget},
             "bracketed": best not in (lrs[0], lrs[-1]), "extensions": extensions}
 
 

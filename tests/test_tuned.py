@@ -99,13 +99,15 @@ def test_the_grid_is_extended_past_the_edge_the_best_lr_sits_at():
     assert tune.choose({5e-4: 30, 1e-3: 35, 2e-3: 35}) == 1e-3          # a tie: the smaller lr
 
 
-def fake_scores(peak: float):
-    """Held-out scores that fall with the distance (in factors of 2) from `peak`."""
+def fake_scores(peak: float, init: float = 0.0, beaten_from: float = 1.0):
+    """Held-out scores that fall with the distance (in factors of 2) from `peak`, above the init's
+    `init` from the budget `beaten_from` on (below it, every lr scores under the init)."""
     import math
 
-    def scores(runs, outputs):
-        return {run.config.train["blr"]: 40 - abs(math.log2(run.config.train["blr"] / peak))
-                for run in runs if run.spec.budget == max(tune.BUDGETS)}
+    def scores(runs, outputs, budget):
+        offset = 0 if budget >= beaten_from else -100
+        return ({run.config.train["blr"]: offset + 40 - abs(math.log2(run.config.train["blr"] / peak))
+                 for run in runs if run.config.train is not None and run.spec.budget == budget}, init)
     return scores
 
 
@@ -118,15 +120,36 @@ def test_a_choice_at_an_edge_extends_the_grid_and_runs_again(tmp_path, monkeypat
     monkeypatch.setattr(tune, "run_plan", lambda plan, options: planned.append(plan) or tune_outcome())
     profile = get_profile("smoke")
     entry = tune.tune_method("mae", profile, "smoke", data_descriptor(profile, None), tmp_path, None, dry_run=False)
-    assert entry["grid"] == grid and entry["bracketed"] is bracketed
+    assert entry["grid"] == grid and entry["bracketed"] is bracketed and entry["criterion_budget"] == 1.0
     assert entry["blr"] == min(grid, key=lambda lr: abs(lr - peak))
     assert len(planned) == 1 + entry["extensions"]
-    # every planned run is a seed-0 curve cell at the grid's lrs, evaluated on held-out data only
+    # every planned run is a seed-0 curve cell at the grid's lrs, evaluated on held-out data only,
+    # beside the method's own init
     runs = planned[-1].runs
-    assert {run.seed for run in runs} == {0}
-    assert {run.config.train["blr"] for run in runs} == set(grid)
-    assert {tuple(run.spec.evals) for run in runs if run.spec.budget == max(tune.BUDGETS)} == {("knn_holdout",)}
-    assert {tuple(run.spec.evals) for run in runs if run.spec.budget != max(tune.BUDGETS)} == {()}
+    trained = [run for run in runs if run.config.train is not None]
+    [init] = [run for run in runs if run.config.train is None]
+    assert {run.seed for run in runs} == {0} and init.spec.evals == ("knn_holdout",)
+    assert {run.config.train["blr"] for run in trained} == set(grid)
+    assert {tuple(run.spec.evals) for run in trained if run.spec.budget == 1.0} == {("knn_holdout",)}
+    assert {tuple(run.spec.evals) for run in trained if run.spec.budget != 1.0} == {()}
+
+
+def test_when_no_lr_beats_the_init_the_grid_runs_again_a_budget_up(tmp_path, monkeypatch):
+    planned = []
+    monkeypatch.setattr(tune, "criterion_scores", fake_scores(1e-3, init=35.0, beaten_from=2.5))
+    monkeypatch.setattr(tune, "run_plan", lambda plan, options: planned.append(plan) or tune_outcome())
+    profile = get_profile("smoke")
+    entry = tune.tune_method("mae", profile, "smoke", data_descriptor(profile, None), tmp_path, None, dry_run=False)
+    assert entry["criterion_budget"] == 2.5 and entry["beats_init"] and entry["blr"] == 1e-3
+    assert list(entry["rungs"]) == ["1", "2.5"] and entry["rungs"]["1"]["init"] == 35.0
+    # at 1 MAE-epoch no lr beat the init: no extension towards the lr that moves least
+    assert [len({run.config.train["blr"] for run in plan.runs if run.config.train is not None})
+            for plan in planned] == [4, 4]
+    assert max(run.spec.budget for run in planned[-1].runs if run.spec.budget is not None) == 2.5
+    # never beaten: the last rung's choice, kept and labelled
+    monkeypatch.setattr(tune, "criterion_scores", fake_scores(1e-3, init=35.0, beaten_from=99))
+    entry = tune.tune_method("mae", profile, "smoke", data_descriptor(profile, None), tmp_path, None, dry_run=False)
+    assert entry["criterion_budget"] == 5.0 and not entry["beats_init"]
 
 
 def tune_outcome():
@@ -152,13 +175,14 @@ def test_tuning_mae_on_smoke_writes_the_choice_and_the_tuned_recipe_trains_at_it
     # the tuned recipe now trains MAE at the choice, and its 1-epoch curve cell is the tuning run
     profile = get_profile("smoke")
     assert profile.tuning["mae"]["blr"] == choice["blr"]
-    [cell] = [run for run in tune.tuning_runs("mae", [choice["blr"]], profile, data_descriptor(profile, None))
-              if run.spec.budget == max(tune.BUDGETS)]
+    budget = choice["criterion_budget"]
+    [cell] = [run for run in tune.tuning_runs("mae", [choice["blr"]], profile, data_descriptor(profile, None), budget)
+              if run.spec.budget == budget]
     from suites.budget import curve_runs
     refused = {}        # the methods not tuned here are refused, each with the command that tunes it
-    [curve] = [run for run in curve_runs(profile, "tuned", tune.BUDGETS, ("knn",), 1, data_descriptor(profile, None),
-                                         refused)
-               if run.spec.method == "mae" and run.spec.budget == max(tune.BUDGETS)]
+    [curve] = [run for run in curve_runs(profile, "tuned", tune.CURVE_BUDGETS, ("knn",), 1,
+                                         data_descriptor(profile, None), refused)
+               if run.spec.method == "mae" and run.spec.budget == budget]
     assert "suites.tune --profile smoke --only pixel" in refused["pixel"]
     assert curve.name == cell.name == choice["runs"][f"{choice['blr']:g}"]
     assert tune.cli(["--profile", "smoke", "--show"]) == 0
