@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from runs.plan import Plan
 
 
-def write_index(plan: Plan, budget: dict | None = None, suite_dir: Path | None = None) -> None:
+def write_index(plan: Plan, budget: dict | None = None, suite_dir: Path | None = None, ran: bool = False) -> None:
     """runs.json: the plan's grid with its settings and recipe, as the table reads them (and a
     --budget's allocation). Finished runs of the same cells at other seeds, listed by an
     earlier command (e.g. `--seeds 3` before `--seeds 2`), stay listed: a table never loses a
@@ -29,7 +29,7 @@ def write_index(plan: Plan, budget: dict | None = None, suite_dir: Path | None =
     suite_dir = suite_dir or plan.suite_dir
     suite_dir.mkdir(parents=True, exist_ok=True)
     runs = plan.grid
-    entries = [entry(run, plan) for run in runs]
+    entries = [entry(run, plan, ran) for run in runs]
     kept, dropped = earlier_finished_runs(suite_dir, runs)
     if kept:
         print(f"runs.json also lists {len(kept)} finished run(s) of other seeds or the other recipe from earlier "
@@ -46,10 +46,11 @@ def write_index(plan: Plan, budget: dict | None = None, suite_dir: Path | None =
     write_json(suite_dir / INDEX_FILE, index)
 
 
-def entry(run, plan: Plan | None = None) -> dict:
+def entry(run, plan: Plan | None = None, ran: bool = False) -> dict:
     """A run's index entry; a curve's cell also names its budget (MAE-epochs of FLOPs). With the
     plan: `init_run`, the run of its own initialisation it pairs with (runs.identity.init_config),
-    and, once it finished, `collapsed` (its method's collapse monitor: a reason, or None)."""
+    and, once it finished, `collapsed` (its method's collapse monitor: a reason, or None), from the
+    record the plan read (`ran`: after the plan ran, a run it found unfinished is read again)."""
     out = {"method": run.spec.method, "setting": run.spec.setting, "recipe": run.config.recipe,
            "seed": run.seed, "params": flatten(run.spec.overrides), "evals": list(run.spec.evals),
            "run_dir": str(RUNS_FROM_INDEX / run.name)}
@@ -58,10 +59,12 @@ def entry(run, plan: Plan | None = None) -> dict:
     if plan is not None:
         out["init_run"] = init_config(run.config, plan.profile).name
         run_dir = run.config.folder(plan.outputs)
-        try:
-            record = read_result(run_dir)
-        except UnreadableRecord:
-            record = None
+        record = plan.state(run).record
+        if ran and not plan.state(run).done and run in plan.runs:      # it ran here
+            try:
+                record = read_result(run_dir)
+            except UnreadableRecord:
+                record = None
         if record is not None and record.done:
             out["collapsed"] = collapse_verdict(run_dir, run.config, record)["collapsed"]
     return out

@@ -260,7 +260,7 @@ def run_here(args: argparse.Namespace, plan: Plan, budget_entry: dict | None) ->
         return 128 + (err.signum or 0)
     if not distributed.is_main():
         return 0
-    write_index(plan, budget_entry)     # again: what finished now has its collapse verdict
+    write_index(plan, budget_entry, ran=True)     # again: what finished now has its collapse verdict
     write_table(plan.suite_dir, f"{len(plan.runs)} runs in {time.time() - started:.0f} s; ")
     if outcome.skipped:
         print(f"{len(outcome.skipped)} run(s) were busy in another process: {', '.join(outcome.skipped)}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from methods.base import Horizon
+from methods.masking import SCALED
 from core.config import ConfigError
 from engine.data import synthetic_splits
 from engine.trainer import TrainConfig, Trainer
@@ -93,7 +94,10 @@ def test_paper_recipe_values_with_their_sources():
     assert (mae.train["blr"], mae.train["beta2"], mae.train["clip_grad"]) == (1.5e-4, 0.95, 0.0)
     assert beit.train["blr"] == pytest.approx(1.5e-3 * 256 / 2048) and beit.train["clip_grad"] == 3.0
     assert beit.method_config["encoder"]["layer_scale"] == 0.1 and beit.method_config["augment"] == "beit"
-    assert pixel.train["crop_scale_min"] == 0.67 and pixel.method_config["mask"]["unit"] == 2
+    # SimMIM's 32-px unit (2 patches at 224 px) as its share of the side: 1 patch at cpu's 8x8 grid
+    assert pixel.train["crop_scale_min"] == 0.67 and pixel.method_config["mask"]["unit"] == SCALED
+    assert pixel.build_method_config().mask.at_grid(14).unit == 2
+    assert beit.build_method_config().mask.at_grid(8).min_block_patches == 4
     assert pixel.method_config["mask"]["ratio"] == 0.6
     assert (ibot.train["weight_decay"], ibot.train["weight_decay_end"], ibot.train["beta2"]) == (0.04, 0.4, 0.999)
     assert ibot.method_config["augment"] == "dino" and ibot.method_config["local_crops_number"] == 4
@@ -105,7 +109,7 @@ def test_paper_recipe_values_with_their_sources():
 
 
 def test_an_unknown_recipe_is_one_line_naming_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown recipe 'papers'; known: paper, shared"):
+    with pytest.raises(ConfigError, match="unknown recipe 'papers'; known: paper, shared, tuned"):
         resolve(RunSpec("mae"), get_profile("smoke"), 0, SYNTHETIC, recipe="papers")
 
 
