@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from core.config import ConfigError, UnknownNameError
 from methods.recipes import RECIPES
 from methods.registry import registry
 from runs.cost import cell_flops_per_image
-from runs.identity import RunProfile, Run, data_descriptor, init_config, init_spec, resolve
+from runs.identity import NOT_INIT_FIELDS, RunProfile, Run, data_descriptor, init_config, init_spec, resolve
 from runs.plan import Plan, make_plan
 from runs.plugins import plugin_of
 from suites.cells import check_suite_cells
@@ -113,9 +115,22 @@ def suite_plan(suite_name: str, profile_name: str, profile: RunProfile, recipe: 
 
 # ---- --only ------------------------------------------------------------------------------------
 def keep_only(grid: list[Run], only: str, suite_name: str) -> list[Run]:
-    """The runs of `grid` whose cells `--only` keeps."""
+    """The runs of `grid` whose cells `--only` keeps; an init row (`init_rows`) only where a kept
+    run trains from it."""
     kept = select([run.spec for run in grid if run.seed == 0], only, suite_name)
-    return [run for run in grid if run.spec in kept]
+    runs = [run for run in grid if run.spec in kept]
+    needed = {(init_architecture(run), run.seed) for run in runs if run.config.train is not None}
+    return [run for run in runs if not run.spec.setting.startswith(INIT_ROW)
+            or (init_architecture(run), run.seed) in needed]
+
+
+INIT_ROW = "init ("     # the setting of an init row (runs.identity.init_spec)
+
+
+def init_architecture(run: Run) -> str:
+    """A run's encoder config as its initial weights see it (drop path left out)."""
+    encoder = {**dataclasses.asdict(run.config.build_method_config().encoder), **NOT_INIT_FIELDS}
+    return json.dumps(encoder, sort_keys=True)
 
 
 def select(specs: list, only: str, suite_name: str) -> list:
