@@ -146,7 +146,9 @@ def test_dry_run_lists_the_jobs_and_submits_nothing(tmp_path, capsys):
     assert cli(["ablation_masking", *SMOKE, "--only", "none,beit", "--outputs", str(tmp_path),
                 "--slurm", "--dry-run", "--slurm-gpus", "8"]) == 0
     out = capsys.readouterr().out
-    assert "with --slurm: 4 job(s)" in out and "8 DDP process(es)" in out
+    # none, the tokenizer, two BEiT cells and the init of BEiT's paper architecture (layer scale 0.1)
+    assert "with --slurm: 5 job(s)" in out and "8 DDP process(es)" in out
+    assert "none init (layer_scale 0.1) seed 0" in out
     assert "prerequisites of beit block 0.4 seed 0: dvae-" in out
     assert out.count("(after job 2)") == 2
     assert not any(tmp_path.iterdir())
