@@ -88,7 +88,8 @@ def test_only_with_a_setting_keeps_one_cell(tmp_path):
                   "--dry-run", outputs=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = [line.split() for line in out.stdout.splitlines() if " seed " in line]
-    assert [(words[0], words[1]) for words in lines] == [("none", "random"), ("beit", "random")]
+    # and the init of BEiT's paper architecture (layer scale 0.1), which the kept BEiT cell trains from
+    assert [(words[0], words[1]) for words in lines] == [("none", "random"), ("beit", "random"), ("none", "init")]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -126,7 +127,9 @@ def test_the_index_lists_the_whole_grid_whichever_cells_ran(tmp_path):
     assert done.returncode == 0, done.stderr
     index = json.loads((tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json").read_text())
     cells = get_suite("ablation_masking").grid(get_profile("smoke"))
-    assert [(r["method"], r["setting"]) for r in index["runs"]] == [(c.method, c.setting) for c in cells]
+    # every cell, then the init row of the paper recipes' layer scale (pixel, BEiT)
+    assert [(r["method"], r["setting"]) for r in index["runs"]] == \
+        [(c.method, c.setting) for c in cells] + [("none", "init (layer_scale 0.1)")]
     assert "random 0.75" in (tmp_path / "suites" / "ablation_masking" / "smoke" / "table.md").read_text()
 
 
@@ -225,7 +228,7 @@ def test_a_damaged_suite_index_is_named_and_written_anew(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"warning: {index}: cannot be read" in out.stderr and "written anew from this grid" in out.stderr
     cells = get_suite("ablation_masking").grid(get_profile("smoke"))
-    assert len(json.loads(index.read_text())["runs"]) == len(cells)
+    assert len(json.loads(index.read_text())["runs"]) == len(cells) + 1     # + the paper layer scale's init row
 
 
 def test_the_dry_run_names_the_recipe_and_the_index_records_each_runs_recipe(tmp_path):
