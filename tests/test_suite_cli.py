@@ -169,7 +169,7 @@ def test_a_smaller_seeds_count_keeps_the_finished_seeds_in_the_table(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "1 finished run(s) of other seeds" in out.stdout
     index = json.loads((tmp_path / "suites" / "ablation_masking" / "smoke" / "runs.json").read_text())
-    assert [r["seed"] for r in index["runs"] if r["method"] == "none"] == [0, 1]
+    assert [r["seed"] for r in index["runs"] if r["setting"] == "random init"] == [0, 1]
     import pandas as pd
     table = pd.read_csv(tmp_path / "suites" / "ablation_masking" / "smoke" / "table.csv").set_index("setting")
     assert table.loc["random init", "seeds done"] == 2 and table.loc["random 0.75", "missing"] == 1
@@ -180,7 +180,9 @@ def test_only_keeps_a_setting_whose_name_has_a_comma(tmp_path):
                   "--only", "pixel:raw pixels, block 0.4,none", outputs=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = [line.split()[:4] for line in out.stdout.splitlines() if " seed " in line]
-    assert lines == [["none", "random", "init", "seed"], ["pixel", "raw", "pixels,", "block"]]
+    # and the init of pixel's paper architecture (layer scale 0.1), which the kept pixel cell trains from
+    assert lines == [["none", "random", "init", "seed"], ["pixel", "raw", "pixels,", "block"],
+                     ["none", "init", "(layer_scale", "0.1)"]]
     empty = run_cli("ablation_targets", "--only", ",", "--dry-run", outputs=tmp_path)
     assert empty.returncode == 2 and "names nothing" in empty.stderr
 
