@@ -247,6 +247,11 @@ def resolve(spec: RunSpec, profile: RunProfile, seed: int, data: dict, recipe: s
 NOT_INIT_FIELDS = {"drop_path": 0.0}
 
 
+def init_encoder(encoder) -> dict:
+    """An encoder config's fields as its initial weights see them (drop path left out)."""
+    return {**dataclasses.asdict(encoder), **NOT_INIT_FIELDS}
+
+
 def init_spec(config: RunConfig, profile: RunProfile, evals: tuple[str, ...] = ("knn",)) -> RunSpec:
     """The cell of a run's own initialisation: the untrained encoder of its architecture (the
     `none` cell at its encoder config, drop path left out), which its seed pairs with. Every
@@ -255,9 +260,8 @@ def init_spec(config: RunConfig, profile: RunProfile, evals: tuple[str, ...] = (
     at the profile's encoder (setting "random init") for the encoder the profile gives every
     method; "init (layer_scale 0.1)" for a paper recipe's layer scale."""
     built = config.build_method_config().encoder
-    encoder = {**dataclasses.asdict(built), **NOT_INIT_FIELDS}
-    default = {**dataclasses.asdict(build_config(type(built), profile.encoder, where="the profile's encoder")),
-               **NOT_INIT_FIELDS}
+    encoder = init_encoder(built)
+    default = init_encoder(build_config(type(built), profile.encoder, where="the profile's encoder"))
     changed = {key: value for key, value in encoder.items() if default.get(key) != value}
     if not changed:
         return RunSpec("none", "random init", evals=evals)

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from core.config import ConfigError, UnknownNameError
 from methods.recipes import RECIPES
 from methods.registry import registry
 from runs.cost import cell_flops_per_image
-from runs.identity import NOT_INIT_FIELDS, RunProfile, Run, data_descriptor, init_config, init_spec, resolve
+from runs.identity import RunProfile, Run, data_descriptor, init_config, init_encoder, init_spec, resolve
 from runs.plan import Plan, make_plan
 from runs.plugins import plugin_of
 from suites.cells import check_suite_cells
@@ -129,8 +128,7 @@ INIT_ROW = "init ("     # the setting of an init row (runs.identity.init_spec)
 
 def init_architecture(run: Run) -> str:
     """A run's encoder config as its initial weights see it (drop path left out)."""
-    encoder = {**dataclasses.asdict(run.config.build_method_config().encoder), **NOT_INIT_FIELDS}
-    return json.dumps(encoder, sort_keys=True)
+    return json.dumps(init_encoder(run.config.build_method_config().encoder), sort_keys=True)
 
 
 def select(specs: list, only: str, suite_name: str) -> list:

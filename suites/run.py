@@ -347,9 +347,10 @@ def check_outputs(outputs: Path) -> None:
                       f"you can write to, e.g. --outputs outputs")
 
 
-def cli(argv=None) -> int:
+def cli(argv=None, command=None) -> int:
+    """`command(argv)` (default: this module's `main`) with bad input as one line and exit code 2."""
     try:
-        return main(argv)
+        return (command or main)(argv)
     except (UnknownNameError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

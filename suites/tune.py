@@ -31,9 +31,8 @@ import json
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, UnknownNameError
+from core.config import ConfigError
 from core.files import write_json
-from engine.data import DataError
 from methods.registry import pretraining_methods
 from runs.execute import RunOptions
 from runs.identity import Run, RunSpec, data_descriptor, init_config
@@ -43,6 +42,7 @@ from suites import compare_methods
 from suites.budget import curve_warmup_steps, method_flops
 from suites.plan import only_words, resolve_runs
 from suites.profiles import PROFILES, TUNED_DIR, get_profile, tuned_file
+from suites.run import cli as run_cli
 from suites.show import print_plan
 
 CURVE_BUDGETS = (0.5, 1.0, 2.5, 5.0)    # MAE-epochs of FLOPs: the curve's; trained up to the criterion's
@@ -222,11 +222,7 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except (UnknownNameError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(argv, main)      # bad input: one line, exit code 2, as suites.run
 
 
 if __name__ == "__main__":
